@@ -1,0 +1,14 @@
+# The two entry points of the README. Both set up .venv on first use.
+.PHONY: setup train test test-all
+
+setup:
+	bash scripts/setup.sh
+
+train: setup
+	.venv/bin/lorakit train
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+test-all: setup
+	.venv/bin/python -m pytest -q -m "slow or not slow"
