@@ -1,0 +1,44 @@
+"""lorakit: Low-Rank Adaptation for PyTorch and transformers models.
+
+    import lorakit
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    ...train...
+    lorakit.save_adapter(model, "out/")
+"""
+
+from .config import LoraConfig
+from .inject import (
+    active_adapters,
+    adapter_config,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "LoraConfig",
+    "active_adapters",
+    "adapter_config",
+    "adapter_names",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge",
+]

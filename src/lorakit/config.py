@@ -1,0 +1,213 @@
+"""`LoraConfig`: what to adapt and how, validated on construction, convertible to/from PEFT's JSON.
+
+The field names follow the LoRA paper (`r`, `alpha`); `to_peft_dict` / `from_peft_dict` translate to the
+names Hugging Face PEFT writes in `adapter_config.json` (`lora_alpha`, `lora_dropout`, ...), so an adapter
+folder is readable by both libraries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("kaiming", "gaussian")
+ALL_LINEAR = "all-linear"
+
+# PEFT fields that lorakit understands through its own names.
+_PEFT_TO_LORAKIT = {
+    "r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "target_modules",
+    "exclude_modules": "exclude_modules",
+    "layers_to_transform": "layers_to_transform",
+    "layers_pattern": "layers_pattern",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "bias": "bias",
+    "modules_to_save": "modules_to_save",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "use_rslora": "use_rslora",
+    "task_type": "task_type",
+    "base_model_name_or_path": "base_model_name_or_path",
+}
+# PEFT fields that carry no meaning for the weights of a plain LoRA adapter (bookkeeping, or options
+# that PEFT writes with a neutral default). A non-neutral value of an option that changes the math is
+# refused in `from_peft_dict`.
+_PEFT_BOOKKEEPING = {
+    "peft_type", "peft_version", "auto_mapping", "revision", "inference_mode", "init_lora_weights",
+    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "kasa_config",
+    "lora_ga_config", "monteclora_config", "velora_config", "arrow_config", "qalora_group_size",
+    "ensure_weight_tying", "alora_invocation_tokens", "use_bdlora",
+}
+_PEFT_UNSUPPORTED = {  # field -> its neutral value
+    "use_dora": False, "lora_bias": False, "use_qalora": False, "target_parameters": None,
+    "trainable_token_indices": None, "layer_replication": None,
+}
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter.
+
+    Args:
+        r: rank of the update ΔW = (alpha / r) · B · A.
+        alpha: scaling numerator; the update is multiplied by alpha / r (alpha / sqrt(r) with `use_rslora`).
+        dropout: dropout probability on the input of the low-rank path, in [0, 1).
+        target_modules: module names matched against the last component(s) of module paths
+            (`["q_proj", "v_proj"]`, `["attn.c_attn"]`), a regex matched against the full path, or
+            `"all-linear"` (every linear layer except the output head).
+        exclude_modules: names or a regex of modules never to adapt, same matching as `target_modules`.
+        layers_to_transform: adapt only modules inside these layer indices.
+        layers_pattern: the name of the layer list (`"layers"`, `"h"`) used to find layer indices.
+        rank_pattern / alpha_pattern: per-module overrides, `{name or regex: value}` matched on the path end.
+        bias: which biases train: "none", "all" (every bias of the model) or "lora_only" (adapted layers).
+        modules_to_save: modules trained in full beside the adapter (e.g. a new classifier head).
+        init: initialisation of A ("kaiming" uniform as in PEFT's default, or "gaussian" with std 1/r);
+            B is always zero so the adapted model starts equal to the base.
+        fan_in_fan_out: True when the base weight is stored (in, out); None detects GPT-2's Conv1D.
+        use_rslora: rank-stabilised scaling alpha / sqrt(r).
+        task_type / base_model_name_or_path: recorded in the adapter file for other tools.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    init: str = "kaiming"
+    fan_in_fan_out: bool | None = None
+    use_rslora: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ValueError('target_modules is required, e.g. ["q_proj", "v_proj"] or "all-linear"')
+        for name in ("target_modules", "exclude_modules"):
+            _check_names(name, getattr(self, name))
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+            _check_regex("rank_pattern", key)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+            _check_regex("alpha_pattern", key)
+        if self.layers_to_transform is not None:
+            if not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
+                raise ValueError(f"layers_to_transform must be non-negative integers, got {self.layers_to_transform!r}")
+        if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
+            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+
+    # -- per-module values ---------------------------------------------------------------------
+    def rank_for(self, module_path: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module_path, self.r))
+
+    def alpha_for(self, module_path: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module_path, self.alpha))
+
+    def scaling_for(self, module_path: str) -> float:
+        r = self.rank_for(module_path)
+        alpha = self.alpha_for(module_path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # -- PEFT's adapter_config.json ------------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The fields PEFT 0.x reads, with this adapter's values."""
+        data = {peft_key: getattr(self, ours) for peft_key, ours in _PEFT_TO_LORAKIT.items()}
+        data["fan_in_fan_out"] = bool(self.fan_in_fan_out)
+        data["peft_type"] = "LORA"
+        data["init_lora_weights"] = True if self.init == "kaiming" else "gaussian"
+        data["inference_mode"] = True
+        data["use_dora"] = False
+        data["lora_bias"] = False
+        return data
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Read a PEFT `adapter_config.json`. Unknown fields (from a newer PEFT) are ignored with a warning;
+        options that change the math and that lorakit does not implement are refused."""
+        peft_type = data.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise ValueError(f"adapter is of type {peft_type!r}; lorakit loads LoRA adapters only")
+        for key, neutral in _PEFT_UNSUPPORTED.items():
+            if data.get(key, neutral) not in (neutral, None, False, [], {}):
+                raise ValueError(f"adapter uses PEFT option {key}={data[key]!r}, which lorakit does not support")
+        kwargs = {ours: data[peft_key] for peft_key, ours in _PEFT_TO_LORAKIT.items() if peft_key in data}
+        if data.get("init_lora_weights") == "gaussian":
+            kwargs["init"] = "gaussian"
+        for key in ("rank_pattern", "alpha_pattern"):
+            kwargs[key] = kwargs.get(key) or {}
+        unknown = sorted(set(data) - set(_PEFT_TO_LORAKIT) - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED))
+        if unknown:
+            warnings.warn(f"ignoring unknown adapter config fields: {', '.join(unknown)}", stacklevel=2)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_regex(field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{field_name}: {pattern!r} is not a valid regular expression ({err})") from None
+
+
+def _check_names(field_name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        if value != ALL_LINEAR:
+            _check_regex(field_name, value)
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{field_name} must be a list of module names or a regex string, got {value!r}")
+
+
+def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key applies when it matches the end of the module path at a dot boundary."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default

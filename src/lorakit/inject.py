@@ -1,0 +1,393 @@
+"""Putting adapters into a model and managing them: target matching, add / set / disable / delete,
+merge / unmerge / unload, and which parameters train.
+
+The model keeps its own class: target modules are replaced in place by `LoraLayer` wrappers around the
+original module, and `modules_to_save` by `TrainableCopy` wrappers. The adapters' configs and the
+active set live in `model._lorakit` (an `AdapterState`). Every operation validates first and changes
+the model only once nothing can fail, so a bad call leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import ALL_LINEAR, LoraConfig
+from .layers import LoraLayer, LoraLinear, lora_class_for, supported_types
+from .saved_module import TrainableCopy
+
+_STATE_ATTR = "_lorakit"
+
+
+@dataclass
+class AdapterState:
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """What `add_adapter` will do, computed without touching the model."""
+
+    layers: list[tuple[str, LoraLayer, bool]]  # path, wrapper, whether the wrapper is new
+    saved: list[tuple[str, TrainableCopy, bool]]
+    config: LoraConfig
+
+
+# -- state ----------------------------------------------------------------------------------------
+def adapter_state(model: nn.Module) -> AdapterState | None:
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    state = adapter_state(model)
+    return list(state.configs) if state else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    state = adapter_state(model)
+    return list(state.active) if state else []
+
+
+def adapter_config(model: nn.Module, name: str) -> LoraConfig:
+    return _state_with(model, [name]).configs[name]
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def _saved_copies(model: nn.Module) -> Iterator[tuple[str, TrainableCopy]]:
+    for path, module in model.named_modules():
+        if isinstance(module, TrainableCopy):
+            yield path, module
+
+
+def _state_with(model: nn.Module, names: list[str]) -> AdapterState:
+    state = adapter_state(model)
+    known = list(state.configs) if state else []
+    for name in names:
+        if name not in known:
+            raise KeyError(f"no adapter named {name!r}; adapters on this model: {known or 'none'}")
+    return state
+
+
+# -- target matching ------------------------------------------------------------------------------
+def _plain_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Named modules of the base model; a wrapper counts as the module it wraps, its insides are skipped."""
+    for child_name, child in model.named_children():
+        path = f"{prefix}{child_name}"
+        yield path, child
+        if not isinstance(child, (LoraLayer, TrainableCopy)):
+            yield from _plain_modules(child, f"{path}.")
+
+
+def _name_matches(spec: list[str] | str, path: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith(f".{name}") for name in spec)
+
+
+def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]+"])
+    for pattern in patterns:
+        match = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)(?:\.|$)", path)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, LoraLinear)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if getter else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _matching_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    modules = list(_plain_modules(model))
+    saved_names = config.modules_to_save or []
+    excluded = {p for p, _ in modules if config.exclude_modules and _name_matches(config.exclude_modules, p)}
+    excluded |= {p for p, _ in modules if saved_names and _name_matches(saved_names, p)}
+    if config.target_modules == ALL_LINEAR:
+        head = _output_head(model)
+        by_name = [(p, m) for p, m in modules if _is_linear(m) and m is not head and getattr(m, "base_layer", None) is not head]
+    else:
+        by_name = [(p, m) for p, m in modules if _name_matches(config.target_modules, p)]
+        if isinstance(config.target_modules, list):
+            unmatched = [t for t in config.target_modules if not any(_name_matches([t], p) for p, _ in by_name)]
+            if unmatched:
+                raise ValueError(
+                    f"target_modules {unmatched} match no module of {type(model).__name__}; "
+                    f"adaptable module names are: {_adaptable_names(modules)}"
+                )
+    targets = [(p, m) for p, m in by_name if p not in excluded]
+    if config.layers_to_transform is not None:
+        wanted = set(config.layers_to_transform)
+        targets = [(p, m) for p, m in targets if _layer_index(p, config.layers_pattern) in wanted]
+    if not targets:
+        raise ValueError(
+            f"target_modules {config.target_modules!r} (after exclusions and layers_to_transform) match no module "
+            f"of {type(model).__name__}; adaptable module names are: {_adaptable_names(modules)}"
+        )
+    return targets
+
+
+def _adaptable_names(modules: list[tuple[str, nn.Module]]) -> str:
+    names = {p.rsplit(".", 1)[-1] for p, m in modules if isinstance(m, LoraLayer) or lora_class_for(m)}
+    names = {n for n in names if not n.isdigit()}
+    return ", ".join(sorted(names)) or "none"
+
+
+# -- planning and applying ------------------------------------------------------------------------
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    if name in adapter_names(model):
+        raise ValueError(f"an adapter named {name!r} already exists on this model; delete it first or pick another name")
+
+
+def _plan(model: nn.Module, config: LoraConfig, name: str, target_paths: list[str] | None = None) -> _Plan:
+    """Validate everything `add_adapter` needs and build the (not yet installed) wrappers.
+
+    With `target_paths` (loading a file) the targets are exactly those paths, and `modules_to_save`
+    entries that match nothing are skipped: PEFT lists generic head names ("classifier", "score").
+    """
+    _check_new_name(model, name)
+    if target_paths is None:
+        targets = _matching_targets(model, config)
+    else:
+        modules = dict(_plain_modules(model))
+        missing = [p for p in target_paths if p not in modules]
+        if missing:
+            raise ValueError(f"modules {missing[:5]} do not exist in {type(model).__name__}")
+        targets = [(p, modules[p]) for p in target_paths]
+
+    layers: list[tuple[str, LoraLayer, bool]] = []
+    for path, module in targets:
+        if isinstance(module, LoraLayer):
+            layers.append((path, module, False))
+            wrapper = module
+        else:
+            lora_cls = lora_class_for(module)
+            if lora_cls is None:
+                raise TypeError(
+                    f"module {path!r} is a {type(module).__name__}; lorakit adapts {', '.join(supported_types())}"
+                )
+            try:
+                wrapper = lora_cls(module)
+            except ValueError as err:
+                raise ValueError(f"module {path!r}: {err}") from None
+            layers.append((path, wrapper, True))
+        r = config.rank_for(path)
+        if r > wrapper.max_rank():
+            raise ValueError(
+                f"r={r} for {path!r} exceeds min(in, out) = min({wrapper.in_features}, {wrapper.out_features})"
+            )
+
+    saved: list[tuple[str, TrainableCopy, bool]] = []
+    for wanted in config.modules_to_save or []:
+        found = [(p, m) for p, m in _plain_modules(model) if _name_matches([wanted], p)]
+        if not found and target_paths is None:
+            raise ValueError(
+                f"modules_to_save entry {wanted!r} matches no module; top-level modules are: "
+                f"{', '.join(n for n, _ in model.named_children())}"
+            )
+        for path, module in found:
+            if isinstance(module, LoraLayer):
+                raise ValueError(f"{path!r} is adapted with LoRA; it cannot also be in modules_to_save")
+            is_new = not isinstance(module, TrainableCopy)
+            saved.append((path, TrainableCopy(module) if is_new else module, is_new))
+
+    has_conv1d = any(isinstance(w.base_layer, Conv1D) for _, w, _ in layers)
+    return _Plan(layers=layers, saved=saved, config=replace(config, fan_in_fan_out=has_conv1d))
+
+
+def _apply(model: nn.Module, plan: _Plan, name: str, activate: bool) -> None:
+    config = plan.config
+    for path, wrapper, is_new in plan.layers:
+        wrapper.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init)
+        if is_new:
+            model.set_submodule(path, wrapper)
+    for path, wrapper, is_new in plan.saved:
+        wrapper.add_adapter(name)
+        if is_new:
+            model.set_submodule(path, wrapper)
+    state = adapter_state(model)
+    if state is None:
+        state = AdapterState()
+        model.__dict__[_STATE_ATTR] = state
+    state.configs[name] = config
+    _activate(model, [name] if activate or not state.active else state.active)
+
+
+def _activate(model: nn.Module, names: list[str]) -> None:
+    """Make `names` the active adapters and set exactly their parameters trainable."""
+    state = adapter_state(model)
+    state.active = list(names)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.set_active(names)
+    for _, copy in _saved_copies(model):
+        copy.set_active(names)
+    bias_modes = {state.configs[n].bias for n in names}
+    if "all" in bias_modes:
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("bias"):
+                param.requires_grad_(True)
+    elif "lora_only" in bias_modes:
+        for _, layer in lora_layers(model):
+            if layer.bias is not None and set(layer.adapter_names) & set(names):
+                layer.bias.requires_grad_(True)
+
+
+# -- public operations ----------------------------------------------------------------------------
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True) -> nn.Module:
+    """Add a LoRA adapter to `model` in place and return the model.
+
+    Every base parameter is frozen; the new adapter's A/B (plus its `modules_to_save` copies and the
+    biases its `bias` mode names) are trainable. With `activate` (the default) the new adapter becomes the
+    only active one; otherwise the active set is kept (the first adapter is always activated).
+    """
+    plan = _plan(model, config, name)
+    if adapter_state(model) and any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise RuntimeError("the model has merged adapters; unmerge before adding another")
+    _apply(model, plan, name, activate)
+    return model
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Activate one adapter or several (their outputs add up); only active adapters train."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("set_adapter needs at least one adapter name (use disable_adapters for the base model)")
+    _state_with(model, names)
+    if _merged_names(model):
+        raise RuntimeError(f"adapters {_merged_names(model)} are merged; unmerge before switching adapters")
+    _activate(model, names)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly the base model's outputs (merged adapters are undone)."""
+    merged = _merged_names(model)
+    if merged:
+        unmerge(model)
+    wrappers = [m for m in model.modules() if isinstance(m, (LoraLayer, TrainableCopy))]
+    for wrapper in wrappers:
+        wrapper.disabled = True
+    try:
+        yield model
+    finally:
+        for wrapper in wrappers:
+            wrapper.disabled = False
+        if merged:
+            merge(model, merged)
+
+
+def _merged_names(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for _, layer in lora_layers(model):
+        names += [n for n in layer.merged_adapters if n not in names]
+    return names
+
+
+def merge(model: nn.Module, names: list[str] | None = None) -> None:
+    """Fold scaling·B·A of the active adapters (or the given active ones) into the base weights."""
+    state = adapter_state(model)
+    names = list(state.active) if state and names is None else list(names or [])
+    _state_with(model, names)
+    if not names:
+        raise RuntimeError("no active adapter to merge")
+    inactive = [n for n in names if n not in state.active]
+    if inactive:
+        raise RuntimeError(f"adapters {inactive} are not active; merging them would change the model's outputs")
+    already = [n for n in names if n in _merged_names(model)]
+    if already:
+        raise RuntimeError(f"adapters {already} are already merged")
+    _check_untied(model)
+    for _, layer in lora_layers(model):
+        layer.merge([n for n in names if n in layer.scaling])
+
+
+def _check_untied(model: nn.Module) -> None:
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(path)
+    for path, layer in lora_layers(model):
+        sharing = [p for p in owners.get(id(layer.base_layer.weight), []) if p != f"{path}.base_layer"]
+        if sharing:
+            raise RuntimeError(
+                f"{path}'s weight is tied to {sharing}; merging would change those modules too. "
+                "Untie the weights first, or run unmerged."
+            )
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights again."""
+    if not _merged_names(model):
+        raise RuntimeError("no adapter is merged")
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and remove every LoRA module: a plain model of the original class."""
+    if not adapter_state(model):
+        raise RuntimeError("the model has no adapters")
+    if not _merged_names(model):
+        merge(model)
+    for path, layer in list(lora_layers(model)):
+        model.set_submodule(path, layer.base_layer)
+    for path, copy in list(_saved_copies(model)):
+        model.set_submodule(path, copy.current())
+    del model.__dict__[_STATE_ATTR]
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove an adapter; layers left with no adapter go back to their original module."""
+    state = _state_with(model, [name])
+    if name in _merged_names(model):
+        raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
+    for path, layer in list(lora_layers(model)):
+        if name in layer.scaling:
+            layer.delete_adapter(name)
+            if not layer.adapter_names:
+                model.set_submodule(path, layer.base_layer)
+    for path, copy in list(_saved_copies(model)):
+        if name in copy.modules_to_save:
+            copy.delete_adapter(name)
+            if not copy.adapter_names:
+                model.set_submodule(path, copy.original_module)
+    del state.configs[name]
+    if not state.configs:
+        del model.__dict__[_STATE_ATTR]
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return
+    remaining = [n for n in state.active if n != name] or [next(iter(state.configs))]
+    _activate(model, remaining)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied parameters count once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

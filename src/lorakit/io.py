@@ -1,0 +1,233 @@
+"""Adapter files in Hugging Face PEFT's layout: a folder with `adapter_config.json` and
+`adapter_model.safetensors` holding only the adapter's tensors.
+
+Keys are PEFT's: `base_model.model.<module path>.lora_A.weight` (adapter name removed), embeddings'
+`...lora_embedding_A`, full copies of `modules_to_save` under the module's own path, and trained biases
+under their path in the model. Saving writes to temporary files and renames them into place; loading
+checks every key and shape against the model before changing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoraConfig
+from .inject import _apply, _name_matches, _plan, _saved_copies, adapter_config, lora_layers
+from .layers import LoraLayer
+from .saved_module import TrainableCopy
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder that cannot be read or does not fit the model."""
+
+
+# -- saving ---------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (copies on CPU)."""
+    config = adapter_config(model, name)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        if name in layer.scaling:
+            for container in layer.adapter_containers:
+                suffix = ".weight" if isinstance(getattr(layer, container)[name], nn.Module) else ""
+                tensors[f"{path}.{container}{suffix}"] = layer.adapter_tensor(container, name)
+    for path, copy in _saved_copies(model):
+        if name in copy.modules_to_save:
+            for key, value in copy.modules_to_save[name].state_dict().items():
+                tensors[f"{path}.{key}"] = value
+    if config.bias != "none":
+        adapted = {f"{p}.base_layer" for p, layer in lora_layers(model) if name in layer.scaling}
+        saved_paths = tuple(f"{p}." for p, _ in _saved_copies(model))
+        for key, value in model.state_dict().items():
+            owner = key.rsplit(".", 1)[0]
+            if not key.endswith("bias") or key.startswith(saved_paths) or ".lora_" in key:
+                continue
+            if config.bias == "all" or owner in adapted:
+                tensors[key] = value
+    return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", **config_extra) -> Path:
+    """Write adapter `name` to the folder `path` (created if needed). Each file is replaced atomically.
+
+    `config_extra` adds fields to `adapter_config.json` (e.g. `base_model_name_or_path`, `task_type`).
+    """
+    out = Path(path)
+    config = adapter_config(model, name)
+    tensors = adapter_state_dict(model, name)
+    config_dict = config.to_peft_dict()
+    config_dict.update({k: v for k, v in config_extra.items() if v is not None})
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2, sort_keys=True)))
+    return out
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- loading --------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read an adapter folder into its config and tensors (keys without PEFT's prefix)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"no adapter folder at {folder}")
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterFileError(f"{folder} has no {CONFIG_NAME}")
+    try:
+        config = LoraConfig.from_peft_dict(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{config_file} is not valid JSON: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{config_file}: {err}") from None
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        try:
+            tensors = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    elif (folder / LEGACY_WEIGHTS_NAME).is_file():
+        try:
+            tensors = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a bad pickle
+            raise AdapterFileError(f"{folder / LEGACY_WEIGHTS_NAME} cannot be read: {err}") from None
+    else:
+        raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}")
+    if not tensors:
+        raise AdapterFileError(f"{weights} holds no tensors")
+    return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", activate: bool = True) -> nn.Module:
+    """Load an adapter folder (written by lorakit or PEFT) into `model` as adapter `name`.
+
+    Every key and shape is checked before the model changes; on any error the model is untouched.
+    """
+    config, tensors = read_adapter(path)
+    lora_keys, saved_keys, bias_keys = _sort_keys(model, config, tensors)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key in lora_keys:
+        module_path, container = key.removesuffix(".weight").rsplit(".", 1)
+        by_module.setdefault(module_path, {})[container] = tensors[key]
+    try:
+        plan = _plan(model, config, name, target_paths=sorted(by_module))
+    except (ValueError, TypeError) as err:
+        raise AdapterFileError(f"adapter at {path} does not fit this model: {err}") from None
+    for module_path, layer, _ in plan.layers:
+        _check_shapes(module_path, layer, config.rank_for(module_path), by_module[module_path])
+    saved_states = _match_saved_modules(plan, saved_keys)
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise RuntimeError("the model has merged adapters; unmerge before loading another")
+
+    _apply(model, plan, name, activate)
+    with torch.no_grad():
+        for module_path, layer, _ in plan.layers:
+            for container, value in by_module[module_path].items():
+                target = layer.adapter_tensor(container, name)
+                target.copy_(value.to(target.dtype))
+        for param, value in bias_keys:
+            param.copy_(value.to(param.dtype))
+    for copy, state in saved_states:
+        copy.modules_to_save[name].load_state_dict(state, strict=True)
+    return model
+
+
+def _sort_keys(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]):
+    """Split file keys into LoRA tensors, modules_to_save tensors and trained biases; reject the rest."""
+    params = dict(model.named_parameters())
+    lora_keys: list[str] = []
+    saved_keys: dict[str, torch.Tensor] = {}
+    bias_keys: list[tuple[nn.Parameter, torch.Tensor]] = []
+    for key, value in tensors.items():
+        if ".lora_" in key:
+            lora_keys.append(key)
+        elif config.modules_to_save and _under_saved_module(key, config.modules_to_save):
+            if ".original_module." not in key:  # PEFT (bias="all") also stores the untouched original head
+                saved_keys[key.replace(".modules_to_save.", ".")] = value
+        elif key.endswith(".base_layer.weight"):
+            continue  # PEFT stores frozen embedding weights beside embedding adapters; the model's own stay
+        elif key.endswith("bias"):
+            plain = key.replace(".base_layer.", ".")
+            param = params.get(plain, params.get(plain.replace(".bias", ".base_layer.bias")))
+            if param is None:
+                raise AdapterFileError(f"the adapter trains bias {key!r}, which this model does not have")
+            if param.shape != value.shape:
+                raise AdapterFileError(
+                    f"bias {key!r} has shape {tuple(value.shape)} in the file but {tuple(param.shape)} in the model"
+                )
+            bias_keys.append((param, value))
+        else:
+            raise AdapterFileError(f"unexpected tensor {key!r} in the adapter file")
+    if not lora_keys:
+        raise AdapterFileError("the adapter file holds no LoRA tensors")
+    return lora_keys, saved_keys, bias_keys
+
+
+def _under_saved_module(key: str, saved_names: list[str]) -> bool:
+    parts = key.split(".")
+    return any(_name_matches(saved_names, ".".join(parts[:i])) for i in range(1, len(parts)))
+
+
+def _check_shapes(module_path: str, layer: LoraLayer, r: int, found: dict[str, torch.Tensor]) -> None:
+    expected = layer.adapter_shapes(r)
+    if set(found) != set(expected):
+        raise AdapterFileError(
+            f"{module_path}: the file has {sorted(found)}, a {type(layer.base_layer).__name__} adapter needs {sorted(expected)}"
+        )
+    for container, shape in expected.items():
+        got = tuple(found[container].shape)
+        if got != shape:
+            raise AdapterFileError(
+                f"{module_path}.{container}: shape {got} in the file, but this model needs {shape} "
+                f"(r={r}, layer {layer.in_features}→{layer.out_features})"
+            )
+
+
+def _match_saved_modules(plan, saved_keys: dict[str, torch.Tensor]) -> list[tuple[TrainableCopy, dict]]:
+    states = []
+    for copy_path, copy, _ in plan.saved:
+        own = {k[len(copy_path) + 1:]: v for k, v in saved_keys.items() if k.startswith(copy_path + ".")}
+        reference = copy.original_module.state_dict()
+        if set(own) != set(reference):
+            raise AdapterFileError(
+                f"modules_to_save {copy_path!r}: the file has {sorted(own)}, the model has {sorted(reference)}"
+            )
+        for key, value in own.items():
+            if value.shape != reference[key].shape:
+                raise AdapterFileError(
+                    f"{copy_path}.{key}: shape {tuple(value.shape)} in the file, {tuple(reference[key].shape)} in the model"
+                )
+        states.append((copy, own))
+    claimed = {
+        key for key in saved_keys if any(key.startswith(f"{path}.") for path, _, _ in plan.saved)
+    }
+    orphans = sorted(set(saved_keys) - claimed)
+    if orphans:
+        raise AdapterFileError(f"the adapter holds full modules this model does not have: {orphans[:5]}")
+    return states
+
+
+__all__ = ["AdapterFileError", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter"]

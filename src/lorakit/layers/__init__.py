@@ -1,0 +1,40 @@
+"""LoRA layer types, and the one place that decides which wraps which base layer.
+
+To support a new base-layer type: write a `LoraLayer` subclass in its own file and add one line to
+`_LAYER_TYPES`. Order matters only for subclasses: the first `isinstance` match wins.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .base import LoraLayer
+from .conv1d import LoraConv1D
+from .conv2d import LoraConv2d
+from .embedding import LoraEmbedding
+from .linear import LoraLinear
+
+_LAYER_TYPES: list[tuple[type[nn.Module], type[LoraLayer]]] = [
+    (nn.Linear, LoraLinear),
+    (Conv1D, LoraConv1D),
+    (nn.Embedding, LoraEmbedding),
+    (nn.Conv2d, LoraConv2d),
+]
+
+
+def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA class that adapts `module`, or None when its type is not supported."""
+    for base_type, lora_type in _LAYER_TYPES:
+        if isinstance(module, base_type):
+            return lora_type
+    return None
+
+
+def supported_types() -> list[str]:
+    return [base_type.__name__ for base_type, _ in _LAYER_TYPES]
+
+
+__all__ = [
+    "LoraConv1D", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "lora_class_for", "supported_types",
+]

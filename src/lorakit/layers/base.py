@@ -1,0 +1,169 @@
+"""`LoraLayer`: the behaviour shared by every adapted layer type.
+
+A LoRA layer wraps the frozen `base_layer` and holds any number of named adapters. Its output is
+
+    base_layer(x) + Σ_{active, unmerged adapters a}  scaling_a · B_a(A_a(dropout_a(x)))
+
+Subclasses (one per base-layer type) say how A and B are built and how B·A maps onto the base
+weight's layout; merging, unmerging, activation and the forward sum live here once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class LoraLayer(nn.Module):
+    """A frozen base layer plus named low-rank adapters. Construct with `wrap()` from `lorakit.layers`."""
+
+    # State-dict names of the per-adapter containers, as PEFT names them (see lorakit.io).
+    adapter_containers: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.rank: dict[str, int] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False  # set by lorakit.disable_adapters: the base layer's output alone
+
+    # -- to be provided by each base-layer type -------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def adapter_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        """Shape of A and B of a rank-r adapter, keyed by container name (A first)."""
+        raise NotImplementedError
+
+    def _create_adapter(self, name: str, r: int) -> None:
+        """Create this adapter's A and B (untrained) in the containers named by `adapter_containers`."""
+        raise NotImplementedError
+
+    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """B(A(dropout(x))) without scaling, in the base layer's output layout."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling · B·A laid out like `base_layer.weight`."""
+        raise NotImplementedError
+
+    # -- adapters -----------------------------------------------------------------------------
+    def adapter_tensor(self, container: str, name: str) -> torch.Tensor:
+        """The A or B tensor of adapter `name` (a module's weight or a bare parameter)."""
+        value = getattr(self, container)[name]
+        return value.weight if isinstance(value, nn.Module) else value
+
+    def _lora_a_weight(self, name: str) -> torch.Tensor:
+        return self.adapter_tensor(self.adapter_containers[0], name)
+
+    def _lora_b_weight(self, name: str) -> torch.Tensor:
+        return self.adapter_tensor(self.adapter_containers[1], name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.scaling)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Model code sometimes reads `.weight` (dtype checks, tying); it means the base weight.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Model code may read attributes of the layer it built (`c_attn.nf`, `q_proj.in_features`).
+            if name.startswith("__") or name == "base_layer":
+                raise
+            return getattr(super().__getattr__("base_layer"), name)
+
+    def max_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
+        if name in self.scaling:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if r > self.max_rank():
+            raise ValueError(f"r={r} exceeds min(in, out)={self.max_rank()} of this layer")
+        self._create_adapter(name, r)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank[name] = r
+        self.scaling[name] = scaling
+        self.reset_adapter(name, init)
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        for container in self.adapter_containers:
+            getattr(self, container)[name].to(device=weight.device, dtype=dtype)
+
+    def reset_adapter(self, name: str, init: str) -> None:
+        """A random (kaiming-uniform as nn.Linear does, or N(0, 1/r²)), B zero: ΔW starts at exactly 0."""
+        a, b = self._lora_a_weight(name), self._lora_b_weight(name)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.rank[name])
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for container in (*self.adapter_containers, "lora_dropout"):
+            del getattr(self, container)[name]
+        del self.scaling[name], self.rank[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.scaling]
+        for name in self.adapter_names:
+            trainable = name in self.active_adapters
+            for container in self.adapter_containers:
+                getattr(self, container)[name].requires_grad_(trainable)
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, names: Iterable[str]) -> None:
+        base_weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters:
+                raise RuntimeError(f"adapter {name!r} is already merged")
+            with torch.no_grad():
+                base_weight += self.delta_weight(name).to(base_weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base_weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                base_weight -= self.delta_weight(name).to(base_weight.dtype)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            lora_out = self._lora_forward(name, x)
+            result = result + (lora_out * self.scaling[name]).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.rank[n]}" for n in self.adapter_names)
+        return f"adapters=[{ranks}], active={self.active_adapters}, merged={self.merged_adapters}"
