@@ -1,5 +1,5 @@
 # The two entry points of the README. Both set up .venv on first use.
-.PHONY: setup train test test-all
+.PHONY: setup train test test-fast
 
 setup:
 	bash scripts/setup.sh
@@ -10,5 +10,5 @@ train: setup
 test: setup
 	.venv/bin/python -m pytest -q
 
-test-all: setup
-	.venv/bin/python -m pytest -q -m "slow or not slow"
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow"

@@ -1,0 +1,51 @@
+"""Batched greedy (or sampled) text generation with whatever adapters are active on the model.
+
+Prompts are complete model inputs (chat formatting is the caller's, see `lorakit.train.data`), padded
+on the left so that every row's new tokens start at the same position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    progress: bool = False,
+) -> list[str]:
+    """The continuation of each prompt, decoded without special tokens and stripped."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, disable=not progress, desc="generating", unit="batch"):
+            chunk = list(prompts[start : start + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            new_tokens = out[:, enc["input_ids"].shape[1]:]
+            outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = saved_side
+        model.train(was_training)
+    return outputs

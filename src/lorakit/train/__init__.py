@@ -1,0 +1,1 @@
+"""Training: data sets, metrics and the training loop."""

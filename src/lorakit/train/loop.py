@@ -1,0 +1,271 @@
+"""The training loop: AdamW on the trainable (adapter) parameters only, gradient accumulation, a
+warm-up + linear-decay schedule, progress bar, metrics log, periodic evaluation, atomic checkpoints
+and exact resume.
+
+Determinism: the data order of epoch e is a permutation drawn from `seed + e`, and each checkpoint
+stores the optimizer, scheduler and RNG states, so a run resumed from step k continues exactly as the
+uninterrupted run would have (evaluation in between draws no random numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..io import load_adapter, save_adapter
+from ..inject import adapter_names, delete_adapter
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class LoopSettings:
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    log_every: int = 5
+    eval_every: int | None = None  # steps between evaluations (None: only at the end)
+    save_every: int | None = 50  # steps between checkpoints (None: none)
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def total_steps(self, num_examples: int) -> int:
+        steps_per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))
+        return self.max_steps if self.max_steps is not None else steps_per_epoch * self.epochs
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    wall_time_s: float
+    tokens_per_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def micro_batches(num_examples: int, settings: LoopSettings, start_step: int) -> list[tuple[int, list[int]]]:
+    """Every (optimizer step, example indices) micro-batch from `start_step` on, in the seeded order.
+
+    Batches never cross an epoch boundary; the last batch of an epoch may be smaller.
+    """
+    total = settings.total_steps(num_examples)
+    out: list[tuple[int, list[int]]] = []
+    step, micro, epoch = 0, 0, 0
+    while step < total:
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(settings.seed + epoch)).tolist()
+        for begin in range(0, num_examples, settings.batch_size):
+            if step >= start_step:
+                out.append((step, order[begin : begin + settings.batch_size]))
+            micro += 1
+            if micro % settings.grad_accum == 0:
+                step += 1
+                if step >= total:
+                    break
+        epoch += 1
+    return out
+
+
+def _optimizer(model: nn.Module, settings: LoopSettings, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the model has no trainable parameters; add an adapter first")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = max(1, int(settings.warmup_ratio * total_steps)) if settings.warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    complete = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()] if folder.is_dir() else []
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _save_checkpoint(model, optimizer, scheduler, step, rng_state, history, output_dir, adapter_name, keep, adapter_meta) -> Path:
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:06d}"
+    tmp = folder / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, adapter_name, **adapter_meta)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": rng_state,
+        "history": history,
+    }
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # a checkpoint folder is complete or absent
+    older = sorted((p for p in folder.glob("step-*") if p != final), key=lambda p: p.name)
+    for stale in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train_adapter(
+    model: nn.Module,
+    features: Sequence[dict[str, list[int]]],
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    settings: LoopSettings,
+    output_dir: str | os.PathLike,
+    adapter_name: str = "default",
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume: bool = False,
+    adapter_meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train the model's trainable parameters on tokenized `features` (dicts of token lists).
+
+    `evaluate(model) -> {"eval_loss": ..., ...}` runs every `eval_every` steps and at the end. With
+    `resume`, the latest complete checkpoint in `output_dir/checkpoints` is restored first. Ctrl-C
+    writes a checkpoint of the last finished step before stopping.
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    adapter_meta = adapter_meta or {}
+    total = settings.total_steps(len(features))
+    if total <= 0:
+        raise ValueError("nothing to train: the data set is empty or max_steps is 0")
+
+    start_step, history = 0, []
+    checkpoint = latest_checkpoint(output) if resume else None
+    if checkpoint is not None:
+        # Reload the adapter tensors of the checkpoint; the optimizer must be built on the new parameters.
+        if adapter_name in adapter_names(model):
+            delete_adapter(model, adapter_name)
+        load_adapter(model, checkpoint, adapter_name)
+    optimizer, scheduler = _optimizer(model, settings, total)
+    if checkpoint is not None:
+        state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step, history = state["step"], state["history"]
+    metrics_log = output / METRICS_FILE
+    with metrics_log.open("w") as fh:  # rewritten from the checkpoint's history so it never holds a lost future
+        fh.writelines(json.dumps(h) + "\n" for h in history)
+
+    plan = micro_batches(len(features), settings, start_step)
+    model.train()
+    step, window_loss, window_batches, window_tokens, total_tokens = start_step, 0.0, 0, 0, 0
+    begin = window_start = time.perf_counter()
+    bar = tqdm(total=total, initial=start_step, disable=not settings.progress, unit="step", dynamic_ncols=True)
+
+    def record(entry: dict[str, Any]) -> None:
+        history.append(entry)
+        with metrics_log.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    # The RNG state at the start of the step after the last finished one: what a resume must restore,
+    # also when Ctrl-C lands in the middle of a step whose dropout masks were already drawn.
+    step_rng = torch.get_rng_state()
+
+    def checkpoint_now() -> None:
+        _save_checkpoint(model, optimizer, scheduler, step, step_rng, history, output, adapter_name,
+                         settings.keep_checkpoints, adapter_meta)
+
+    try:
+        for index, (batch_step, indices) in enumerate(plan):
+            if index == 0 or plan[index - 1][0] != batch_step:
+                step_rng = torch.get_rng_state()
+            batch = collate([features[i] for i in indices])
+            tokens = int(batch["attention_mask"].sum())
+            loss = model(**batch).loss
+            (loss / settings.grad_accum).backward()
+            window_loss += loss.item()
+            window_batches += 1
+            window_tokens += tokens
+            total_tokens += tokens
+            step_done = index + 1 == len(plan) or plan[index + 1][0] != batch_step
+            if not step_done:
+                continue
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step = batch_step + 1
+            bar.update(1)
+            if step % settings.log_every == 0 or step == total:
+                now = time.perf_counter()
+                entry = {
+                    "step": step,
+                    "loss": window_loss / window_batches,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                }
+                record(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+                window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, now
+            if evaluate and settings.eval_every and step % settings.eval_every == 0 and step != total:
+                record({"step": step, **evaluate(model)})
+                model.train()
+            if settings.save_every and step % settings.save_every == 0 and step != total:
+                checkpoint_now()
+    except KeyboardInterrupt:
+        optimizer.zero_grad(set_to_none=True)
+        checkpoint_now()
+        bar.close()
+        raise
+    bar.close()
+    wall = time.perf_counter() - begin
+    step_rng = torch.get_rng_state()
+    if evaluate:
+        record({"step": step, **evaluate(model)})
+    checkpoint_now()
+    save_adapter(model, output, adapter_name, **adapter_meta)
+    _plot_losses(history, output / "loss.png")
+    losses = [h["loss"] for h in history if "loss" in h]
+    return TrainResult(step, losses[-1] if losses else None, wall, total_tokens / max(wall, 1e-9), history)
+
+
+__all__ = ["LoopSettings", "TrainResult", "latest_checkpoint", "micro_batches", "train_adapter"]

@@ -1,0 +1,72 @@
+"""Tiny offline stand-ins for pretrained tokenizers and models, built in a fraction of a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "The Vaults is a pub near Café Adriatic with a 5 out of 5 rating.",
+    "name[The Vaults], eatType[pub], priceRange[more than £30], near[Café Adriatic]",
+    "Describe this restaurant in one or two sentences.",
+    "it 's a charming and often affecting journey .",
+]
+
+# A ChatML template like SmolLM2's, without the default system turn.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (so any text decodes back exactly) with BOS and EOS but no pad token.
+    chat=True gives it a ChatML template whose end-of-turn token is the EOS token."""
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    if chat:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHATML
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_llama(path: Path, chat: bool = False) -> Path:
+    """A 2-layer, hidden-16 Llama causal LM and its tokenizer saved in path."""
+    tokenizer = tiny_tokenizer(chat)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_bert(path: Path) -> Path:
+    """A 2-layer, hidden-16 BERT encoder without a task head (like MiniLM) and a tokenizer saved in path."""
+    tokenizer = tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
