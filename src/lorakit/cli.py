@@ -129,25 +129,41 @@ def _load_with_adapters(model: Optional[str], adapters: list[Path], task: Option
 def eval_(
     model: Annotated[Optional[str], typer.Option(help="base model (default: the one the adapter names)")] = None,
     adapter: Annotated[Optional[list[Path]], typer.Option(help="adapter folder (repeat for several)")] = None,
-    data: Annotated[str, typer.Option(help="data set, as for train")] = "e2e",
-    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
+    data: Annotated[Optional[str], typer.Option(help="data set, as for train (default: the adapter's training data, else e2e)")] = None,
+    split: Annotated[str, typer.Option(help="train, validation or test (test falls back to validation)")] = "test",
+    input_field: Annotated[Optional[str], typer.Option()] = None,
+    target_field: Annotated[Optional[str], typer.Option()] = None,
+    pair_field: Annotated[Optional[str], typer.Option()] = None,
+    template: Annotated[Optional[str], typer.Option()] = None,
     limit: Annotated[Optional[int], typer.Option(help="score only the first N examples")] = None,
     max_length: Annotated[int, typer.Option()] = 256,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     output: Annotated[Optional[Path], typer.Option(help="write metrics and predictions as JSON here")] = None,
 ) -> None:
-    """Score a model (with adapters) on a data split: accuracy/F1/MCC or BLEU/NIST/chrF/ROUGE-L."""
+    """Score a model (with adapters) on a data split: accuracy/F1/MCC or BLEU/NIST/chrF/ROUGE-L.
+
+    Data options left out are taken from the first adapter's train_config.yaml when it has one.
+    """
     import dataclasses
+
+    import yaml
 
     from .train.data import BUILTIN_DATASETS, load_data
     from .train.evaluate import evaluate_split
+    from .train.run import CONFIG_FILE
 
+    run_file = adapter[0] / CONFIG_FILE if adapter else None
+    trained_with = yaml.safe_load(run_file.read_text()) if run_file and run_file.is_file() else {}
+    given = {"data": data, "input_field": input_field, "target_field": target_field, "pair_field": pair_field,
+             "template": template}
+    fields = {k: v if v is not None else trained_with.get(k) for k, v in given.items()}
+    data = fields.pop("data") or "e2e"
     try:
         builtin = BUILTIN_DATASETS.get(data.removesuffix("-full"))
         if builtin is not None and split == "test" and "test" not in builtin.files:
             split = "validation"
-        base, tokenizer, task = _load_with_adapters(model, adapter or [], builtin.task if builtin else None)
-        dataset = load_data(data, split, task)
+        base, tokenizer, task = _load_with_adapters(model, adapter or [], builtin.task if builtin else trained_with.get("task"))
+        dataset = load_data(data, split, task, **fields)
         if limit is not None:
             dataset = dataclasses.replace(dataset, examples=dataset.examples[:limit])
         metrics, predictions = evaluate_split(base, tokenizer, dataset, max_length, max_new_tokens, progress=True)

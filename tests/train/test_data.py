@@ -57,7 +57,8 @@ def test_e2e_sample_keeps_every_reference_of_its_mrs():
 
 def test_e2e_train_has_one_example_per_row():
     data = load_data("e2e")
-    assert len(data) == 2000
+    with (sample_dir("e2e") / "trainset.csv").open(newline="") as f:
+        assert len(data) == sum(1 for _ in csv.DictReader(f)) > 0
     assert all(ex.target in ex.references for ex in data.examples)
     assert data.examples[0].prompt.startswith("Describe this restaurant")
 

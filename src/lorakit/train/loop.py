@@ -215,8 +215,6 @@ def train_adapter(
 
     try:
         for index, (batch_step, indices) in enumerate(plan):
-            if index == 0 or plan[index - 1][0] != batch_step:
-                step_rng = torch.get_rng_state()
             batch = collate([features[i] for i in indices])
             tokens = int(batch["attention_mask"].sum())
             loss = model(**batch).loss
@@ -234,6 +232,7 @@ def train_adapter(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step = batch_step + 1
+            step_rng = torch.get_rng_state()
             bar.update(1)
             if step % settings.log_every == 0 or step == total:
                 now = time.perf_counter()
@@ -258,7 +257,6 @@ def train_adapter(
         raise
     bar.close()
     wall = time.perf_counter() - begin
-    step_rng = torch.get_rng_state()
     if evaluate:
         record({"step": step, **evaluate(model)})
     checkpoint_now()
