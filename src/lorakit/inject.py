@@ -108,6 +108,12 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, LoraLinear)
 
 
+def _is_module(module: nn.Module, other: nn.Module | None) -> bool:
+    """Whether `module` is `other` or a LoRA wrapper around it. `other=None` (a model without an output head)
+    matches nothing; comparing `getattr(..., None) is None` would instead match every plain layer."""
+    return other is not None and (module is other or getattr(module, "base_layer", None) is other)
+
+
 def _output_head(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     try:
@@ -123,7 +129,7 @@ def _matching_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, n
     excluded |= {p for p, _ in modules if saved_names and _name_matches(saved_names, p)}
     if config.target_modules == ALL_LINEAR:
         head = _output_head(model)
-        by_name = [(p, m) for p, m in modules if _is_linear(m) and m is not head and getattr(m, "base_layer", None) is not head]
+        by_name = [(p, m) for p, m in modules if _is_linear(m) and not _is_module(m, head)]
     else:
         by_name = [(p, m) for p, m in modules if _name_matches(config.target_modules, p)]
         if isinstance(config.target_modules, list):
@@ -245,8 +251,11 @@ def _activate(model: nn.Module, names: list[str]) -> None:
         copy.set_active(names)
     bias_modes = {state.configs[n].bias for n in names}
     if "all" in bias_modes:
+        # Biases inside modules_to_save wrappers are the copies' business (set_active above): the original
+        # module must stay the base model's, and other adapters' copies must not train.
+        in_copies = {id(p) for _, copy in _saved_copies(model) for p in copy.parameters()}
         for param_name, param in model.named_parameters():
-            if param_name.endswith("bias"):
+            if param_name.endswith("bias") and id(param) not in in_copies:
                 param.requires_grad_(True)
     elif "lora_only" in bias_modes:
         for _, layer in lora_layers(model):
@@ -348,10 +357,13 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and remove every LoRA module: a plain model of the original class."""
-    if not adapter_state(model):
+    state = adapter_state(model)
+    if not state:
         raise RuntimeError("the model has no adapters")
-    if not _merged_names(model):
-        merge(model)
+    # After a partial merge (`merge(model, ["a"])`) the other active adapters still have to go in.
+    pending = [n for n in state.active if n not in _merged_names(model)]
+    if pending:
+        merge(model, pending)
     for path, layer in list(lora_layers(model)):
         model.set_submodule(path, layer.base_layer)
     for path, copy in list(_saved_copies(model)):

@@ -71,9 +71,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     tensors = adapter_state_dict(model, name)
     config_dict = config.to_peft_dict()
     config_dict.update({k: v for k, v in config_extra.items() if v is not None})
+    # Serialised before any file is replaced: a config that cannot be written must not leave new weights
+    # beside the old config.
+    config_text = json.dumps(config_dict, indent=2, sort_keys=True)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2, sort_keys=True)))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
     return out
 
 
@@ -98,9 +101,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     if not config_file.is_file():
         raise AdapterFileError(f"{folder} has no {CONFIG_NAME}")
     try:
-        config = LoraConfig.from_peft_dict(json.loads(config_file.read_text()))
+        data = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise AdapterFileError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{config_file} must hold a JSON object, not {type(data).__name__}")
+    try:
+        config = LoraConfig.from_peft_dict(data)
     except (TypeError, ValueError) as err:
         raise AdapterFileError(f"{config_file}: {err}") from None
     weights = folder / WEIGHTS_NAME

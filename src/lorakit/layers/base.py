@@ -108,7 +108,11 @@ class LoraLayer(nn.Module):
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         for container in self.adapter_containers:
-            getattr(self, container)[name].to(device=weight.device, dtype=dtype)
+            holder = getattr(self, container)
+            if isinstance(holder[name], nn.Module):
+                holder[name].to(device=weight.device, dtype=dtype)  # in place for modules
+            else:  # a bare Parameter: Tensor.to returns a copy, so the moved copy takes its place
+                holder[name] = nn.Parameter(holder[name].detach().to(device=weight.device, dtype=dtype))
 
     def reset_adapter(self, name: str, init: str) -> None:
         """A random (kaiming-uniform as nn.Linear does, or N(0, 1/r²)), B zero: ΔW starts at exactly 0."""

@@ -1,0 +1,113 @@
+"""LoRA on nn.Embedding: y[t] = W0[t] + (α/r)·B·A[:, t] in float64; the merge adds (B·A)ᵀ to the table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lorakit_helpers import Holder, adapt_layer, fill_, max_relative_error
+from torch import nn
+
+import lorakit
+from lorakit.layers import LoraEmbedding
+
+VOCAB, DIM = 20, 6
+
+
+def _base(dtype: torch.dtype = torch.float64) -> nn.Embedding:
+    torch.manual_seed(0)
+    return nn.Embedding(VOCAB, DIM).to(dtype)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+
+
+def _randomized(holder) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = holder.layer
+    """Puts random values in A and B (B ≠ 0); returns them as float64 for the reference formula."""
+    a = fill_(layer.lora_embedding_A["default"], 1)
+    b = fill_(layer.lora_embedding_B["default"], 2)
+    return a.detach().double(), b.detach().double()
+
+
+def test_wraps_embedding_with_peft_named_parameters():
+    holder = adapt_layer(_base(), r=3)
+    assert isinstance(holder.layer, LoraEmbedding)
+    assert holder.layer.lora_embedding_A["default"].shape == (3, VOCAB)
+    assert holder.layer.lora_embedding_B["default"].shape == (DIM, 3)
+
+
+def test_adapter_follows_the_base_dtype():
+    holder = adapt_layer(_base(torch.float64), r=3)
+    assert holder.layer.lora_embedding_A["default"].dtype == torch.float64
+    assert holder.layer.lora_embedding_B["default"].dtype == torch.float64
+
+
+@pytest.mark.parametrize(("r", "alpha"), [(1, 1.0), (4, 6.0)])
+def test_output_matches_float64_formula(r, alpha):
+    base = _base()
+    w0 = base.weight.detach().clone()
+    holder = adapt_layer(base, r=r, alpha=alpha).eval()
+    a, b = _randomized(holder)
+    ids = _ids()
+    # Row t of the adapted table: W0[t] + scaling · B · (column t of A).
+    expected = w0[ids] + (alpha / r) * (a.T[ids] @ b.T)
+    torch.testing.assert_close(holder(ids), expected, rtol=0, atol=1e-12)
+
+
+def test_dropout_does_not_apply_to_token_ids():
+    base = _base()
+    holder = adapt_layer(base, r=2, alpha=2, dropout=0.5).train()
+    a, b = _randomized(holder)
+    ids = _ids()
+    expected = base.weight.detach()[ids] + a.T[ids] @ b.T
+    torch.testing.assert_close(holder(ids), expected, rtol=0, atol=1e-12)
+
+
+def test_output_at_init_equals_base_output_exactly():
+    base = _base(torch.float32)
+    expected = base(_ids())
+    holder = adapt_layer(base, r=4)
+    assert torch.count_nonzero(holder.layer.lora_embedding_B["default"]) == 0
+    assert torch.count_nonzero(holder.layer.lora_embedding_A["default"]) > 0
+    assert torch.equal(holder(_ids()), expected)
+
+
+def test_merge_adds_the_transposed_update_to_the_table():
+    base = _base()
+    w0 = base.weight.detach().clone()
+    holder = adapt_layer(base, r=3, alpha=5).eval()
+    a, b = _randomized(holder)
+    lorakit.merge(holder)
+    torch.testing.assert_close(base.weight.detach(), w0 + (5 / 3) * (b @ a).T, rtol=0, atol=1e-12)
+    lorakit.unmerge(holder)
+    torch.testing.assert_close(base.weight.detach(), w0, rtol=0, atol=1e-12)
+
+
+def test_merged_equals_unmerged_in_float32():
+    holder = adapt_layer(_base(torch.float32), r=4, alpha=8).eval()
+    _randomized(holder)
+    unmerged = holder(_ids())
+    lorakit.merge(holder)
+    assert max_relative_error(holder(_ids()), unmerged) <= 1e-5
+
+
+def test_trainable_parameter_count_is_r_times_vocab_plus_dim():
+    holder = adapt_layer(_base(), r=5)
+    assert lorakit.trainable_parameters(holder)[0] == 5 * (VOCAB + DIM)
+
+
+def test_gradients_reach_only_a_and_b():
+    base = _base()
+    holder = adapt_layer(base, r=2).train()
+    _randomized(holder)
+    holder(_ids()).pow(2).sum().backward()
+    assert base.weight.grad is None
+    assert holder.layer.lora_embedding_A["default"].grad.abs().sum() > 0
+    assert holder.layer.lora_embedding_B["default"].grad.abs().sum() > 0
+
+
+def test_rank_above_min_vocab_dim_is_refused(unchanged):
+    holder = Holder(_base())
+    with unchanged(holder), pytest.raises(ValueError, match="exceeds min"):
+        lorakit.add_adapter(holder, lorakit.LoraConfig(r=DIM + 1, target_modules=["layer"]))

@@ -1,0 +1,52 @@
+"""Slow end-to-end runs on the real pretrained models (SmolLM2-135M, MiniLM-L6) and real data: a short
+fine-tune must lower the loss, and the adapter must merge into a checkpoint that plain transformers
+loads and that gives the same logits as base + adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import lorakit
+from lorakit.cli import app
+from lorakit.models import load_model
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def test_smollm2_e2e_short_finetune_learns_and_merges(tmp_path):
+    out = tmp_path / "e2e"
+    result = runner.invoke(app, ["train", "--max-steps", "12", "--batch-size", "4", "--eval-examples", "4",
+                                 "--max-new-tokens", "32", "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < 0.9 * losses[0], losses  # the E2E style is picked up within a few steps
+    assert (out / "adapter_model.safetensors").stat().st_size < 5_000_000
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "smollm2-135m" and config["task_type"] == "CAUSAL_LM"
+
+    merged_dir = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", "--adapter", str(out), "--output", str(merged_dir)])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    model, tokenizer = load_model("smollm2-135m")
+    lorakit.load_adapter(model, out)
+    probe = tokenizer("name[The Eagle], eatType[coffee shop], food[French]", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(probe).logits, model.eval()(probe).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_minilm_sst2_learns(tmp_path):
+    out = tmp_path / "sst2"
+    result = runner.invoke(app, ["train", "--data", "sst2", "--max-steps", "60", "--batch-size", "16",
+                                 "--lr", "2e-3", "--eval-examples", "300", "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    # An untrained head is at chance; 60 steps of LoRA + head lift SST-2 dev accuracy well above it.
+    assert results["after"]["accuracy"] > 70, results
