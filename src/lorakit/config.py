@@ -154,6 +154,7 @@ class LoraConfig:
         """Read a PEFT `adapter_config.json`. Unknown fields (from a newer PEFT) are ignored with a warning;
         options that change the math and that lorakit does not implement are refused."""
         peft_type = data.get("peft_type", "LORA")
+        peft_type = getattr(peft_type, "value", peft_type)  # PEFT's in-memory configs hold an enum
         if str(peft_type).upper() != "LORA":
             raise ValueError(f"adapter is of type {peft_type!r}; lorakit loads LoRA adapters only")
         for key, neutral in _PEFT_UNSUPPORTED.items():

@@ -175,7 +175,7 @@ def _sort_keys(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
             if ".original_module." not in key:  # PEFT (bias="all") also stores the untouched original head
                 saved_keys[key.replace(".modules_to_save.", ".")] = value
         elif key.endswith(".base_layer.weight"):
-            continue  # PEFT stores frozen embedding weights beside embedding adapters; the model's own stay
+            _check_frozen_copy(key, value, params)
         elif key.endswith("bias"):
             plain = key.replace(".base_layer.", ".")
             param = params.get(plain, params.get(plain.replace(".bias", ".base_layer.bias")))
@@ -191,6 +191,22 @@ def _sort_keys(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     if not lora_keys:
         raise AdapterFileError("the adapter file holds no LoRA tensors")
     return lora_keys, saved_keys, bias_keys
+
+
+def _check_frozen_copy(key: str, value: torch.Tensor, params: dict[str, nn.Parameter]) -> None:
+    """PEFT stores the frozen embedding matrix beside embedding adapters (for resized vocabularies).
+    lorakit keeps the model's own; it must be the same matrix, or the adapter belongs to another base."""
+    plain = key.replace(".base_layer.", ".")
+    own = params.get(plain, params.get(key))
+    if own is None:
+        raise AdapterFileError(f"the adapter holds {key!r}, which this model does not have")
+    if own.shape != value.shape:
+        raise AdapterFileError(
+            f"{key!r} has shape {tuple(value.shape)} in the file but {tuple(own.shape)} in the model "
+            "(was the vocabulary resized? resize the model's embeddings first)"
+        )
+    if not torch.equal(own.detach().cpu().to(value.dtype), value):
+        warnings.warn(f"{key!r} in the adapter differs from the model's weights; lorakit keeps the model's", stacklevel=3)
 
 
 def _under_saved_module(key: str, saved_names: list[str]) -> bool:

@@ -67,7 +67,7 @@ class RunConfig:
     eval_examples: int | None = 50  # examples scored before/after (None: the whole split)
     val_examples: int = 64  # held-out examples for the periodic eval loss
     max_new_tokens: int = 64
-    eval_every: int | None = None
+    eval_every: int | None = 25  # steps between validation-loss evaluations (None: only at the end)
     save_every: int | None = 50
     log_every: int = 5
     resume: bool = False
