@@ -142,7 +142,7 @@ def test_unknown_fields_from_a_newer_peft_are_ignored_with_a_warning():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]), ("target_parameters", ["w"])],
+    [("use_qalora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]), ("target_parameters", ["w"])],
 )
 def test_peft_options_that_change_the_math_are_refused(field, value):
     data = {**LoraConfig(target_modules=["q_proj"]).to_peft_dict(), field: value}

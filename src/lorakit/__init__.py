@@ -6,6 +6,7 @@
     lorakit.save_adapter(model, "out/")
 """
 
+from .combine import combine
 from .config import LoraConfig
 from .inject import (
     active_adapters,
@@ -21,6 +22,7 @@ from .inject import (
     unmerge,
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from .quant import QuantLinear, dequantize, load_quantized, quantize, save_quantized
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "adapter_config",
     "adapter_names",
     "add_adapter",
+    "combine",
     "delete_adapter",
     "disable_adapters",
     "load_adapter",
@@ -41,4 +44,10 @@ __all__ = [
     "set_adapter",
     "trainable_parameters",
     "unmerge",
+    # lorakit.quant (QLoRA)
+    "QuantLinear",
+    "dequantize",
+    "load_quantized",
+    "quantize",
+    "save_quantized",
 ]

@@ -46,9 +46,14 @@ def train(
     pair_field: Annotated[Optional[str], typer.Option(help="second text field for sentence-pair classification")] = None,
     template: Annotated[Optional[str], typer.Option(help="prompt template with {field} placeholders")] = None,
     target_modules: Annotated[Optional[str], typer.Option(help="comma-separated module names, or all-linear")] = None,
-    r: Annotated[Optional[int], typer.Option("--r", help="LoRA rank")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="QLoRA: quantize the frozen base's linear layers: nf4 (4-bit, double-quantized), int8 or int8-asym")] = None,
+    r: Annotated[Optional[int], typer.Option("--r", "--lora-rank", help="LoRA rank (write --lora-rank under torchrun, whose own options swallow --r)")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (update scaled by alpha/r)")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="dropout on the LoRA input")] = None,
+    init: Annotated[Optional[str], typer.Option(help="kaiming, gaussian, pissa (A, B from W0's top singular vectors) or olora (QR)")] = None,
+    use_rslora: Annotated[Optional[bool], typer.Option("--use-rslora/--no-use-rslora", help="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")] = None,
+    use_dora: Annotated[Optional[bool], typer.Option("--use-dora/--no-use-dora", help="DoRA: weight-decomposed LoRA (a trained magnitude per output feature)")] = None,
+    loraplus_ratio: Annotated[Optional[float], typer.Option(help="LoRA+: train B with lr × this ratio (e.g. 16)")] = None,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="passes over the training data")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="optimizer steps (overrides --epochs)")] = None,
@@ -66,6 +71,8 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help="steps between metrics-log lines")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="steps between validation-loss evaluations")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="steps between checkpoints")] = None,
+    distributed: Annotated[Optional[str], typer.Option(help="ddp or fsdp, under torchrun (several processes alone mean ddp)")] = None,
+    dist_timeout: Annotated[Optional[float], typer.Option(help="seconds a process waits for the others before failing")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint in --output")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run already in --output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
@@ -84,8 +91,9 @@ def train(
     except KeyboardInterrupt:
         err_console.print("interrupted: a checkpoint of the last finished step was written; continue with --resume")
         raise typer.Exit(130) from None
-    _print_before_after(summary)
-    console.print(f"adapter and logs written to [bold]{cfg.resolved().output}[/]")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+        _print_before_after(summary)
+        console.print(f"adapter and logs written to [bold]{cfg.resolved().output}[/]")
 
 
 def _print_before_after(summary: dict) -> None:
@@ -103,8 +111,10 @@ def _print_before_after(summary: dict) -> None:
     )
 
 
-def _load_with_adapters(model: Optional[str], adapters: list[Path], task: Optional[str] = None):
-    """Base model (given, or named in the first adapter) with every adapter loaded and active."""
+def _load_with_adapters(model: Optional[str], adapters: list[Path], task: Optional[str] = None,
+                        names: Optional[list[str]] = None):
+    """Base model (given, or named in the first adapter) with every adapter loaded and active (named by
+    `names`, else by their folder names)."""
     import lorakit
     from .models import load_model
 
@@ -116,15 +126,13 @@ def _load_with_adapters(model: Optional[str], adapters: list[Path], task: Option
     seq_cls = task == "seq-cls" or (task is None and configs and configs[0][0].task_type == "SEQ_CLS")
     num_labels = None
     if seq_cls:
-        heads = [t for k, t in configs[0][1].items() if k.endswith(("classifier.weight", "score.weight"))] if configs else []
+        heads = [t for _, tensors in configs for k, t in tensors.items() if k.endswith(("classifier.weight", "score.weight"))]
         num_labels = heads[0].shape[0] if heads else None
     task = "seq-cls" if seq_cls else "causal-lm"
     base, tokenizer = load_model(model, task, num_labels=num_labels)
-    names = []
-    for folder in adapters:
-        name = folder.resolve().name.replace(".", "_") or "default"
+    names = list(names) if names else [folder.resolve().name.replace(".", "_") or "default" for folder in adapters]
+    for folder, name in zip(adapters, names):
         lorakit.load_adapter(base, folder, name=name)
-        names.append(name)
     if names:
         lorakit.set_adapter(base, names)
     return base, tokenizer, task
@@ -242,6 +250,47 @@ def merge(
     except _USER_ERRORS as err:
         _fail(err)
     console.print(f"merged model written to [bold]{output}[/]")
+
+
+@app.command("combine")
+def combine_(
+    adapter: Annotated[list[str], typer.Option(help="NAME=FOLDER of an adapter to combine (repeat the option)")],
+    output: Annotated[Path, typer.Option(help="folder for the combined adapter")],
+    weights: Annotated[Optional[str], typer.Option(help="NAME=WEIGHT,... (default: 1 for each adapter)")] = None,
+    method: Annotated[str, typer.Option(help="cat (exact weighted sum), linear, svd or ties")] = "cat",
+    rank: Annotated[Optional[int], typer.Option(help="rank of the result for svd and ties (default: the largest input rank)")] = None,
+    density: Annotated[float, typer.Option(help="ties: fraction of each update's entries kept before the sign election")] = 0.2,
+    model: Annotated[Optional[str], typer.Option(help="base model (default: the one the first adapter names)")] = None,
+) -> None:
+    """Combine adapters into one (weighted): lorakit combine --adapter a=runs/a --adapter b=runs/b --weights a=0.7,b=0.3 --output mix"""
+    import lorakit
+
+    try:
+        pairs = [item.split("=", 1) for item in adapter]
+        if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+            raise ValueError(f"--adapter takes NAME=FOLDER, got {adapter}")
+        names = [name for name, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must differ, got {names}")
+        mix = {name: 1.0 for name in names}
+        for item in _split_list(weights) or []:
+            name, _, value = item.partition("=")
+            if name not in mix:
+                raise ValueError(f"--weights names {name!r}, which is not one of the adapters {names}")
+            try:
+                mix[name] = float(value)
+            except ValueError:
+                raise ValueError(f"--weights: {item!r} is not NAME=NUMBER") from None
+        if output.exists() and any(output.iterdir()):
+            raise ValueError(f"output folder {output} is not empty")
+        base, _, _ = _load_with_adapters(model, [Path(folder) for _, folder in pairs], names=names)
+        lorakit.combine(base, mix, method=method, name="combined", rank=rank, density=density)
+        lorakit.save_adapter(base, output, name="combined")
+        config = lorakit.adapter_config(base, "combined")
+    except (*_USER_ERRORS, RuntimeError) as err:
+        _fail(err)
+    weights_text = ", ".join(f"{n}×{w:g}" for n, w in mix.items())
+    console.print(f"{method} of {weights_text} (rank {config.r}) written to [bold]{output}[/]")
 
 
 @app.command()

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian")
+WEIGHT_INITS = ("pissa", "olora")  # initialisations computed from the base weight (see layers/variants.py)
+INIT_MODES = ("kaiming", "gaussian", *WEIGHT_INITS)
 ALL_LINEAR = "all-linear"
 
 # PEFT fields that lorakit understands through its own names.
@@ -32,6 +33,7 @@ _PEFT_TO_LORAKIT = {
     "modules_to_save": "modules_to_save",
     "fan_in_fan_out": "fan_in_fan_out",
     "use_rslora": "use_rslora",
+    "use_dora": "use_dora",
     "task_type": "task_type",
     "base_model_name_or_path": "base_model_name_or_path",
 }
@@ -45,7 +47,7 @@ _PEFT_BOOKKEEPING = {
     "ensure_weight_tying", "alora_invocation_tokens", "use_bdlora",
 }
 _PEFT_UNSUPPORTED = {  # field -> its neutral value
-    "use_dora": False, "lora_bias": False, "use_qalora": False, "target_parameters": None,
+    "lora_bias": False, "use_qalora": False, "target_parameters": None,
     "trainable_token_indices": None, "layer_replication": None,
 }
 
@@ -67,10 +69,14 @@ class LoraConfig:
         rank_pattern / alpha_pattern: per-module overrides, `{name or regex: value}` matched on the path end.
         bias: which biases train: "none", "all" (every bias of the model) or "lora_only" (adapted layers).
         modules_to_save: modules trained in full beside the adapter (e.g. a new classifier head).
-        init: initialisation of A ("kaiming" uniform as in PEFT's default, or "gaussian" with std 1/r);
-            B is always zero so the adapted model starts equal to the base.
+        init: "kaiming" (A uniform as in PEFT's default, B zero) or "gaussian" (A with std 1/r, B zero): the
+            adapted model starts equal to the base. "pissa" (A, B from the top-r singular vectors of W0) or
+            "olora" (from a QR decomposition of W0): the frozen residual is W0 − scaling·B0·A0, so the model
+            also starts equal to the base (Linear and Conv1D layers only).
         fan_in_fan_out: True when the base weight is stored (in, out); None detects GPT-2's Conv1D.
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
+        use_dora: weight-decomposed LoRA: W' = m · (W0 + ΔW) / ‖W0 + ΔW‖ with the norm taken per output
+            feature and a trainable magnitude m (Linear and Conv1D layers only).
         task_type / base_model_name_or_path: recorded in the adapter file for other tools.
     """
 
@@ -88,6 +94,7 @@ class LoraConfig:
     init: str = "kaiming"
     fan_in_fan_out: bool | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     task_type: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -109,6 +116,9 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ValueError('target_modules is required, e.g. ["q_proj", "v_proj"] or "all-linear"')
         for name in ("target_modules", "exclude_modules"):
@@ -143,9 +153,10 @@ class LoraConfig:
         data = {peft_key: getattr(self, ours) for peft_key, ours in _PEFT_TO_LORAKIT.items()}
         data["fan_in_fan_out"] = bool(self.fan_in_fan_out)
         data["peft_type"] = "LORA"
-        data["init_lora_weights"] = True if self.init == "kaiming" else "gaussian"
+        # PEFT's values: True (kaiming), "gaussian", "pissa", "olora". A pissa/olora adapter is applied by
+        # redoing the decomposition of the original base weight (see lorakit.io.save_adapter, convert_to_lora).
+        data["init_lora_weights"] = True if self.init == "kaiming" else self.init
         data["inference_mode"] = True
-        data["use_dora"] = False
         data["lora_bias"] = False
         return data
 
@@ -161,8 +172,18 @@ class LoraConfig:
             if data.get(key, neutral) not in (neutral, None, False, [], {}):
                 raise ValueError(f"adapter uses PEFT option {key}={data[key]!r}, which lorakit does not support")
         kwargs = {ours: data[peft_key] for peft_key, ours in _PEFT_TO_LORAKIT.items() if peft_key in data}
-        if data.get("init_lora_weights") == "gaussian":
-            kwargs["init"] = "gaussian"
+        for flag in ("use_rslora", "use_dora"):
+            if kwargs.get(flag) is None:
+                kwargs.pop(flag, None)
+        init = data.get("init_lora_weights")
+        if isinstance(init, str) and init.lower() in ("gaussian", *WEIGHT_INITS):
+            kwargs["init"] = init.lower()
+        elif isinstance(init, str) and init.lower().startswith("pissa_niter"):
+            # Its residual came from a randomised SVD that cannot be redone; PEFT can convert it to plain LoRA.
+            raise ValueError(
+                f"adapter uses init_lora_weights={init!r} (randomised SVD), which lorakit cannot reproduce; "
+                "save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA adapter"
+            )
         for key in ("rank_pattern", "alpha_pattern"):
             kwargs[key] = kwargs.get(key) or {}
         unknown = sorted(set(data) - set(_PEFT_TO_LORAKIT) - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED))

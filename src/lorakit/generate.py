@@ -21,8 +21,12 @@ def generate_texts(
     batch_size: int = 16,
     temperature: float = 0.0,
     progress: bool = False,
+    synced: bool = False,
 ) -> list[str]:
-    """The continuation of each prompt, decoded without special tokens and stripped."""
+    """The continuation of each prompt, decoded without special tokens and stripped.
+
+    `synced` keeps every process stepping until all are done (an FSDP-sharded model needs all of them
+    in each forward pass)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -41,6 +45,7 @@ def generate_texts(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced,
                 **sampling,
             )
             new_tokens = out[:, enc["input_ids"].shape[1]:]

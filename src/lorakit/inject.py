@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, LoraConfig
 from .layers import LoraLayer, LoraLinear, lora_class_for, supported_types
+from .quant.linear import QuantLinear
 from .saved_module import TrainableCopy
 
 _STATE_ATTR = "_lorakit"
@@ -105,7 +107,7 @@ def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | Non
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D)) or isinstance(module, LoraLinear)
+    return isinstance(module, (nn.Linear, Conv1D, QuantLinear)) or isinstance(module, LoraLinear)
 
 
 def _is_module(module: nn.Module, other: nn.Module | None) -> bool:
@@ -202,6 +204,10 @@ def _plan(model: nn.Module, config: LoraConfig, name: str, target_paths: list[st
             raise ValueError(
                 f"r={r} for {path!r} exceeds min(in, out) = min({wrapper.in_features}, {wrapper.out_features})"
             )
+        try:
+            wrapper.check_variant(config.init, config.use_dora)
+        except ValueError as err:
+            raise ValueError(f"module {path!r}: {err}") from None
 
     saved: list[tuple[str, TrainableCopy, bool]] = []
     for wanted in config.modules_to_save or []:
@@ -224,7 +230,8 @@ def _plan(model: nn.Module, config: LoraConfig, name: str, target_paths: list[st
 def _apply(model: nn.Module, plan: _Plan, name: str, activate: bool) -> None:
     config = plan.config
     for path, wrapper, is_new in plan.layers:
-        wrapper.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init)
+        wrapper.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init,
+                            use_dora=config.use_dora)
         if is_new:
             model.set_submodule(path, wrapper)
     for path, wrapper, is_new in plan.saved:
@@ -355,11 +362,20 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapters and remove every LoRA module: a plain model of the original class."""
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge the active adapters and remove every LoRA module: a plain model of the original class.
+
+    On a quantized base (`lorakit.quantize`) the merged layers are re-quantized (adding rounding error, see
+    `lorakit.quant.requantization_errors`) unless `dtype` is given: then every quantized layer is first
+    decoded into a plain nn.Linear of that dtype, and the merge is exact in float.
+    """
     state = adapter_state(model)
     if not state:
         raise RuntimeError("the model has no adapters")
+    if dtype is not None:
+        from .quant import dequantize
+
+        dequantize(model, dtype)
     # After a partial merge (`merge(model, ["a"])`) the other active adapters still have to go in.
     pending = [n for n in state.active if n not in _merged_names(model)]
     if pending:

@@ -9,7 +9,9 @@ checks every key and shape against the model before changing anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -20,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoraConfig
+from .config import WEIGHT_INITS, LoraConfig
 from .inject import _apply, _name_matches, _plan, _saved_copies, adapter_config, lora_layers
 from .layers import LoraLayer
 from .saved_module import TrainableCopy
@@ -36,15 +38,18 @@ class AdapterFileError(ValueError):
 
 
 # -- saving ---------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (copies on CPU)."""
+def adapter_state_dict(model: nn.Module, name: str = "default", convert_to_lora: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (copies on CPU). With `convert_to_lora`, a PiSSA / OLoRA
+    adapter's A and B are those of the equivalent plain LoRA of the original base: [B, B0] and [A; −A0]."""
     config = adapter_config(model, name)
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
         if name in layer.scaling:
-            for container in layer.adapter_containers:
+            for container in layer.containers_for(name):
                 suffix = ".weight" if isinstance(getattr(layer, container)[name], nn.Module) else ""
                 tensors[f"{path}.{container}{suffix}"] = layer.adapter_tensor(container, name)
+            if convert_to_lora and name in getattr(layer, "lora_residual", {}):
+                tensors[f"{path}.lora_B.weight"], tensors[f"{path}.lora_A.weight"] = layer.lora_factors(name)
     for path, copy in _saved_copies(model):
         if name in copy.modules_to_save:
             for key, value in copy.modules_to_save[name].state_dict().items():
@@ -58,17 +63,45 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
                 continue
             if config.bias == "all" or owner in adapted:
                 tensors[key] = value
-    return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return {PREFIX + k: unsharded(v).detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", **config_extra) -> Path:
+def converted_to_lora(config: LoraConfig) -> LoraConfig:
+    """The config of a PiSSA / OLoRA adapter saved as plain LoRA: twice the rank, the same scaling."""
+    factor = math.sqrt(2) if config.use_rslora else 2  # α/r → 2α/2r, or α/√r → √2·α/√(2r)
+    return dataclasses.replace(
+        config, init="kaiming", r=2 * config.r, alpha=factor * config.alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()},
+    )
+
+
+def unsharded(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (DTensor). A collective: every rank must call it."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", *, write: bool = True,
+    convert_to_lora: bool = False, **config_extra
+) -> Path:
     """Write adapter `name` to the folder `path` (created if needed). Each file is replaced atomically.
 
     `config_extra` adds fields to `adapter_config.json` (e.g. `base_model_name_or_path`, `task_type`).
+    Under FSDP every rank must call this (the shards are gathered); pass `write=False` on all but one.
+
+    A PiSSA / OLoRA adapter is saved as PEFT saves it (`init_lora_weights="pissa"`): the loader (lorakit or
+    PEFT) redoes the decomposition of the original base weight. `convert_to_lora=True` instead writes the
+    equivalent plain LoRA adapter of rank 2r relative to the original weights (ΔW = s·(B·A − B0·A0)), which
+    any LoRA tool applies to the untouched base model; DoRA magnitudes are kept as they are.
     """
     out = Path(path)
     config = adapter_config(model, name)
-    tensors = adapter_state_dict(model, name)
+    tensors = adapter_state_dict(model, name, convert_to_lora=convert_to_lora)
+    if convert_to_lora and config.init in WEIGHT_INITS:
+        config = converted_to_lora(config)
+    if not write:
+        return out
     config_dict = config.to_peft_dict()
     config_dict.update({k: v for k, v in config_extra.items() if v is not None})
     # Serialised before any file is replaced: a config that cannot be written must not leave new weights
@@ -144,7 +177,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     except (ValueError, TypeError) as err:
         raise AdapterFileError(f"adapter at {path} does not fit this model: {err}") from None
     for module_path, layer, _ in plan.layers:
-        _check_shapes(module_path, layer, config.rank_for(module_path), by_module[module_path])
+        _check_shapes(module_path, layer, config.rank_for(module_path), by_module[module_path], config.use_dora)
     saved_states = _match_saved_modules(plan, saved_keys)
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge before loading another")
@@ -214,8 +247,12 @@ def _under_saved_module(key: str, saved_names: list[str]) -> bool:
     return any(_name_matches(saved_names, ".".join(parts[:i])) for i in range(1, len(parts)))
 
 
-def _check_shapes(module_path: str, layer: LoraLayer, r: int, found: dict[str, torch.Tensor]) -> None:
+def _check_shapes(
+    module_path: str, layer: LoraLayer, r: int, found: dict[str, torch.Tensor], use_dora: bool = False
+) -> None:
     expected = layer.adapter_shapes(r)
+    if use_dora:  # DoRA: one magnitude per output feature (only layers with supports_dora get here)
+        expected["lora_magnitude_vector"] = layer.magnitude_shape()
     if set(found) != set(expected):
         raise AdapterFileError(
             f"{module_path}: the file has {sorted(found)}, a {type(layer.base_layer).__name__} adapter needs {sorted(expected)}"

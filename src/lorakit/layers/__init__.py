@@ -14,8 +14,10 @@ from .conv1d import LoraConv1D
 from .conv2d import LoraConv2d
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
+from .quant_linear import LoraQuantLinear, QuantLinear
 
 _LAYER_TYPES: list[tuple[type[nn.Module], type[LoraLayer]]] = [
+    (QuantLinear, LoraQuantLinear),  # lorakit.quant: a quantized frozen base (QLoRA)
     (nn.Linear, LoraLinear),
     (Conv1D, LoraConv1D),
     (nn.Embedding, LoraEmbedding),

@@ -16,12 +16,19 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..config import WEIGHT_INITS
+
 
 class LoraLayer(nn.Module):
     """A frozen base layer plus named low-rank adapters. Construct with `wrap()` from `lorakit.layers`."""
 
     # State-dict names of the per-adapter containers, as PEFT names them (see lorakit.io).
     adapter_containers: tuple[str, ...] = ("lora_A", "lora_B")
+    # Containers only some adapters have (DoRA's `lora_magnitude_vector`); see `containers_for`.
+    extra_containers: tuple[str, ...] = ()
+    # Which variants the layer type implements (LoraConfig.use_dora, init "pissa" / "olora").
+    supports_dora = False
+    supports_weight_init = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -95,11 +102,28 @@ class LoraLayer(nn.Module):
     def max_rank(self) -> int:
         return min(self.in_features, self.out_features)
 
-    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
+    def containers_for(self, name: str) -> tuple[str, ...]:
+        """The containers that hold tensors of adapter `name` (A, B, and the DoRA magnitude if it has one)."""
+        return self.adapter_containers + tuple(c for c in self.extra_containers if name in getattr(self, c))
+
+    def check_variant(self, init: str, use_dora: bool) -> None:
+        """ValueError when this layer type cannot hold an adapter with these options."""
+        kind = type(self.base_layer).__name__
+        if use_dora and not self.supports_dora:
+            raise ValueError(f"DoRA (use_dora) is implemented for Linear and Conv1D layers, not for {kind}")
+        if init in WEIGHT_INITS and not self.supports_weight_init:
+            raise ValueError(f"init={init!r} is implemented for Linear and Conv1D layers, not for {kind}")
+        if (use_dora or init in WEIGHT_INITS) and not self.base_layer.weight.is_floating_point():
+            raise ValueError(f"use_dora and init={init!r} need a floating-point base weight, not {self.base_layer.weight.dtype}")
+
+    def add_adapter(
+        self, name: str, r: int, scaling: float, dropout: float, init: str, use_dora: bool = False
+    ) -> None:
         if name in self.scaling:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if r > self.max_rank():
             raise ValueError(f"r={r} exceeds min(in, out)={self.max_rank()} of this layer")
+        self.check_variant(init, use_dora)
         self._create_adapter(name, r)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank[name] = r
@@ -113,6 +137,10 @@ class LoraLayer(nn.Module):
                 holder[name].to(device=weight.device, dtype=dtype)  # in place for modules
             else:  # a bare Parameter: Tensor.to returns a copy, so the moved copy takes its place
                 holder[name] = nn.Parameter(holder[name].detach().to(device=weight.device, dtype=dtype))
+        self._finish_adapter(name, init, use_dora)
+
+    def _finish_adapter(self, name: str, init: str, use_dora: bool) -> None:
+        """Hook for variants that need the adapter's final A and B (DoRA's magnitude, PiSSA's frozen copy)."""
 
     def reset_adapter(self, name: str, init: str) -> None:
         """A random (kaiming-uniform as nn.Linear does, or N(0, 1/r²)), B zero: ΔW starts at exactly 0."""
@@ -127,7 +155,7 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
-        for container in (*self.adapter_containers, "lora_dropout"):
+        for container in (*self.containers_for(name), "lora_dropout"):
             del getattr(self, container)[name]
         del self.scaling[name], self.rank[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -136,7 +164,7 @@ class LoraLayer(nn.Module):
         self.active_adapters = [n for n in names if n in self.scaling]
         for name in self.adapter_names:
             trainable = name in self.active_adapters
-            for container in self.adapter_containers:
+            for container in self.containers_for(name):
                 getattr(self, container)[name].requires_grad_(trainable)
 
     # -- merging ------------------------------------------------------------------------------
@@ -158,15 +186,18 @@ class LoraLayer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            lora_out = self._lora_forward(name, x)
-            result = result + (lora_out * self.scaling[name]).to(result.dtype)
+            result = result + self._adapter_output(name, x, base_out).to(result.dtype)
         return result
+
+    def _adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base layer's output `base_out`: scaling · B(A(dropout(x)))."""
+        return self._lora_forward(name, x) * self.scaling[name]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.rank[n]}" for n in self.adapter_names)

@@ -1,7 +1,8 @@
 """LoRA on transformers' GPT-2 `Conv1D`, a linear layer whose weight is stored (in, out).
 
-The low-rank path is the same as for `nn.Linear`; only the merged update is transposed to the
-fan-in/fan-out layout (PEFT's `fan_in_fan_out=True`).
+The low-rank path is the same as for `nn.Linear`; only the weight layout differs (PEFT's
+`fan_in_fan_out=True`): updates are transposed into it, and DoRA's per-output norms, PiSSA and OLoRA work on
+the transposed weight.
 """
 
 from __future__ import annotations
@@ -20,5 +21,5 @@ class LoraConv1D(LoraLinear):
     def out_features(self) -> int:
         return self.base_layer.weight.shape[1]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return super().delta_weight(name).T
+    def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T

@@ -1,40 +1,73 @@
 """Scoring a model (with whatever adapters are active) on a data split: task metrics, and the mean
-loss that the training loop tracks on held-out data."""
+loss that the training loop tracks on held-out data.
+
+With several processes each scores its share of the examples and the results are gathered. Shares are
+padded to equal length so that every process runs the same number of forward passes, which an
+FSDP-sharded model needs (each forward is a collective).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..generate import generate_texts
-from .data import CLASSIFICATION, DataSplit, format_prompt
+from .data import CLASSIFICATION, IGNORE_INDEX, DataSplit, format_prompt
+from .distributed import Parallel
 from .metrics import classification_metrics, generation_metrics
 
 
+def _share(items: Sequence, parallel: Parallel) -> tuple[list, int]:
+    """This process's items (every world-th, from its rank), padded to the common length; and how many are real."""
+    part = list(items[parallel.rank :: parallel.world])
+    real = len(part)
+    size = math.ceil(len(items) / parallel.world)
+    return part + [items[0]] * (size - real), real
+
+
+def _gather_in_order(values: list, real: int, parallel: Parallel) -> list:
+    mine = [(parallel.rank + k * parallel.world, v) for k, v in enumerate(values[:real])]
+    return [v for _, v in sorted(parallel.gather(mine), key=lambda pair: pair[0])]
+
+
 @torch.no_grad()
-def mean_loss(model: nn.Module, features: Sequence[dict], collate: Callable, batch_size: int = 16) -> float:
-    """Token-weighted mean loss over `features` (for classification: example-weighted)."""
+def mean_loss(
+    model: nn.Module, features: Sequence[dict], collate: Callable, batch_size: int = 16, parallel: Parallel | None = None
+) -> float:
+    """Mean loss over all target tokens of `features` (for classification: over examples)."""
+    parallel = parallel or Parallel()
+    part, real = _share(features, parallel)
     was_training = model.training
     model.eval()
-    total, weight = 0.0, 0
-    for start in range(0, len(features), batch_size):
-        batch = collate(list(features[start : start + batch_size]))
-        labels = batch["labels"]
-        count = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.numel()
-        total += model(**batch).loss.item() * count
-        weight += count
+    total, count = 0.0, 0
+    for start in range(0, len(part), batch_size):
+        batch = collate(part[start : start + batch_size])
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if labels.dim() == 2:  # causal LM: token t predicts token t + 1
+            labels = labels[:, 1:]
+            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            per_example, terms = losses.sum(1), (labels != IGNORE_INDEX).sum(1)
+        else:
+            per_example, terms = F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
+        keep = torch.arange(start, start + len(labels)) < real  # padding examples count for nothing
+        total += float(per_example[keep].sum())
+        count += int(terms[keep].sum())
     model.train(was_training)
-    return total / max(weight, 1)
+    total, count = parallel.sum(total, count)
+    return total / max(count, 1)
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, tokenizer, split: DataSplit, max_length: int, batch_size: int = 32) -> list[int]:
+def predict_labels(model: nn.Module, tokenizer, examples: Sequence, max_length: int, batch_size: int = 32) -> list[int]:
     was_training = model.training
     model.eval()
     predictions: list[int] = []
-    examples = split.examples
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         pairs = [e.text_pair for e in chunk]
@@ -55,12 +88,18 @@ def evaluate_split(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = False,
+    parallel: Parallel | None = None,
 ) -> tuple[dict[str, float], list]:
     """Task metrics of the model on `split`, and its predictions (texts or label ids)."""
+    parallel = parallel or Parallel()
+    examples, real = _share(split.examples, parallel)
     if split.task == CLASSIFICATION:
-        predictions = predict_labels(model, tokenizer, split, max_length, batch_size)
+        mine = predict_labels(model, tokenizer, examples, max_length, batch_size)
+        predictions = _gather_in_order(mine, real, parallel)
         metrics = classification_metrics(predictions, [e.label for e in split.examples], split.num_labels)
         return metrics, predictions
-    prompts = [format_prompt(tokenizer, e.prompt) for e in split.examples]
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress)
+    prompts = [format_prompt(tokenizer, e.prompt) for e in examples]
+    mine = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size,
+                          progress=progress and parallel.is_main, synced=parallel.mode == "fsdp")
+    texts = _gather_in_order(mine, real, parallel)
     return generation_metrics(texts, [e.references for e in split.examples]), texts

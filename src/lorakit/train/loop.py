@@ -25,6 +25,9 @@ from tqdm.auto import tqdm
 
 from ..io import load_adapter, save_adapter
 from ..inject import adapter_names, delete_adapter
+from .data import IGNORE_INDEX
+from .distributed import Parallel, load_optimizer_state, optimizer_state, unwrap
+from .optim import param_groups
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -40,6 +43,7 @@ class LoopSettings:
     grad_accum: int = 1
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
+    loraplus_ratio: float | None = None  # LoRA+: B learns this many times faster than A (None: one rate)
     max_grad_norm: float | None = 1.0
     seed: int = 0
     log_every: int = 5
@@ -85,10 +89,8 @@ def micro_batches(num_examples: int, settings: LoopSettings, start_step: int) ->
 
 
 def _optimizer(model: nn.Module, settings: LoopSettings, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError("the model has no trainable parameters; add an adapter first")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    groups = param_groups(model, settings.lr, settings.weight_decay, settings.loraplus_ratio)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = max(1, int(settings.warmup_ratio * total_steps)) if settings.warmup_ratio > 0 else 0
 
     def factor(step: int) -> float:
@@ -105,27 +107,40 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _save_checkpoint(model, optimizer, scheduler, step, rng_state, history, output_dir, adapter_name, keep, adapter_meta) -> Path:
+def _save_checkpoint(trained, optimizer, scheduler, step, rng_state, history, output_dir, adapter_name, keep,
+                     adapter_meta, parallel: Parallel) -> Path:
+    """Write `checkpoints/step-N` (adapter + optimizer, scheduler, RNG, history). Every rank must call it
+    (FSDP shards are gathered); only rank 0 writes."""
+    model = unwrap(trained)
     folder = Path(output_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, adapter_name, **adapter_meta)
+    if parallel.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, adapter_name, write=parallel.is_main, **adapter_meta)
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state(model, optimizer),
         "scheduler": scheduler.state_dict(),
         "torch_rng": rng_state,
         "history": history,
     }
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a checkpoint folder is complete or absent
-    older = sorted((p for p in folder.glob("step-*") if p != final), key=lambda p: p.name)
-    for stale in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(stale, ignore_errors=True)
+    if parallel.is_main:
+        torch.save(state, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint folder is complete or absent
+        older = sorted((p for p in folder.glob("step-*") if p != final), key=lambda p: p.name)
+        for stale in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+    parallel.barrier()
     return final
+
+
+def loss_items(feature: dict) -> int:
+    """How many terms the example adds to the loss: its target tokens after the causal shift, or 1."""
+    labels = feature["labels"]
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX) if isinstance(labels, list) else 1
 
 
 def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
@@ -162,15 +177,19 @@ def train_adapter(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     resume: bool = False,
     adapter_meta: dict[str, Any] | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters on tokenized `features` (dicts of token lists).
 
     `evaluate(model) -> {"eval_loss": ..., ...}` runs every `eval_every` steps and at the end. With
     `resume`, the latest complete checkpoint in `output_dir/checkpoints` is restored first. Ctrl-C
-    writes a checkpoint of the last finished step before stopping.
+    writes a checkpoint of the last finished step before stopping. With `parallel` (several processes)
+    every micro-batch is split between the processes and only rank 0 writes files.
     """
+    parallel = parallel or Parallel()
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main:
+        output.mkdir(parents=True, exist_ok=True)
     adapter_meta = adapter_meta or {}
     total = settings.total_steps(len(features))
     if total <= 0:
@@ -183,51 +202,63 @@ def train_adapter(
         if adapter_name in adapter_names(model):
             delete_adapter(model, adapter_name)
         load_adapter(model, checkpoint, adapter_name)
+    trained = parallel.wrap(model)
     optimizer, scheduler = _optimizer(model, settings, total)
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_step, history = state["step"], state["history"]
     metrics_log = output / METRICS_FILE
-    with metrics_log.open("w") as fh:  # rewritten from the checkpoint's history so it never holds a lost future
-        fh.writelines(json.dumps(h) + "\n" for h in history)
+    if parallel.is_main:  # rewritten from the checkpoint's history so it never holds a lost future
+        metrics_log.write_text("".join(json.dumps(h) + "\n" for h in history))
 
     plan = micro_batches(len(features), settings, start_step)
+    # Each optimizer step minimises the mean over all loss terms (target tokens) of its examples, however
+    # they are split into micro-batches and processes: each micro-batch's mean is weighted by its share.
+    items = [loss_items(f) for f in features]
+    step_items: dict[int, int] = {}
+    for batch_step, indices in plan:
+        step_items[batch_step] = step_items.get(batch_step, 0) + sum(items[i] for i in indices)
+
     model.train()
-    step, window_loss, window_batches, window_tokens, total_tokens = start_step, 0.0, 0, 0, 0
+    step, window_loss, window_items, window_tokens, total_tokens = start_step, 0.0, 0, 0, 0
     begin = window_start = time.perf_counter()
-    bar = tqdm(total=total, initial=start_step, disable=not settings.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start_step, disable=not (settings.progress and parallel.is_main), unit="step",
+               dynamic_ncols=True)
 
     def record(entry: dict[str, Any]) -> None:
         history.append(entry)
-        with metrics_log.open("a") as fh:
-            fh.write(json.dumps(entry) + "\n")
+        if parallel.is_main:
+            with metrics_log.open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
 
     # The RNG state at the start of the step after the last finished one: what a resume must restore,
     # also when Ctrl-C lands in the middle of a step whose dropout masks were already drawn.
     step_rng = torch.get_rng_state()
 
     def checkpoint_now() -> None:
-        _save_checkpoint(model, optimizer, scheduler, step, step_rng, history, output, adapter_name,
-                         settings.keep_checkpoints, adapter_meta)
+        _save_checkpoint(trained, optimizer, scheduler, step, step_rng, history, output, adapter_name,
+                         settings.keep_checkpoints, adapter_meta, parallel)
 
     try:
         for index, (batch_step, indices) in enumerate(plan):
-            batch = collate([features[i] for i in indices])
-            tokens = int(batch["attention_mask"].sum())
-            loss = model(**batch).loss
-            (loss / settings.grad_accum).backward()
-            window_loss += loss.item()
-            window_batches += 1
-            window_tokens += tokens
-            total_tokens += tokens
+            part, real = parallel.local_part(indices)
+            batch = collate([features[i] for i in part])
+            local_items = sum(items[i] for i in part) if real else 0
+            loss = trained(**batch).loss
+            # DDP and FSDP average gradients over processes; the factor `world` turns that into the sum.
+            (loss * (local_items / max(step_items[batch_step], 1) * parallel.world)).backward()
+            window_loss += loss.item() * local_items
+            window_items += local_items
+            window_tokens += int(batch["attention_mask"].sum()) if real else 0
             step_done = index + 1 == len(plan) or plan[index + 1][0] != batch_step
             if not step_done:
                 continue
             if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], settings.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -235,16 +266,18 @@ def train_adapter(
             step_rng = torch.get_rng_state()
             bar.update(1)
             if step % settings.log_every == 0 or step == total:
+                loss_sum, item_sum, token_sum = parallel.sum(window_loss, window_items, window_tokens)
+                total_tokens += int(token_sum)
                 now = time.perf_counter()
                 entry = {
                     "step": step,
-                    "loss": window_loss / window_batches,
+                    "loss": loss_sum / max(item_sum, 1),
                     "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    "tokens_per_s": token_sum / max(now - window_start, 1e-9),
                 }
                 record(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
-                window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, now
+                window_loss, window_items, window_tokens, window_start = 0.0, 0, 0, now
             if evaluate and settings.eval_every and step % settings.eval_every == 0 and step != total:
                 record({"step": step, **evaluate(model)})
                 model.train()
@@ -252,16 +285,21 @@ def train_adapter(
                 checkpoint_now()
     except KeyboardInterrupt:
         optimizer.zero_grad(set_to_none=True)
-        checkpoint_now()
         bar.close()
+        # Other processes are being interrupted too, at other points: only a replicated model can be
+        # saved without them (FSDP's shards would need every process).
+        if parallel.mode != "fsdp" and parallel.is_main:
+            _save_checkpoint(model, optimizer, scheduler, step, step_rng, history, output, adapter_name,
+                             settings.keep_checkpoints, adapter_meta, Parallel())
         raise
     bar.close()
     wall = time.perf_counter() - begin
     if evaluate:
         record({"step": step, **evaluate(model)})
     checkpoint_now()
-    save_adapter(model, output, adapter_name, **adapter_meta)
-    _plot_losses(history, output / "loss.png")
+    save_adapter(model, output, adapter_name, write=parallel.is_main, **adapter_meta)
+    if parallel.is_main:
+        _plot_losses(history, output / "loss.png")
     losses = [h["loss"] for h in history if "loss" in h]
     return TrainResult(step, losses[-1] if losses else None, wall, total_tokens / max(wall, 1e-9), history)
 

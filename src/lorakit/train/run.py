@@ -26,6 +26,7 @@ from .data import (
     encode_classification, load_data,
 )
 from .evaluate import evaluate_split, mean_loss
+from .distributed import Parallel, init_parallel, shutdown
 from .loop import LoopSettings, latest_checkpoint, train_adapter
 
 CONFIG_FILE = "train_config.yaml"
@@ -33,7 +34,8 @@ RESULTS_FILE = "results.json"
 DEFAULT_MODEL = {GENERATION: "smollm2-135m", CLASSIFICATION: "minilm-l6"}
 PEFT_TASK_TYPE = {GENERATION: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS"}
 # Keys that may differ between a run and its resumption.
-_RESUME_FREE = {"resume", "overwrite", "progress", "eval_every", "save_every", "log_every"}
+_RESUME_FREE = {"resume", "overwrite", "progress", "eval_every", "save_every", "log_every", "distributed",
+                "dist_timeout"}
 
 
 class RunError(ValueError):
@@ -50,9 +52,14 @@ class RunConfig:
     pair_field: str | None = None
     template: str | None = None
     target_modules: list[str] | None = None  # default: the built-in model's, else all-linear
+    quantize: str | None = None  # QLoRA: freeze the base's linear layers in "nf4" (double-quantized) or "int8"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
+    init: str = "kaiming"  # or gaussian, pissa, olora (LoraConfig.init)
+    use_rslora: bool = False  # scaling alpha/sqrt(r)
+    use_dora: bool = False  # weight-decomposed LoRA
+    loraplus_ratio: float | None = None  # LoRA+: learning rate of B = lr * ratio
     lr: float = 1e-3
     epochs: int = 1
     max_steps: int | None = None
@@ -73,6 +80,8 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    distributed: str | None = None  # "ddp" or "fsdp" under torchrun (several processes alone mean ddp)
+    dist_timeout: float = 600.0  # seconds a collective may wait for a process before failing
 
     @classmethod
     def from_sources(cls, file: str | os.PathLike | None = None, **overrides: Any) -> "RunConfig":
@@ -125,7 +134,8 @@ def _check_output(cfg: RunConfig) -> Path:
     previous = yaml.safe_load(previous_file.read_text()) or {}
     if cfg.resume:
         current = dataclasses.asdict(cfg)
-        changed = sorted(k for k in current if k not in _RESUME_FREE and previous.get(k) != current[k])
+        defaults = dataclasses.asdict(RunConfig())  # a run written before an option existed used its default
+        changed = sorted(k for k in current if k not in _RESUME_FREE and previous.get(k, defaults[k]) != current[k])
         if changed:
             raise RunError(f"--resume: {out} holds a run with different {', '.join(changed)}; resume with the same options")
         return out
@@ -182,9 +192,24 @@ def _head_names(model) -> list[str]:
 
 
 def run_training(cfg: RunConfig, log=print) -> dict[str, Any]:
-    """Run one job; returns the summary written to results.json."""
+    """Run one job; returns the summary written to results.json.
+
+    Under torchrun every process runs this: all load the data and model (with the same seed, so the
+    adapter starts identical everywhere), split the work, and only rank 0 logs and writes files.
+    """
     cfg = cfg.resolved()
+    parallel = init_parallel(cfg.distributed, cfg.dist_timeout)
+    try:
+        return _run(cfg, parallel, log if parallel.is_main else (lambda message: None))
+    finally:
+        shutdown(parallel)
+
+
+def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
     out = _check_output(cfg)
+    parallel.barrier()  # every process has checked the folder before rank 0 writes into it
+    if parallel.active:
+        log(f"distributed: {parallel.mode} over {parallel.world} processes")
     _seed_everything(cfg.seed)
     try:
         train, validation, scored = _load_splits(cfg)
@@ -205,7 +230,15 @@ def run_training(cfg: RunConfig, log=print) -> dict[str, Any]:
         r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules or "all-linear",
         modules_to_save=_head_names(model) if cfg.task == CLASSIFICATION else None,
         task_type=PEFT_TASK_TYPE[cfg.task], base_model_name_or_path=model_reference(cfg.model),
+        init=cfg.init, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
     )
+    if cfg.quantize:
+        from ..quant import quantize
+
+        try:  # the default skip list keeps the output head and classification heads (trained in full) in float
+            log(quantize(model, cfg.quantize).summary())
+        except ValueError as err:
+            raise RunError(str(err)) from None
     try:
         add_adapter(model, lora)
     except (ValueError, TypeError) as err:
@@ -213,15 +246,18 @@ def run_training(cfg: RunConfig, log=print) -> dict[str, Any]:
     trainable, total = trainable_parameters(model)
     log(f"adapter: r={cfg.r} alpha={cfg.alpha} on {lora.target_modules} — {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if parallel.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     resuming = cfg.resume and latest_checkpoint(out) is not None
     results_path = out / RESULTS_FILE
     previous = json.loads(results_path.read_text()) if resuming and results_path.is_file() else {}
 
     def score(tag: str) -> dict[str, float]:
         metrics, predictions = evaluate_split(model, tokenizer, scored, cfg.max_length, cfg.max_new_tokens,
-                                              progress=cfg.progress)
+                                              progress=cfg.progress, parallel=parallel)
+        if not parallel.is_main:
+            return metrics
         rows = [{"prediction": p, **({"prompt": e.prompt, "references": e.references} if cfg.task == GENERATION
                                      else {"label": e.label})} for p, e in zip(predictions, scored.examples)]
         (out / f"predictions_{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -233,20 +269,24 @@ def run_training(cfg: RunConfig, log=print) -> dict[str, Any]:
     else:
         with disable_adapters(model):
             before = score("before")
-        _write_json(results_path, {"before": before})
+        if parallel.is_main:
+            _write_json(results_path, {"before": before})
 
     settings = LoopSettings(
         lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, seed=cfg.seed, log_every=cfg.log_every,
         eval_every=cfg.eval_every, save_every=cfg.save_every, progress=cfg.progress,
+        loraplus_ratio=cfg.loraplus_ratio,
     )
     collate = Collator(tokenizer.pad_token_id)
     result = train_adapter(
         model, train_features, collate, settings, out,
-        evaluate=lambda m: {"eval_loss": mean_loss(m, val_features, collate)},
+        evaluate=lambda m: {"eval_loss": mean_loss(m, val_features, collate, parallel=parallel)},
         resume=cfg.resume, adapter_meta={"task_type": lora.task_type, "base_model_name_or_path": lora.base_model_name_or_path},
+        parallel=parallel,
     )
     after = score("after")
+    peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary = {
         "before": before,
         "after": after,
@@ -258,8 +298,12 @@ def run_training(cfg: RunConfig, log=print) -> dict[str, Any]:
             "trainable_parameters": trainable,
             "total_parameters": total,
         },
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb,
         "total_time_s": round(time.perf_counter() - started, 1),
     }
-    _write_json(results_path, summary)
+    if parallel.active:
+        summary["distributed"] = {"mode": parallel.mode, "processes": parallel.world,
+                                  "peak_rss_mb_per_process": parallel.gather([peak_rss_mb])}
+    if parallel.is_main:
+        _write_json(results_path, summary)
     return summary

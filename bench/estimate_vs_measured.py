@@ -1,0 +1,154 @@
+"""`lorakit estimate` against measurement: the peak memory of real training steps on the built-in models.
+
+For each (model, method) one fresh Python process loads the real pretrained model, prepares it for the
+method (full fine-tuning, LoRA, or QLoRA = NF4 base + LoRA), and runs three training steps (forward,
+backward, gradient clipping, AdamW step, zero_grad) on a batch of B × T random tokens without padding,
+exactly as `lorakit.train.loop` does. It reports
+
+    measured = peak RSS during the steps − RSS before the model was loaded
+
+(the peak is read from the kernel's high-water mark VmHWM, which is reset after loading; freed heap
+memory is returned to the system with malloc_trim first, so a load-time peak does not count). The
+measured figure thus holds the weights, gradients, optimizer state, activations and temporaries, plus
+what the estimate does not model (allocator slack, kernel workspaces, autograd bookkeeping).
+
+    .venv/bin/python bench/estimate_vs_measured.py            # all configurations, table + JSON
+    .venv/bin/python bench/estimate_vs_measured.py --batch-size 8 --max-length 256
+
+Results go to bench/results/estimate_vs_measured.json (with `uptime`: the cores are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = [
+    ("smollm2-135m", "full"), ("smollm2-135m", "lora"), ("smollm2-135m", "qlora"),
+    ("minilm-l6", "full"), ("minilm-l6", "lora"), ("minilm-l6", "qlora"),
+]
+RESULTS = Path(__file__).parent / "results" / "estimate_vs_measured.json"
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(model_name: str, method: str, batch_size: int, max_length: int) -> dict:
+    """Run in a fresh process: load, prepare, train 3 steps; bytes above the pre-load RSS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import lorakit
+    from lorakit.models import BUILTIN_MODELS, model_cache_dir
+    from lorakit.models import load_model  # noqa: F401  (imports what training imports, before the baseline)
+
+    torch.manual_seed(0)
+    entry = BUILTIN_MODELS[model_name]
+    _release_freed_memory()
+    baseline_kb = _status_kb("VmRSS")
+    if entry.task == "causal-lm":
+        source = model_cache_dir(model_name) if entry.is_gguf else entry.locate()
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(entry.locate()), num_labels=2,
+                                                                   dtype=torch.float32)
+    if method == "qlora":
+        lorakit.quantize(model, "nf4")
+    if method in ("lora", "qlora"):
+        heads = [n for n in ("classifier", "score") if hasattr(model, n)] if entry.task == "seq-cls" else None
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05,
+                                                      target_modules=list(entry.target_modules),
+                                                      modules_to_save=heads))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch_size, max_length))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = ids.clone() if entry.task == "causal-lm" else torch.randint(0, 2, (batch_size,))
+    model.train()
+    _release_freed_memory()
+    loaded_kb = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    begin = time.perf_counter()
+    for _ in range(3):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = (time.perf_counter() - begin) / 3
+    peak_kb = _status_kb("VmHWM")
+    return {
+        "model": model_name, "method": method, "batch_size": batch_size, "max_length": max_length,
+        "measured_bytes": (peak_kb - baseline_kb) * 1024, "loaded_bytes": (loaded_kb - baseline_kb) * 1024,
+        "seconds_per_step": seconds, "threads": torch.get_num_threads(),
+    }
+
+
+def estimated(model_name: str, method: str, batch_size: int, max_length: int) -> dict:
+    from lorakit.estimate import estimate
+
+    est = estimate(model_name, method=method, batch_size=batch_size, max_length=max_length)
+    return est.to_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--only", nargs=2, metavar=("MODEL", "METHOD"), help="measure one configuration (JSON)")
+    parser.add_argument("--configs", nargs="*", help="model:method pairs (default: all)")
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(measure(*args.only, args.batch_size, args.max_length)))
+        return
+
+    configs = [tuple(c.split(":")) for c in args.configs] if args.configs else CONFIGS
+    rows = []
+    for model_name, method in configs:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--only", model_name, method, "--batch-size", str(args.batch_size),
+             "--max-length", str(args.max_length)],
+            capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        if proc.returncode != 0:
+            print(f"{model_name} {method}: measurement failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        est = estimated(model_name, method, args.batch_size, args.max_length)
+        row["estimated_bytes"] = est["total_bytes"]
+        row["estimate"] = est
+        row["error"] = est["total_bytes"] / row["measured_bytes"] - 1
+        rows.append(row)
+        print(f"{model_name:14s} {method:6s} estimated {est['total_bytes'] / 2**20:8.0f} MiB   "
+              f"measured {row['measured_bytes'] / 2**20:8.0f} MiB   ({100 * row['error']:+.1f} %)   "
+              f"{row['seconds_per_step']:.2f} s/step", flush=True)
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(uptime)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"uptime": uptime, "batch_size": args.batch_size,
+                                   "max_length": args.max_length, "rows": rows}, indent=2))
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

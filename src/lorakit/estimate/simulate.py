@@ -1,0 +1,236 @@
+"""Training steps played on the meta device: the memory timeline and the FLOPs, from the architecture.
+
+The model (built on `meta`, so it holds no data) runs the real transformers forward pass, backward pass,
+gradient clipping and optimizer step on a batch of B × T meta tokens. Meta tensors carry shapes and
+dtypes but no storage, so this costs milliseconds per layer whatever the model size. Meanwhile
+
+* `_LiveBytes` (a dispatch mode) sees every tensor an operation creates and, through a finalizer on its
+  storage, the moment the storage is freed: the live bytes over time, split into activations (anything
+  the step creates: saved tensors and temporaries), gradients and optimizer state, and their peak;
+* `FlopCounterMode` adds up the FLOPs of every matmul, convolution and attention kernel.
+
+Attention: on a real CPU, `scaled_dot_product_attention` runs a fused (flash) kernel that saves only
+Q, K, V, the output and the log-sum-exp, unless dropout is on during training, where it falls back to
+the math path, which materialises and saves the B × heads × T × T probabilities (and the dropout mask).
+On meta the math path would always be taken, so `_AttentionBackend` sends each call to the kernel the
+target device would pick: PyTorch's own CPU choice (`torch._fused_sdp_choice`) for `device="cpu"`,
+always a fused kernel for `device="cuda"` (flash / memory-efficient attention support dropout there).
+
+Not seen: memory a kernel allocates internally (e.g. matmul workspaces), allocator caching and
+fragmentation, and the framework itself; the calibration against measured peaks is in the README.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+ACTIVATIONS, GRADIENTS, OPTIMIZER = "activations", "gradients", "optimizer"
+_FLASH = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION
+_aten = torch.ops.aten
+
+
+@dataclass
+class StepProfile:
+    """What one simulated training step needs, beyond the weights the model already holds."""
+
+    peak_bytes: int  # live bytes at the step's peak (weights not included)
+    at_peak: dict[str, int]  # that peak split into activations / gradients / optimizer
+    activation_peak_bytes: int  # the most activation bytes (saved tensors + temporaries) alive at once
+    flops: int  # forward + backward (the optimizer's elementwise work is not counted)
+    forward_flops: int
+    attention_path: str  # "fused", "math" or "none"
+    notes: list[str] = field(default_factory=list)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created under this mode that are still alive, by kind, and their peak."""
+
+    def __init__(self, preexisting: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.kind = ACTIVATIONS
+        self.owned: dict[int, list] = {}  # storage id -> [kind, bytes]
+        self.known = {t.untyped_storage()._cdata for t in preexisting}
+        self.live = {ACTIVATIONS: 0, GRADIENTS: 0, OPTIMIZER: 0}
+        self.total = 0
+        self.peak = 0
+        self.at_peak = dict(self.live)
+        self.activation_peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._own(tensor)
+        return out
+
+    def _own(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.known or key in self.owned:
+            return  # a view or an in-place result of something already counted (or a weight)
+        nbytes = storage.nbytes()
+        self.owned[key] = [self.kind, nbytes]
+        self._change(self.kind, nbytes)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        kind, nbytes = self.owned.pop(key)
+        self._change(kind, -nbytes)
+
+    def _change(self, kind: str, nbytes: int) -> None:
+        self.live[kind] += nbytes
+        self.total += nbytes
+        if nbytes > 0:
+            if self.total > self.peak:
+                self.peak = self.total
+                self.at_peak = dict(self.live)
+            if kind == ACTIVATIONS and self.live[ACTIVATIONS] > self.activation_peak:
+                self.activation_peak = self.live[ACTIVATIONS]
+
+    def mark(self, tensor: torch.Tensor | None, kind: str) -> None:
+        """Re-label a counted storage (an activation that became a parameter's .grad)."""
+        if tensor is None:
+            return
+        entry = self.owned.get(tensor.untyped_storage()._cdata)
+        if entry is not None and entry[0] != kind:
+            self.live[entry[0]] -= entry[1]
+            self.live[kind] += entry[1]
+            entry[0] = kind
+
+
+class _AttentionBackend(TorchFunctionMode):
+    """Run `F.scaled_dot_product_attention` on meta through the kernel the target device would use."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+        self.paths: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        params = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+        params.update(dict(zip(names, args)))
+        params.update(kwargs)
+        q, k, v = params["query"], params["key"], params["value"]
+        if q.device.type != "meta" or q.dim() != 4 or not self._fused(params):
+            self.paths.add("math")
+            return func(*args, **kwargs)
+        self.paths.add("fused")
+        out, _ = _aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, float(params["dropout_p"]), bool(params["is_causal"]),
+            attn_mask=params["attn_mask"], scale=params["scale"],
+        )
+        return out
+
+    def _fused(self, params: dict) -> bool:
+        if self.device == "cuda":
+            return True
+
+        def stand_in(t: torch.Tensor | None) -> torch.Tensor | None:
+            # A real CPU tensor of the same shape, dtype and last-dimension stride, backed by one row.
+            if t is None or t.dim() == 0:
+                return t if t is None else torch.empty((), dtype=t.dtype)
+            row = torch.empty(t.shape[-1] * max(t.stride(-1), 1), dtype=t.dtype)[:: max(t.stride(-1), 1)]
+            return row.expand(t.shape)
+
+        try:
+            choice = torch._fused_sdp_choice(
+                stand_in(params["query"]), stand_in(params["key"]), stand_in(params["value"]),
+                attn_mask=stand_in(params["attn_mask"]), dropout_p=float(params["dropout_p"]),
+                is_causal=bool(params["is_causal"]), scale=params["scale"], enable_gqa=bool(params["enable_gqa"]),
+            )
+        except (RuntimeError, TypeError):
+            return False
+        return choice == _FLASH
+
+
+def _flash_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:  # arguments arrive as shapes
+    return sdpa_flop_count(query, key, value)
+
+
+def _flash_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_EXTRA_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward_flops,
+}
+
+
+def simulate_training(
+    model: nn.Module,
+    make_batch: Callable[[], dict[str, torch.Tensor]],
+    optimizer: str = "adamw",
+    device: str = "cpu",
+    max_grad_norm: float | None = 1.0,
+    steps: int = 2,
+) -> StepProfile:
+    """Play `steps` training steps (forward, backward, clipping, optimizer step, zero_grad) on meta.
+
+    The peak is the steady state's: from the second step on, the optimizer state is alive during the
+    forward and backward passes. `make_batch` returns the model's keyword arguments (meta tensors).
+    """
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    weights = params + list(model.buffers())
+    tracker = _LiveBytes(weights)
+    attention = _AttentionBackend(device)
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.mark(p.grad, GRADIENTS)) for p in trainable]
+    flops_total = forward_flops = 0
+    try:
+        with attention, tracker:
+            opt = _make_optimizer(trainable, optimizer, device) if trainable else None
+            for _ in range(steps):
+                counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+                with counter:
+                    loss = model(**make_batch()).loss
+                    forward_flops = counter.get_total_flops()
+                    if trainable:
+                        loss.backward()
+                flops_total = counter.get_total_flops()
+                del loss
+                if opt is None:
+                    continue
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+                tracker.kind = OPTIMIZER
+                opt.step()
+                tracker.kind = ACTIVATIONS
+                opt.zero_grad(set_to_none=True)
+            del opt
+    finally:
+        for hook in hooks:
+            hook.remove()
+    paths = attention.paths
+    return StepProfile(
+        peak_bytes=tracker.peak,
+        at_peak=tracker.at_peak,
+        activation_peak_bytes=tracker.activation_peak,
+        flops=int(flops_total),
+        forward_flops=int(forward_flops),
+        attention_path="none" if not paths else "/".join(sorted(paths)),
+    )
+
+
+def _make_optimizer(params: list[nn.Parameter], name: str, device: str) -> torch.optim.Optimizer:
+    # PyTorch's per-tensor implementation on CPU; the multi-tensor ("foreach") one, with its larger
+    # temporaries, on CUDA: what each device gets by default.
+    foreach = device == "cuda"
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+    raise ValueError(f"unknown optimizer {name!r}; expected adamw or sgd")

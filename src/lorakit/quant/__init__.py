@@ -1,0 +1,180 @@
+"""QLoRA-style quantized base models: freeze the base in 4-bit NF4 (double-quantized) or 8-bit, train LoRA
+on top.
+
+    import lorakit
+    report = lorakit.quantize(model, "nf4")          # nn.Linear → QuantLinear, in place; lm_head is kept
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    ...train as usual...
+
+`quantize` replaces frozen `nn.Linear` layers; `add_adapter` then wraps the quantized layers in
+`LoraQuantLinear`. `dequantize` turns them back into plain `nn.Linear`; `save_quantized` /
+`load_quantized` store the quantized base as safetensors. Pure PyTorch: CPU and GPU alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .files import load_quantized, save_quantized
+from .linear import METHODS, QuantLinear, make_codec
+
+logger = logging.getLogger(__name__)
+
+# Classification heads are trained in full (modules_to_save) beside an adapter: they must stay float.
+_HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize` did: the layers it quantized, those it left (path → reason), and the bytes of the
+    quantized layers' weights before (float) and after (codes and scales)."""
+
+    method: str
+    double_quant: bool
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    float_bytes: int = 0
+    quantized_bytes: int = 0
+
+    def summary(self) -> str:
+        kind = self.method + ("+dq" if self.method == "nf4" and self.double_quant else "")
+        ratio = self.quantized_bytes / self.float_bytes if self.float_bytes else 0.0
+        text = (f"quantized {len(self.quantized)} linear layers to {kind}: weights {self.float_bytes / 2**20:.1f} MiB "
+                f"→ {self.quantized_bytes / 2**20:.1f} MiB ({ratio:.3f}×)")
+        if self.skipped:
+            reasons: dict[str, list[str]] = {}
+            for path, reason in self.skipped.items():
+                reasons.setdefault(reason, []).append(path)
+            text += "; kept: " + "; ".join(f"{', '.join(paths[:3])}{' …' if len(paths) > 3 else ''} ({reason})"
+                                           for reason, paths in reasons.items())
+        return text
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """Every QuantLinear of the model (also those inside LoRA wrappers, as `<path>.base_layer`)."""
+    for path, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield path, module
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(True for _ in quantized_layers(model))
+
+
+def _matches(names: list[str], path: str) -> bool:
+    return any(path == name or path.endswith(f".{name}") for name in names)
+
+
+def _output_head_path(model: nn.Module) -> str | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if getter else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((p for p, m in model.named_modules() if head is not None and m is head), None)
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id of each weight Parameter → the paths of every module holding it (more than one: tied)."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(path)
+    return owners
+
+
+def _plan(model: nn.Module, skip: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Paths to quantize, and every other weight-bearing (≥ 2-D weight) module with the reason it is kept."""
+    owners = _weight_owners(model)
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    for path, module in model.named_modules():
+        weight = module._parameters.get("weight") if path else None
+        if weight is None or weight.dim() < 2:
+            continue
+        if type(module) is not nn.Linear:
+            # Subclasses of nn.Linear may compute differently (or read .weight in place): not touched.
+            skipped[path] = f"{type(module).__name__} is not a supported layer type (only nn.Linear is quantized)"
+        elif _matches(skip, path):
+            skipped[path] = "in skip list"
+        elif len(owners.get(id(weight), [])) > 1:
+            others = [p for p in owners[id(weight)] if p != path]
+            skipped[path] = f"weight tied to {', '.join(others)}"
+        elif not weight.is_floating_point():
+            skipped[path] = f"weight is {weight.dtype}, not floating point"
+        else:
+            chosen.append(path)
+    return chosen, skipped
+
+
+def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True, skip: list[str] | None = None,
+             block_size: int = 64) -> QuantizeReport:
+    """Replace the model's frozen `nn.Linear` layers by `QuantLinear` in place and return a report.
+
+    method: "nf4" (4-bit NormalFloat, blocks of `block_size`, `double_quant` = int8 block constants),
+    "int8" (symmetric absmax per output row) or "int8-asym" (zero point per output row).
+    skip: module names (matched against the end of the path, like `target_modules`) to keep in float.
+    Default: the output head (`lm_head`) and classification heads (`classifier`, `score`). A weight tied to
+    another module (a tied embedding) is never quantized; other layer types are left with a listed reason.
+    Quantizing twice, or after adapters were added, is refused.
+    """
+    from ..inject import adapter_names  # here, not at import time: lorakit.layers imports this package
+
+    method = method.lower() if isinstance(method, str) else method
+    make_codec(method, block_size, double_quant)  # validates method and block size
+    if is_quantized(model):
+        raise ValueError("the model is already quantized; quantizing twice would compound the rounding error "
+                         "(call lorakit.quant.dequantize(model) first to change the format)")
+    if adapter_names(model):
+        raise ValueError("quantize the base model before adding adapters (the model already has "
+                         f"{adapter_names(model)})")
+    if skip is None:
+        head = _output_head_path(model)
+        skip = [*([head] if head else []), *_HEAD_NAMES]
+    chosen, skipped = _plan(model, list(skip))
+    if not chosen:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize"
+                         + (f"; kept: {skipped}" if skipped else ""))
+    report = QuantizeReport(method=method, double_quant=double_quant, skipped=skipped)
+    for path in chosen:
+        # Replace one layer at a time and keep no reference to the float layer, so each float weight is
+        # freed as soon as its quantized copy exists: the peak stays one layer above the model's size.
+        linear = model.get_submodule(path)
+        layer = QuantLinear.from_linear(linear, method, block_size=block_size, double_quant=double_quant)
+        report.float_bytes += linear.weight.numel() * linear.weight.element_size()
+        report.quantized_bytes += layer.quantized_bytes()
+        model.set_submodule(path, layer)
+        del linear
+        report.quantized.append(path)
+    logger.info(report.summary())
+    return report
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every QuantLinear (also inside LoRA wrappers) by a plain nn.Linear with the decoded weight,
+    in `dtype` (default: each layer's original dtype). Returns the model."""
+    for path, layer in list(quantized_layers(model)):
+        model.set_submodule(path, layer.to_linear(dtype))
+    return model
+
+
+def requantization_errors(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per LoRA layer on a quantized base: the error the last merge/unmerge re-quantization added
+    (`max_abs`, `rel_frobenius` of re-quantized minus exact merged weight)."""
+    return {path: dict(module.requantization_error) for path, module in model.named_modules()
+            if getattr(module, "requantization_error", None)}
+
+
+__all__ = [
+    "METHODS", "QuantLinear", "QuantizeReport", "dequantize", "is_quantized", "load_quantized", "quantize",
+    "quantized_layers", "requantization_errors", "save_quantized",
+]

@@ -1,0 +1,155 @@
+"""Saving and loading a quantized base model as one safetensors file.
+
+`QuantLinear` keeps its codes and scales as buffers, so `model.state_dict()` already holds everything;
+the file adds, in its metadata, which layers are quantized and how (method, block size, double
+quantization, original dtype), so that loading can rebuild the layers before filling them:
+
+    lorakit.quant.save_quantized(model, "base-nf4.safetensors")
+    model = AutoModelForCausalLM.from_config(config)        # any float model of the same architecture
+    lorakit.quant.load_quantized(model, "base-nf4.safetensors")
+
+Only the base is saved: LoRA tensors are left out (adapters have their own files, `lorakit.save_adapter`)
+and wrapper paths are written as the plain model's (`q_proj.base_layer.x` → `q_proj.x`). Tied tensors
+are stored once and recorded as aliases. Loading checks every key and shape before changing the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_LAYERS_KEY = "lorakit.quantized_layers"
+_ALIASES_KEY = "lorakit.aliases"
+# State-dict parts that belong to adapters or to their wrappers, not to the base model.
+_ADAPTER_PART = re.compile(r"(^|\.)(lora_[^.]+|lora_dropout|modules_to_save)\.")
+
+
+def _base_key(key: str) -> str | None:
+    """The plain model's name of a state-dict key, or None for adapter tensors."""
+    if _ADAPTER_PART.search(key):
+        return None
+    return key.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the (quantized) base model's tensors and the quantization layout to one safetensors file."""
+    from . import quantized_layers
+
+    layers = {}
+    for layer_path, layer in quantized_layers(model):
+        owner = layer_path.removesuffix(".base_layer")
+        if layer_path != owner and model.get_submodule(owner).merged_adapters:
+            raise ValueError(f"{owner} has merged adapters; unmerge first (or merge_and_unload to save the merged model)")
+        layers[owner] = {**layer.codec.spec(), "in_features": layer.in_features, "out_features": layer.out_features,
+                         "bias": layer.bias is not None, "dtype": _dtype_name(layer.compute_dtype)}
+    if not layers:
+        raise ValueError("the model has no quantized layer; save it with save_pretrained or safetensors instead")
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in model.state_dict().items():
+        name = _base_key(key)
+        if name is None:
+            continue
+        identity = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if value.numel() and identity in seen:  # a tied tensor: store it once
+            aliases[name] = seen[identity]
+            continue
+        seen[identity] = name
+        tensor = value.detach().to("cpu")
+        # safetensors refuses views into a larger storage; such tensors are copied.
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        tensors[name] = tensor
+    metadata = {"format": "pt", _LAYERS_KEY: json.dumps(layers), _ALIASES_KEY: json.dumps(aliases)}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a file written by `save_quantized` into a float model of the same architecture (e.g. built
+    with `from_config`): the listed linear layers become empty QuantLinear layers, then every tensor is
+    loaded. Raises ValueError, with the model unchanged, if the file does not fit it. Returns the model."""
+    from . import is_quantized, quantized_layers
+    from .linear import QuantLinear, codec_from_spec
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"quantized model file not found: {file}")
+    if is_quantized(model):
+        raise ValueError("the model is already quantized; load into a float model")
+    try:
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata() or {}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+    if _LAYERS_KEY not in metadata:
+        raise ValueError(f"{file} holds no lorakit quantization layout (not written by save_quantized)")
+    layers = json.loads(metadata[_LAYERS_KEY])
+    aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+
+    # Validate everything first: the expected keys and shapes of the model once its layers are quantized.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    builders = {}
+    for layer_path, spec in layers.items():
+        try:
+            module = model.get_submodule(layer_path)
+        except AttributeError:
+            raise ValueError(f"{file}: layer {layer_path!r} does not exist in {type(model).__name__}") from None
+        if not isinstance(module, nn.Linear) or (module.in_features, module.out_features) != (
+                spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{file}: layer {layer_path!r} is a {spec['in_features']}→{spec['out_features']} linear "
+                             f"layer in the file but {module} in the model")
+        codec = codec_from_spec(spec)
+        expected.pop(f"{layer_path}.weight", None)
+        for name, tensor in codec.empty(spec["out_features"], spec["in_features"], "meta").items():
+            expected[f"{layer_path}.{name}"] = tuple(tensor.shape)
+        builders[layer_path] = spec
+    available = {**shapes, **{alias: shapes.get(target) for alias, target in aliases.items()}}
+    missing = sorted(set(expected) - set(available))
+    unexpected = sorted(set(available) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{file} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, shape in expected.items():
+        if available[key] != shape:
+            raise ValueError(f"{file}: {key} has shape {available[key]} in the file but {shape} in the model")
+
+    for layer_path, spec in builders.items():
+        linear = model.get_submodule(layer_path)
+        layer = QuantLinear(spec["in_features"], spec["out_features"], spec["method"], bias=spec["bias"],
+                            dtype=getattr(torch, spec["dtype"]), device=linear.weight.device,
+                            block_size=spec.get("block_size", 64), double_quant=spec.get("double_quant", True))
+        model.set_submodule(layer_path, layer)
+    tensors = load_file(str(file))
+    for alias, target in aliases.items():
+        tensors[alias] = tensors[target]
+    model.load_state_dict(tensors, strict=True)
+    for _, layer in quantized_layers(model):
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)  # a quantized base is frozen, bias included
+    return model
+
+
+__all__ = ["load_quantized", "save_quantized"]

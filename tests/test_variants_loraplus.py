@@ -1,0 +1,144 @@
+"""LoRA+ (`loraplus_ratio`): B matrices in their own optimizer group at lr × ratio, everything else at lr;
+the first Adam step moves B ratio times further than A; the schedule scales both groups; a run with LoRA+
+resumes exactly; the option reaches the loop from RunConfig and the command line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lorakit_helpers import fill_
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+import lorakit
+from lorakit.train import run as run_module
+from lorakit.train.data import Collator
+from lorakit.train.loop import LoopSettings, latest_checkpoint, train_adapter
+from lorakit.train.optim import is_lora_b, loraplus_param_groups, param_groups
+
+
+def _model(seed: int = 0, **config) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    targets = ["q_proj", "v_proj", "embed_tokens"]
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=targets, **config))
+    return model
+
+
+def _features(n: int = 12) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(1, 32, (4 + i % 3,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] + ids[1:]})
+    return rows
+
+
+def test_groups_put_exactly_the_b_matrices_at_the_higher_rate():
+    model = _model(use_dora=False)
+    groups = loraplus_param_groups(model, lr=1e-3, ratio=16)
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3]
+    names = {id(p): n for n, p in model.named_parameters()}
+    base_group, b_group = ({names[id(p)] for p in g["params"]} for g in groups)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert base_group | b_group == trainable and not base_group & b_group
+    assert b_group == {n for n in trainable if ".lora_B." in n or ".lora_embedding_B." in n}
+    assert all(".lora_A." in n or ".lora_embedding_A." in n for n in base_group)
+    assert is_lora_b("model.embed_tokens.lora_embedding_B.default") and not is_lora_b("lm_head.weight")
+
+
+def test_dora_magnitudes_and_heads_keep_the_base_rate(base_copy):
+    model = base_copy("bert")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["query"], use_dora=True,
+                                                  modules_to_save=["classifier"]))
+    base_group, b_group = loraplus_param_groups(model, lr=1.0, ratio=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("lora_B" in names[id(p)] for p in b_group["params"])
+    assert any("lora_magnitude_vector" in names[id(p)] for p in base_group["params"])
+    assert any("classifier" in names[id(p)] for p in base_group["params"])
+
+
+def test_first_adam_step_moves_b_ratio_times_further_than_a():
+    model = _model()
+    layer = model.model.layers[0].self_attn.q_proj
+    fill_(layer.lora_B["default"].weight, 5, std=0.3)  # B ≠ 0, so A gets a gradient too
+    a0, b0 = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+    optimizer = torch.optim.AdamW(loraplus_param_groups(model, lr=1e-3, ratio=8), eps=1e-12, weight_decay=0.0)
+    batch = Collator(0)(_features(4))
+    model(**batch).loss.backward()
+    optimizer.step()
+    # Adam's first step is lr · g/|g| per entry: |ΔA| = lr and |ΔB| = 8 · lr wherever the gradient is not 0.
+    step_a = (layer.lora_A["default"].weight.detach() - a0).abs()
+    step_b = (layer.lora_B["default"].weight.detach() - b0).abs()
+    torch.testing.assert_close(step_a, torch.full_like(step_a, 1e-3), rtol=1e-3, atol=0)
+    torch.testing.assert_close(step_b, torch.full_like(step_b, 8e-3), rtol=1e-3, atol=0)
+
+
+def test_invalid_ratio_is_refused():
+    with pytest.raises(ValueError, match="ratio must be positive"):
+        loraplus_param_groups(_model(), lr=1e-3, ratio=0)
+    assert len(param_groups(_model(), lr=1e-3)) == 1  # no ratio: one group, as before
+
+
+SETTINGS = dict(lr=0.05, max_steps=6, batch_size=2, grad_accum=2, seed=3, progress=False, save_every=None,
+                loraplus_ratio=16.0)
+
+
+class _Interrupting(Collator):
+    def __init__(self, pad: int, at_call: int):
+        super().__init__(pad)
+        self.calls, self.at_call = 0, at_call
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise KeyboardInterrupt
+        return super().__call__(batch)
+
+
+def test_training_scales_both_groups_and_resumes_exactly(tmp_path, monkeypatch):
+    reference = _model()
+    before = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    rates = []
+    original = torch.optim.lr_scheduler.LambdaLR.step
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        rates.append([g["lr"] for g in self.optimizer.param_groups])
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", spy)
+    train_adapter(reference, _features(), Collator(0), LoopSettings(**SETTINGS), tmp_path / "ref")
+    monkeypatch.undo()
+    assert len(rates) > SETTINGS["max_steps"] and all(b == pytest.approx(16 * a) for a, b in rates)
+    moved = {n: (p.detach() - before[n]).abs().mean().item() for n, p in reference.named_parameters() if n in before}
+    assert min(v for n, v in moved.items() if ".lora_B." in n) > max(v for n, v in moved.items() if ".lora_A." in n)
+
+    # Interrupted after 3 steps and resumed: the two optimizer groups come back with their state.
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(_model(), _features(), _Interrupting(0, 7), LoopSettings(**SETTINGS), tmp_path / "run")
+    assert latest_checkpoint(tmp_path / "run") is not None
+    resumed = _model()
+    train_adapter(resumed, _features(), Collator(0), LoopSettings(**SETTINGS), tmp_path / "run", resume=True)
+    expected = lorakit.io.adapter_state_dict(reference)
+    for key, value in lorakit.io.adapter_state_dict(resumed).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
+
+
+def test_cli_and_run_config_carry_the_variant_options(monkeypatch):
+    seen = {}
+
+    def fake_run(cfg, log=print):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_training", fake_run)
+    from lorakit.cli import app
+
+    args = ["train", "--data", "sst2", "--loraplus-ratio", "16", "--use-rslora", "--use-dora", "--init", "olora"]
+    CliRunner().invoke(app, args)
+    cfg = seen["cfg"]
+    assert (cfg.loraplus_ratio, cfg.use_rslora, cfg.use_dora, cfg.init) == (16.0, True, True, "olora")
+    CliRunner().invoke(app, ["train", "--data", "sst2"])
+    cfg = seen["cfg"]
+    assert (cfg.loraplus_ratio, cfg.use_rslora, cfg.use_dora, cfg.init) == (None, False, False, "kaiming")

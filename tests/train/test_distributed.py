@@ -1,0 +1,113 @@
+"""Data-parallel training with 2 local processes (torchrun, gloo on CPU) on a tiny model: the same global
+batch and seed give the same adapter as one process, under DDP and FSDP; a run resumes with another
+number of processes; a process that dies makes the launch fail instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from helpers import save_tiny_llama
+
+ROWS = [("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
+        ("name[Blue Spice], near[The Vaults]", "Blue Spice is near The Vaults."),
+        ("name[Café Adriatic], priceRange[cheap]", "Café Adriatic is cheap."),
+        ("name[The Vaults], area[riverside]", "The Vaults is by the riverside.")] * 5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    model = save_tiny_llama(root / "llama", chat=True)
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps({"input": a, "output": b}) + "\n" for a, b in ROWS))
+    return model, data
+
+
+def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    # Batches of 5 do not split evenly over 2 processes: the token weighting must still match.
+    return ["train", "--model", str(model), "--data", str(data), "--target-modules", "q_proj,v_proj,o_proj",
+            "--lora-rank", "2", "--dropout", "0", "--batch-size", "5", "--grad-accum", "2", "--max-steps", "4",
+            "--lr", "0.02", "--eval-examples", "3", "--eval-every", "2", "--output", str(out), "--quiet", *extra]
+
+
+def torchrun(nproc: int, cli_args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "lorakit", *cli_args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    for key in x:
+        torch.testing.assert_close(y[key], x[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def single(setup, tmp_path_factory) -> Path:
+    model, data = setup
+    out = tmp_path_factory.mktemp("single") / "run"
+    result = CliRunner().invoke(app, args(model, data, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(setup, single, tmp_path, mode):
+    model, data = setup
+    out = tmp_path / mode
+    run = torchrun(2, args(model, data, out, "--distributed", mode))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_adapter(single, out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["distributed"]["processes"] == 2 and len(results["distributed"]["peak_rss_mb_per_process"]) == 2
+    # Rank 0 alone wrote: one metrics log whose losses equal the single process's.
+    mine = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(mine, theirs):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4)
+
+
+def test_resume_with_another_number_of_processes(setup, single, tmp_path):
+    model, data = setup
+    out = tmp_path / "run"
+    run = torchrun(2, args(model, data, out, "--save-every", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # as if it had stopped after step 2
+    result = CliRunner().invoke(app, args(model, data, out, "--save-every", "2", "--resume"))
+    assert result.exit_code == 0, result.output
+    assert_same_adapter(single, out)
+
+
+def test_a_dying_process_fails_the_launch(tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from lorakit.train.distributed import init_parallel\n"
+        "parallel = init_parallel('ddp', timeout_s=20)\n"
+        "if parallel.rank == 1:\n"
+        "    sys.exit(3)\n"
+        "parallel.barrier()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert time.perf_counter() - started < 90
