@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import yaml
 
@@ -287,6 +288,8 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
     )
     after = score("after")
     peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # What training holds (FSDP's shards, not the whole model that every process loaded first).
+    rss_after_training_mb = round(psutil.Process().memory_info().rss / 2**20, 1)
     summary = {
         "before": before,
         "after": after,
@@ -299,11 +302,13 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
             "total_parameters": total,
         },
         "peak_rss_mb": peak_rss_mb,
+        "rss_after_training_mb": rss_after_training_mb,
         "total_time_s": round(time.perf_counter() - started, 1),
     }
     if parallel.active:
         summary["distributed"] = {"mode": parallel.mode, "processes": parallel.world,
-                                  "peak_rss_mb_per_process": parallel.gather([peak_rss_mb])}
+                                  "peak_rss_mb_per_process": parallel.gather([peak_rss_mb]),
+                                  "rss_after_training_mb_per_process": parallel.gather([rss_after_training_mb])}
     if parallel.is_main:
         _write_json(results_path, summary)
     return summary
