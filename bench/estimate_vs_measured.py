@@ -10,7 +10,11 @@ exactly as `lorakit.train.loop` does. It reports
 (the peak is read from the kernel's high-water mark VmHWM, which is reset after loading; freed heap
 memory is returned to the system with malloc_trim first, so a load-time peak does not count). The
 measured figure thus holds the weights, gradients, optimizer state, activations and temporaries, plus
-what the estimate does not model (allocator slack, kernel workspaces, autograd bookkeeping).
+what the estimate's tensor timeline does not model (kernel workspaces, autograd bookkeeping) and the
+memory glibc's malloc keeps after frees. Each configuration runs twice: with the default allocator
+(compared with the estimate's total, which adds `CPU_ALLOCATOR_SLACK`) and with
+MALLOC_MMAP_THRESHOLD_=131072, where every block ≥ 128 KiB is returned to the system when freed, so the
+RSS follows the live tensors (compared with the estimate's tensor peak: a check of the simulation itself).
 
     .venv/bin/python bench/estimate_vs_measured.py            # all configurations, table + JSON
     .venv/bin/python bench/estimate_vs_measured.py --batch-size 8 --max-length 256
@@ -71,6 +75,12 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int) -> d
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(entry.locate()), num_labels=2,
                                                                    dtype=torch.float32)
+    # Own every weight in anonymous memory (from_pretrained may leave them mapped from the file, where
+    # untouched pages would not count until the first step reads them).
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    _release_freed_memory()
     if method == "qlora":
         lorakit.quantize(model, "nf4")
     if method in ("lora", "qlora"):
@@ -105,7 +115,7 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int) -> d
 
 
 def estimated(model_name: str, method: str, batch_size: int, max_length: int) -> dict:
-    from lorakit.estimate import estimate
+    from lorakit.estimation import estimate
 
     est = estimate(model_name, method=method, batch_size=batch_size, max_length=max_length)
     return est.to_dict()
@@ -124,24 +134,30 @@ def main() -> None:
 
     configs = [tuple(c.split(":")) for c in args.configs] if args.configs else CONFIGS
     rows = []
+    print(f"{'model':14s} {'method':6s} {'estimate':>9s} {'measured':>9s} {'error':>7s}   "
+          f"{'tensors':>8s} {'measured':>9s} {'error':>7s}   (MB; right: malloc returns freed memory at once)")
     for model_name, method in configs:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--only", model_name, method, "--batch-size", str(args.batch_size),
-             "--max-length", str(args.max_length)],
-            capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-        if proc.returncode != 0:
-            print(f"{model_name} {method}: measurement failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        est = estimated(model_name, method, args.batch_size, args.max_length)
-        row["estimated_bytes"] = est["total_bytes"]
-        row["estimate"] = est
-        row["error"] = est["total_bytes"] / row["measured_bytes"] - 1
-        rows.append(row)
-        print(f"{model_name:14s} {method:6s} estimated {est['total_bytes'] / 2**20:8.0f} MiB   "
-              f"measured {row['measured_bytes'] / 2**20:8.0f} MiB   ({100 * row['error']:+.1f} %)   "
-              f"{row['seconds_per_step']:.2f} s/step", flush=True)
+        row = {"model": model_name, "method": method}
+        for variant, extra_env in (("default", {}), ("mmap", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--only", model_name, method, "--batch-size", str(args.batch_size),
+                 "--max-length", str(args.max_length)],
+                capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **extra_env},
+            )
+            if proc.returncode != 0:
+                print(f"{model_name} {method}: measurement failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                break
+            row[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            est = estimated(model_name, method, args.batch_size, args.max_length)
+            row["estimate"] = est
+            row["error"] = est["total_bytes"] / row["default"]["measured_bytes"] - 1
+            row["tensor_error"] = est["tensor_peak_bytes"] / row["mmap"]["measured_bytes"] - 1
+            rows.append(row)
+            print(f"{model_name:14s} {method:6s} {est['total_bytes'] / 1e6:9.0f} "
+                  f"{row['default']['measured_bytes'] / 1e6:9.0f} {100 * row['error']:+6.1f}%   "
+                  f"{est['tensor_peak_bytes'] / 1e6:8.0f} {row['mmap']['measured_bytes'] / 1e6:9.0f} "
+                  f"{100 * row['tensor_error']:+6.1f}%", flush=True)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(uptime)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,12 @@
    is tied to the embedding and stays float): fp32 vs int8 (absmax per row) vs int8 with zero point vs
    NF4 vs NF4 + double quantization, measured as the bytes of the tensors each format stores.
 2. Training, one fresh process per configuration (so each peak is its own): LoRA r=8 on q/k/v/o over the
-   fp32 base, and the same adapter over an NF4+DQ base (and an int8 base), N steps of AdamW at batch
-   B × up to T tokens of the E2E sample, same seed, same data order. Reported: RSS after setup, peak RSS
-   during training (kernel high-water mark VmHWM, reset after setup, with freed heap returned to the
-   system by malloc_trim first so a load-time peak does not count), peak RSS of the whole process, median
-   step time, training loss, and the held-out loss before and after.
+   fp32 base, and the same adapter over an NF4+DQ base (`--modes` adds int8), N steps of AdamW at batch
+   B × up to T tokens of the E2E sample, same seed, same data order. Reported: RSS after setup (model
+   quantized, adapter added), peak RSS during the training steps (kernel high-water mark VmHWM, reset just
+   before them, with freed heap returned to the system by malloc_trim first so load-time and eval peaks do
+   not count), peak RSS of the whole process, median step time, training loss, and the held-out loss
+   before and after (no_grad passes: training after the first one must still reach every adapter).
 
     .venv/bin/python bench/qlora.py                       # table on stdout, JSON in bench/results/qlora.json
     .venv/bin/python bench/qlora.py --steps 10 --modes lora,nf4
@@ -94,6 +95,13 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
 
     started = time.perf_counter()
     model, tokenizer = load_model(MODEL)
+    # The weights come memory-mapped from the safetensors cache: their pages would stay resident (file-backed)
+    # even after quantization frees the tensors. Copy them into ordinary memory, for both modes, so that RSS
+    # measures the tensors the process actually holds.
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    _release_and_reset_peak()
     load_s = time.perf_counter() - started
     rss_loaded = _status_mb("VmRSS")
     quant = None
@@ -114,8 +122,9 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     _release_and_reset_peak()
-    rss_setup = _status_mb("VmRSS")
-    eval_before = mean_loss(model, val_features, collate, batch_size=8)  # a no_grad pass before training
+    rss_setup, rss_file = _status_mb("VmRSS"), _status_mb("RssFile")
+    eval_before = mean_loss(model, val_features, collate, batch_size=4)  # a no_grad pass before training
+    _release_and_reset_peak()
     model.train()
     losses, times = [], []
     for step in range(steps):
@@ -128,7 +137,7 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
         times.append(time.perf_counter() - began)
         losses.append(round(loss.item(), 4))
     peak_train = _status_mb("VmHWM")
-    eval_after = mean_loss(model, val_features, collate, batch_size=8)
+    eval_after = mean_loss(model, val_features, collate, batch_size=4)
     timed = times[1:] if len(times) > 1 else times  # the first step includes one-time set-up
     return {
         "mode": mode,
@@ -137,6 +146,7 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
         "load_s": round(load_s, 1),
         "quantize": quant,
         "rss_after_load_mb": round(rss_loaded),
+        "rss_file_backed_after_setup_mb": round(rss_file),
         "rss_after_setup_mb": round(rss_setup),
         "peak_rss_training_mb": round(peak_train),
         "peak_rss_process_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -153,7 +163,12 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
 def _run_worker(mode: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--steps", str(args.steps), "--batch-size",
                str(args.batch_size), "--max-length", str(args.max_length), "--eval-examples", str(args.eval_examples)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        # glibc raises its mmap threshold as large blocks are freed and then keeps freed heap: a fixed
+        # threshold returns large temporaries to the system at once, so the peak shows what is really held.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
         raise SystemExit(f"worker {mode} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -192,7 +207,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-examples", type=int, default=16)
-    parser.add_argument("--modes", default="lora,nf4,int8", help="comma-separated: lora (fp32 base), nf4, int8")
+    parser.add_argument("--modes", default="lora,nf4", help="comma-separated: lora (fp32 base), nf4, int8, int8-asym")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the training processes, e.g. 131072")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -210,7 +227,8 @@ def main() -> None:
         "model": MODEL,
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                      "eval_examples": args.eval_examples, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
-                                                                   "target_modules": TARGETS}, "lr": 1e-3},
+                                                                   "target_modules": TARGETS}, "lr": 1e-3,
+                     "malloc_mmap_threshold": args.malloc_mmap_threshold},
         "weight_memory": memory,
         "training": runs,
         "load_average_before": load_before,

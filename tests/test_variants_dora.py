@@ -44,7 +44,8 @@ def _dora_holder(kind: str, r: int = 2, alpha: float = 3.0, **extra) -> Holder:
     fill_(layer.lora_A["default"].weight, 1)
     fill_(layer.lora_B["default"].weight, 2)
     with torch.no_grad():
-        layer.lora_magnitude_vector["default"].mul_(1 + 0.3 * torch.rand(OUT, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+        noise = torch.rand(OUT, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        layer.lora_magnitude_vector["default"].mul_(1 + 0.3 * noise)  # m away from ‖W0‖
     return holder.eval()
 
 

@@ -22,6 +22,7 @@ from .inject import (
     unmerge,
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from .estimation import estimate  # compare, Estimate and the report: lorakit.estimation
 from .quant import QuantLinear, dequantize, load_quantized, quantize, save_quantized
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "combine",
     "delete_adapter",
     "disable_adapters",
+    "estimate",
     "load_adapter",
     "merge",
     "merge_and_unload",

@@ -33,7 +33,6 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .config import LoraConfig
 from .inject import (
     _check_new_name, _merged_names, _saved_copies, _state_with, add_adapter, adapter_config, lora_layers,
 )

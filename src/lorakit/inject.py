@@ -416,6 +416,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied parameters count once."""
+    """(trainable, total) parameter counts; tied parameters count once. A quantized weight (`lorakit.quantize`,
+    stored in buffers) counts as its in × out parameters."""
     params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized

@@ -155,3 +155,15 @@ def test_decoding_rows_that_straddle_blocks():
     for start, stop in [(0, 1), (1, 4), (3, 9), (8, 9)]:
         torch.testing.assert_close(codec.decode_rows(stored, start, stop, 37), whole[start:stop], rtol=0, atol=0)
     assert (whole - weight).abs().max() < 0.16 * weight.abs().max()
+
+
+def test_level_search_agrees_with_a_binary_search_at_the_boundaries():
+    from lorakit.quant.nf4 import _midpoints, _nearest_level
+
+    bounds = _midpoints(nf4_code())
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    values = torch.cat([
+        torch.rand(100_000, generator=torch.Generator().manual_seed(5)) * 2 - 1,
+        bounds, torch.nextafter(bounds, up), torch.nextafter(bounds, down), torch.tensor([-1.0, 0.0, 1.0]),
+    ])
+    assert torch.equal(_nearest_level(values).long(), torch.bucketize(values, bounds))

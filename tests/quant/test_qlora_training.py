@@ -5,7 +5,6 @@ back-propagating after one), `lorakit train --quantize`, and the measured weight
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

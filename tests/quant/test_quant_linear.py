@@ -151,7 +151,9 @@ def test_odd_shapes_are_padded_not_rejected():
 # -- quantize(model) ------------------------------------------------------------------------------
 def test_quantize_replaces_linears_and_lists_what_it_kept():
     model = make_llama(hidden=LLAMA_HIDDEN)
+    total = lorakit.trainable_parameters(model)[1]
     report = quantize(model, "nf4")
+    assert lorakit.trainable_parameters(model)[1] == total  # a quantized weight still counts as its parameters
     assert len(report.quantized) == 14  # 2 layers × (q, k, v, o, gate, up, down)
     assert all(isinstance(model.get_submodule(p), QuantLinear) for p in report.quantized)
     assert isinstance(model.lm_head, nn.Linear) and report.skipped["lm_head"] == "in skip list"

@@ -1,13 +1,14 @@
 """Training steps played on the meta device: the memory timeline and the FLOPs, from the architecture.
 
 The model (built on `meta`, so it holds no data) runs the real transformers forward pass, backward pass,
-gradient clipping and optimizer step on a batch of B × T meta tokens. Meta tensors carry shapes and
+gradient clipping and optimizer step (after the optimizer state was created, as in any step but the first) on a batch of B × T meta tokens. Meta tensors carry shapes and
 dtypes but no storage, so this costs milliseconds per layer whatever the model size. Meanwhile
 
 * `_LiveBytes` (a dispatch mode) sees every tensor an operation creates and, through a finalizer on its
   storage, the moment the storage is freed: the live bytes over time, split into activations (anything
   the step creates: saved tensors and temporaries), gradients and optimizer state, and their peak;
-* `FlopCounterMode` adds up the FLOPs of every matmul, convolution and attention kernel.
+* the same mode adds up the FLOPs of every matmul, convolution and attention kernel with PyTorch's
+  FLOP formulas (those of `torch.utils.flop_counter`).
 
 Attention: on a real CPU, `scaled_dot_product_attention` runs a fused (flash) kernel that saves only
 Q, K, V, the output and the log-sum-exp, unless dropout is on during training, where it falls back to
@@ -28,10 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 ACTIVATIONS, GRADIENTS, OPTIMIZER = "activations", "gradients", "optimizer"
 _FLASH = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION
@@ -64,13 +64,28 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.at_peak = dict(self.live)
         self.activation_peak = 0
+        self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _aten._local_scalar_dense.default and args[0].device.type == "meta":
+            # A data-dependent check (`mask.all()`, "is this batch packed?"). Meta tensors hold no values;
+            # a boolean answers True, which is the real answer for a full-length batch without padding.
+            if args[0].dtype == torch.bool:
+                return True
+            raise RuntimeError("the model's forward pass reads a tensor's value, which has none on the meta device")
         out = func(*args, **(kwargs or {}))
+        count = _FLOP_FORMULAS.get(func.overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **(kwargs or {}), out_val=out)
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 self._own(tensor)
         return out
+
+    def reset_peak(self) -> None:
+        self.peak = self.total
+        self.at_peak = dict(self.live)
+        self.activation_peak = self.live[ACTIVATIONS]
 
     def _own(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -107,26 +122,40 @@ class _LiveBytes(TorchDispatchMode):
             entry[0] = kind
 
 
-class _AttentionBackend(TorchFunctionMode):
-    """Run `F.scaled_dot_product_attention` on meta through the kernel the target device would use."""
+class _AttentionBackend:
+    """While active, `F.scaled_dot_product_attention` on meta tensors runs the kernel the target device would
+    use. (A module attribute swap rather than a TorchFunctionMode: modes are off during the backward pass,
+    where gradient checkpointing recomputes attention. Real tensors go to the original function.)"""
 
     def __init__(self, device: str) -> None:
-        super().__init__()
         self.device = device
         self.paths: set[str] = set()
+        self._original = None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is not torch.nn.functional.scaled_dot_product_attention:
-            return func(*args, **kwargs)
+    def __enter__(self) -> "_AttentionBackend":
+        self._original = torch.nn.functional.scaled_dot_product_attention
+        original = self._original
+
+        def routed(*args, **kwargs):
+            return self._call(original, *args, **kwargs)
+
+        torch.nn.functional.scaled_dot_product_attention = routed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.nn.functional.scaled_dot_product_attention = self._original
+
+    def _call(self, original, *args, **kwargs):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         params = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
         params.update(dict(zip(names, args)))
         params.update(kwargs)
         q, k, v = params["query"], params["key"], params["value"]
-        if q.device.type != "meta" or q.dim() != 4 or not self._fused(params):
+        if q.device.type != "meta":
+            return original(*args, **kwargs)
+        if q.dim() != 4 or not self._fused(params):
             self.paths.add("math")
-            return func(*args, **kwargs)
+            return original(*args, **kwargs)
         self.paths.add("fused")
         out, _ = _aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, float(params["dropout_p"]), bool(params["is_causal"]),
@@ -156,6 +185,14 @@ class _AttentionBackend(TorchFunctionMode):
         return choice == _FLASH
 
 
+def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _baddbmm_inplace_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
 def _flash_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:  # arguments arrive as shapes
     return sdpa_flop_count(query, key, value)
 
@@ -164,9 +201,17 @@ def _flash_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-_EXTRA_FLOPS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flops,
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward_flops,
+# PyTorch's FLOP formulas (those FlopCounterMode uses: matmuls, convolutions, attention kernels) plus
+# the CPU flash-attention kernel and in-place matmuls (lorakit.quant's backward). Counted inside
+# `_LiveBytes` rather than under FlopCounterMode, whose module hooks keep tensors alive longer.
+_FLOP_FORMULAS = {
+    **flop_registry,
+    **{op: shape_wrapper(f) for op, f in {
+        _aten.addmm_: _addmm_inplace_flops,
+        _aten.baddbmm_: _baddbmm_inplace_flops,
+        _aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flops,
+        _aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward_flops,
+    }.items()},
 }
 
 
@@ -176,12 +221,10 @@ def simulate_training(
     optimizer: str = "adamw",
     device: str = "cpu",
     max_grad_norm: float | None = 1.0,
-    steps: int = 2,
 ) -> StepProfile:
-    """Play `steps` training steps (forward, backward, clipping, optimizer step, zero_grad) on meta.
+    """Play one steady-state training step (forward, backward, clipping, optimizer step, zero_grad) on meta.
 
-    The peak is the steady state's: from the second step on, the optimizer state is alive during the
-    forward and backward passes. `make_batch` returns the model's keyword arguments (meta tensors).
+    `make_batch` returns the model's keyword arguments (meta tensors).
     """
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
@@ -189,28 +232,35 @@ def simulate_training(
     tracker = _LiveBytes(weights)
     attention = _AttentionBackend(device)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.mark(p.grad, GRADIENTS)) for p in trainable]
-    flops_total = forward_flops = 0
     try:
         with attention, tracker:
             opt = _make_optimizer(trainable, optimizer, device) if trainable else None
-            for _ in range(steps):
-                counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
-                with counter:
-                    loss = model(**make_batch()).loss
-                    forward_flops = counter.get_total_flops()
-                    if trainable:
-                        loss.backward()
-                flops_total = counter.get_total_flops()
-                del loss
-                if opt is None:
-                    continue
+            if opt is not None:
+                # The optimizer state as a first step leaves it (created from zero gradients), so that the
+                # one simulated step below is a steady-state step: the state is alive throughout.
+                tracker.kind = OPTIMIZER
+                for param in trainable:
+                    param.grad = torch.zeros_like(param)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                tracker.kind = ACTIVATIONS
+                tracker.reset_peak()
+            tracker.flops = 0
+            batch = make_batch()  # held through the step, like the training loop's batch
+            loss = model(**batch).loss
+            forward_flops = tracker.flops
+            if trainable:
+                loss.backward()
+            flops_total = tracker.flops
+            del loss
+            if opt is not None:
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
                 tracker.kind = OPTIMIZER
                 opt.step()
                 tracker.kind = ACTIVATIONS
                 opt.zero_grad(set_to_none=True)
-            del opt
+            del opt, batch
     finally:
         for hook in hooks:
             hook.remove()

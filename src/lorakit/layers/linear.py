@@ -98,7 +98,8 @@ class LoraLinear(LoraLayer):
         return self.lora_B[name](lora_a(self.lora_dropout[name](x)))
 
     def low_rank_delta(self, name: str) -> torch.Tensor:
-        """s·(B·A − B0·A0) in (out, in) layout: the plain-LoRA update relative to W0 (B0·A0 = 0 unless PiSSA/OLoRA)."""
+        """s·(B·A − B0·A0) in (out, in) layout: the plain-LoRA update relative to W0 (no B0·A0 term unless the
+        adapter was initialised by PiSSA / OLoRA)."""
         product = self._lora_b_weight(name) @ self._lora_a_weight(name)
         if name in self.lora_residual:
             residual = self.lora_residual[name]
@@ -127,7 +128,8 @@ class LoraLinear(LoraLayer):
         correction = F.linear(F.linear(x, residual.A), residual.B) * scaling if residual is not None else 0
         if name not in self.lora_magnitude_vector:
             return out - correction
-        # DoRA: f ⊙ (W0 + ΔW)·x − W0·x = (f − 1) ⊙ W_res·x + f ⊙ s·B·A·x − s·B0·A0·x with W_res = W0 − s·B0·A0.
+        # DoRA: f ⊙ (W0 + ΔW)·x − W0·x = (f − 1) ⊙ W_res·x + f ⊙ s·B·A·x − s·B0·A0·x,
+        # with W_res = W0 − s·B0·A0 and f = m / ‖W0 + ΔW‖ (a constant for the backward pass).
         weight = self._out_in(self.base_weight_unmerged()).to(x.dtype)
         with torch.no_grad():
             norm = variants.row_norm(weight, self.low_rank_delta(name))
@@ -148,11 +150,12 @@ class LoraLinear(LoraLayer):
         weight = self.base_layer.weight
         if not self.merged_adapters:
             return weight
-        plain = [self.low_rank_delta(n) for n in self.merged_adapters if n not in self.dora_merged_factor]
-        dora = [(self.low_rank_delta(n), self.dora_merged_factor[n]) for n in self.merged_adapters
-                if n in self.dora_merged_factor]
-        current = self._out_in(weight.detach()).to(self._lora_a_weight(self.merged_adapters[0]).dtype)
-        return self._out_in(variants.unmerged_weight(current, plain, dora)).to(weight.dtype)
+        with torch.no_grad():  # a frozen quantity, also when computed in a forward pass
+            plain = [self.low_rank_delta(n) for n in self.merged_adapters if n not in self.dora_merged_factor]
+            dora = [(self.low_rank_delta(n), self.dora_merged_factor[n]) for n in self.merged_adapters
+                    if n in self.dora_merged_factor]
+            current = self._out_in(weight.detach()).to(self._lora_a_weight(self.merged_adapters[0]).dtype)
+            return self._out_in(variants.unmerged_weight(current, plain, dora)).to(weight.dtype)
 
     def merge(self, names) -> None:
         names = list(names)

@@ -57,6 +57,32 @@ def _midpoints(code: torch.Tensor) -> torch.Tensor:
     return (code[1:] + code[:-1]) / 2
 
 
+_CELLS = 1024  # uniform cells over [-1, 1] for the level search; each holds at most one boundary
+
+
+@functools.lru_cache(maxsize=8)
+def _search_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first candidate level per cell, boundaries padded with +inf) for `_nearest_level`."""
+    bounds = _midpoints(nf4_code())
+    starts = -1 + 2 * torch.arange(_CELLS + 1, dtype=torch.float64) / _CELLS
+    # Boundaries strictly below each cell's start, with a margin far above float rounding and far below the
+    # smallest gap between boundaries (0.08): a value in the cell has at most one more boundary below it.
+    first = (bounds.double()[None, :] < starts[:, None] - 1e-4).sum(dim=1).to(torch.int32)
+    padded = torch.cat([bounds, torch.tensor([float("inf")])])
+    return first.to(device), padded.to(device)
+
+
+def _nearest_level(normalised: torch.Tensor) -> torch.Tensor:
+    """Index (uint8) of the nearest NF4 level for values in [-1, 1]: the number of boundaries below each
+    value, as `torch.bucketize(normalised, boundaries)` gives, but through a table of uniform cells and one
+    comparison (a binary search per value is about 4× slower on CPU)."""
+    first, bounds = _search_tables(normalised.device)
+    cell = ((normalised + 1) * (_CELLS / 2)).to(torch.int32).clamp_(0, _CELLS).view(-1)
+    candidate = first.index_select(0, cell)
+    above = normalised.view(-1) > bounds.index_select(0, candidate)
+    return (candidate + above).to(torch.uint8).view(normalised.shape)
+
+
 @functools.lru_cache(maxsize=8)
 def _pair_table(device: torch.device) -> torch.Tensor:
     """(256, 2) table: byte value → its two decoded levels (high nibble first). Decoding one byte with one
@@ -84,7 +110,6 @@ def quantize_blocks(flat: torch.Tensor, block_size: int = BLOCK_SIZE) -> tuple[t
     n_blocks = total // block_size
     packed = torch.empty(total // 2, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)
-    bounds = _midpoints(nf4_code(device=flat.device))
     step = max(1, _ENCODE_CHUNK // block_size) * block_size
     for start in range(0, total, step):
         stop = min(start + step, total)
@@ -95,7 +120,7 @@ def quantize_blocks(flat: torch.Tensor, block_size: int = BLOCK_SIZE) -> tuple[t
         block_max = blocks.abs().amax(dim=1)
         # An all-zero block keeps absmax 0 but is divided by 1: its values all land on the exact-zero level.
         normalised = blocks / torch.where(block_max > 0, block_max, 1.0)[:, None]
-        index = torch.bucketize(normalised, bounds).to(torch.uint8).view(-1)
+        index = _nearest_level(normalised).view(-1)
         packed[start // 2:stop // 2] = (index[0::2] << 4) | index[1::2]
         absmax[start // block_size:stop // block_size] = block_max
     return packed, absmax

@@ -41,7 +41,9 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, weight_deca
     return [g for g in groups if g["params"]]
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, loraplus_ratio: float | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, loraplus_ratio: float | None = None
+) -> list[dict[str, Any]]:
     """The trainable parameters as optimizer groups: one group, or LoRA+'s two when `loraplus_ratio` is set."""
     if loraplus_ratio is not None:
         return loraplus_param_groups(model, lr, loraplus_ratio, weight_decay)
