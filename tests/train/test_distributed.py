@@ -111,3 +111,13 @@ def test_a_dying_process_fails_the_launch(tmp_path):
                           str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert time.perf_counter() - started < 90
+
+
+def test_qlora_base_under_ddp(setup, tmp_path):
+    model, data = setup
+    single_out, ddp_out = tmp_path / "one", tmp_path / "two"
+    result = CliRunner().invoke(app, args(model, data, single_out, "--quantize", "nf4"))
+    assert result.exit_code == 0, result.output
+    run = torchrun(2, args(model, data, ddp_out, "--quantize", "nf4", "--distributed", "ddp"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_adapter(single_out, ddp_out)
