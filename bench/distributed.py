@@ -34,8 +34,11 @@ def run(kind: str, out: Path, steps: int, batch_size: int) -> dict:
         mode = kind.split()[-1].lower()
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                    "-m", "lorakit", *train, "--distributed", mode]
-    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", "1" if kind != "1 process" else str(os.cpu_count()))})
+    threads = os.environ.get("OMP_NUM_THREADS", "1" if kind != "1 process" else str(os.cpu_count()))
+    # glibc keeps freed heap pages; with a low mmap threshold large frees go back to the OS, so the RSS
+    # after training shows what the process still holds (FSDP's shards rather than the loaded model).
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    subprocess.run(command, check=True, capture_output=True, env=env)
     results = json.loads((out / "results.json").read_text())
     spread = results.get("distributed", {})
     return {"train_s": results["train"]["wall_time_s"], "tokens_per_s": results["train"]["tokens_per_s"],

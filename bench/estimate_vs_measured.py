@@ -12,14 +12,15 @@ memory is returned to the system with malloc_trim first, so a load-time peak doe
 measured figure thus holds the weights, gradients, optimizer state, activations and temporaries, plus
 what the estimate's tensor timeline does not model (kernel workspaces, autograd bookkeeping) and the
 memory glibc's malloc keeps after frees. Each configuration runs twice: with the default allocator
-(compared with the estimate's total, which adds `CPU_ALLOCATOR_SLACK`) and with
-MALLOC_MMAP_THRESHOLD_=131072, where every block ≥ 128 KiB is returned to the system when freed, so the
-RSS follows the live tensors (compared with the estimate's tensor peak: a check of the simulation itself).
+(compared with the estimate's total) and with MALLOC_MMAP_THRESHOLD_=131072, where every block ≥ 128 KiB
+is returned to the system when freed, so the RSS follows the live tensors (compared with the estimate
+without its malloc slack: tensor peak + `CPU_RUNTIME_BYTES`, a check of the simulation itself).
 
     .venv/bin/python bench/estimate_vs_measured.py            # all configurations, table + JSON
     .venv/bin/python bench/estimate_vs_measured.py --batch-size 8 --max-length 256
+    .venv/bin/python bench/estimate_vs_measured.py --report   # the saved measurements against today's estimate
 
-Results go to bench/results/estimate_vs_measured.json (with `uptime`: the cores are shared).
+Results go to bench/results/estimate_vs_measured_b<B>_t<T>.json (with `uptime`: the cores are shared).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ CONFIGS = [
     ("smollm2-135m", "full"), ("smollm2-135m", "lora"), ("smollm2-135m", "qlora"),
     ("minilm-l6", "full"), ("minilm-l6", "lora"), ("minilm-l6", "qlora"),
 ]
-RESULTS = Path(__file__).parent / "results" / "estimate_vs_measured.json"
+RESULTS = Path(__file__).parent / "results"
+
+
+def _results_file(batch_size: int, max_length: int) -> Path:
+    return RESULTS / f"estimate_vs_measured_b{batch_size}_t{max_length}.json"
 
 
 def _status_kb(field: str) -> int:
@@ -121,21 +126,49 @@ def estimated(model_name: str, method: str, batch_size: int, max_length: int) ->
     return est.to_dict()
 
 
+def _header() -> None:
+    print(f"{'model':14s} {'method':6s} {'estimate':>9s} {'measured':>9s} {'error':>7s}   "
+          f"{'no slack':>9s} {'measured':>9s} {'error':>7s}")
+    print(f"{'':21s} {'(total)':>9s} {'(malloc)':>9s} {'':7s}   {'':9s} {'(mmap)':>9s}   MB")
+
+
+def _compare(row: dict, est: dict) -> dict:
+    """Total against the default allocator; tensors + runtime (no malloc slack) against MALLOC_MMAP_THRESHOLD_."""
+    from lorakit.estimation import CPU_RUNTIME_BYTES
+
+    without_slack = est["tensor_peak_bytes"] + CPU_RUNTIME_BYTES
+    row["estimate"] = est
+    row["error"] = est["total_bytes"] / row["default"]["measured_bytes"] - 1
+    row["error_without_slack"] = without_slack / row["mmap"]["measured_bytes"] - 1
+    print(f"{row['model']:14s} {row['method']:6s} {est['total_bytes'] / 1e6:9.0f} "
+          f"{row['default']['measured_bytes'] / 1e6:9.0f} {100 * row['error']:+6.1f}%   "
+          f"{without_slack / 1e6:9.0f} {row['mmap']['measured_bytes'] / 1e6:9.0f} "
+          f"{100 * row['error_without_slack']:+6.1f}%", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--only", nargs=2, metavar=("MODEL", "METHOD"), help="measure one configuration (JSON)")
     parser.add_argument("--configs", nargs="*", help="model:method pairs (default: all)")
+    parser.add_argument("--report", action="store_true", help="re-estimate and print the table for the saved measurements")
     args = parser.parse_args()
     if args.only:
         print(json.dumps(measure(*args.only, args.batch_size, args.max_length)))
         return
+    if args.report:
+        saved = json.loads(_results_file(args.batch_size, args.max_length).read_text())
+        _header()
+        for row in saved["rows"]:
+            _compare(row, estimated(row["model"], row["method"], saved["batch_size"], saved["max_length"]))
+        print(f"measured at: {saved['uptime']}")
+        return
 
     configs = [tuple(c.split(":")) for c in args.configs] if args.configs else CONFIGS
     rows = []
-    print(f"{'model':14s} {'method':6s} {'estimate':>9s} {'measured':>9s} {'error':>7s}   "
-          f"{'tensors':>8s} {'measured':>9s} {'error':>7s}   (MB; right: malloc returns freed memory at once)")
+    _header()
     for model_name, method in configs:
         row = {"model": model_name, "method": method}
         for variant, extra_env in (("default", {}), ("mmap", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
@@ -149,21 +182,14 @@ def main() -> None:
                 break
             row[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         else:
-            est = estimated(model_name, method, args.batch_size, args.max_length)
-            row["estimate"] = est
-            row["error"] = est["total_bytes"] / row["default"]["measured_bytes"] - 1
-            row["tensor_error"] = est["tensor_peak_bytes"] / row["mmap"]["measured_bytes"] - 1
-            rows.append(row)
-            print(f"{model_name:14s} {method:6s} {est['total_bytes'] / 1e6:9.0f} "
-                  f"{row['default']['measured_bytes'] / 1e6:9.0f} {100 * row['error']:+6.1f}%   "
-                  f"{est['tensor_peak_bytes'] / 1e6:8.0f} {row['mmap']['measured_bytes'] / 1e6:9.0f} "
-                  f"{100 * row['tensor_error']:+6.1f}%", flush=True)
+            rows.append(_compare(row, estimated(model_name, method, args.batch_size, args.max_length)))
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(uptime)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"uptime": uptime, "batch_size": args.batch_size,
-                                   "max_length": args.max_length, "rows": rows}, indent=2))
-    print(f"written to {RESULTS}")
+    out = _results_file(args.batch_size, args.max_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"uptime": uptime, "batch_size": args.batch_size, "max_length": args.max_length,
+                               "rows": rows}, indent=2))
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -117,14 +117,21 @@ def test_adapter_file_size_is_the_written_file(tmp_path):
 
 
 # -- the simulated step against a real one -------------------------------------------------------
-@pytest.mark.parametrize("kind,method", [("llama", "full"), ("llama", "lora"), ("bert", "lora"), ("gpt2", "full")])
-def test_meta_simulation_matches_a_real_cpu_step_tensor_for_tensor(kind, method):
+@pytest.mark.parametrize("kind,method,checkpointing", [
+    ("llama", "full", False), ("llama", "lora", False), ("bert", "lora", False), ("gpt2", "full", False),
+    ("llama", "lora", True),
+])
+def test_meta_simulation_matches_a_real_cpu_step_tensor_for_tensor(kind, method, checkpointing):
     """The same step run on real CPU tensors, with the same live-bytes tracker: identical peak."""
     batch, length = 2, 16
-    est = estimate(_config(kind), method, batch_size=batch, max_length=length, r=4, dropout=0.0)
+    est = estimate(_config(kind), method, batch_size=batch, max_length=length, r=4, dropout=0.0,
+                   grad_checkpointing=checkpointing)
     real = _real(kind)
     if method == "lora":
         lorakit.add_adapter(real, lorakit.LoraConfig(r=4, target_modules="all-linear", modules_to_save=_head(real) or None))
+    if checkpointing:
+        real.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        real.config.use_cache = False
     trainable = [p for p in real.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     real.train()

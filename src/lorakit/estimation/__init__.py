@@ -14,22 +14,23 @@ How the figures are obtained (assumptions in full):
   their gradients and the optimizer state are in `dtype` too (PyTorch keeps AdamW's two moments and
   SGD's momentum in the parameter's dtype): weights + gradients + optimizer = 4 copies with AdamW,
   3 with SGD with momentum, as in the seeds' accounting.
-* Activations and the peak: two training steps (forward, backward, clipping, optimizer step) are played
-  on meta with the real transformers code (`simulate.py`), following every tensor's lifetime: the peak
-  of live bytes (saved activations, temporaries such as the B × T × vocab logits and their gradient,
-  gradients as they appear, optimizer state) over the step. Batches are full length (no padding).
-  This tensor peak matches a real CPU step byte for byte (tests/test_estimate.py) and the measured peak
-  RSS within a few percent when malloc returns freed memory at once. With glibc's default malloc the
-  process keeps freed blocks for reuse, so on CPU the total adds `CPU_RUNTIME_BYTES` +
-  `CPU_ALLOCATOR_SLACK` × the activation peak, calibrated against measured peaks
-  (bench/estimate_vs_measured.py). On CUDA add the CUDA context (~0.3–1 GB) and the caching allocator's
-  fragmentation, which are not modelled.
+* Activations and the peak: one steady-state training step (forward, backward, clipping, optimizer step,
+  with the optimizer state already created) is played on meta with the real transformers code
+  (`simulate.py`), following every tensor's lifetime: the peak of live bytes (saved activations,
+  temporaries such as the B × T × vocab logits and their gradient, gradients as they appear, optimizer
+  state) over the step. Batches are full length (no padding). This tensor peak matches a real CPU step
+  byte for byte (tests/test_estimate.py) and the measured peak RSS within a few percent when malloc
+  returns freed memory at once. With glibc's default malloc the process keeps freed blocks for reuse,
+  so on CPU the total adds `CPU_RUNTIME_BYTES` and `CPU_MALLOC_SLACK` (a fixed part + a share of the
+  activation peak, by kind of method), calibrated against measured peaks (bench/estimate_vs_measured.py).
+  On CUDA add the CUDA context (~0.3–1 GB) and the caching allocator's fragmentation: not modelled.
 * FLOPs: every matmul and attention kernel of the forward and backward pass of the simulated step,
   counted with PyTorch's FLOP formulas (`torch.utils.flop_counter`; attention is counted over the full
-  T × T, as those formulas do, though causal kernels skip about half of it). For comparison `flops_rule` gives the rule of
-  thumb: 6 · N · tokens for full fine-tuning (2 forward + 4 backward), 4 · N · tokens for a frozen base
-  (forward + input gradients; the frozen weights get none) + 6 · N_trainable · tokens, plus attention's
-  12 · layers · B · T² · d, with N the parameters of the linear layers.
+  T × T, as those formulas do, though causal kernels skip about half of it). For comparison,
+  `flops_rule` is the rule of thumb: 6 · N · tokens for full fine-tuning (2 forward + 4 backward),
+  4 · N · tokens for a frozen base (forward + input gradients; frozen weights get no gradient)
+  + 6 · N_trainable · tokens, plus attention's 12 · layers · B · T² · d, N being the parameters of the
+  linear layers.
 * Adapter file: the safetensors file the method writes (the LoRA adapter, the trainable tensors, or
   for full fine-tuning the whole model), header included.
 """
@@ -52,16 +53,20 @@ from .simulate import simulate_training
 
 OPTIMIZERS = {"adamw": 2, "sgd": 1}  # state tensors per trainable parameter
 DEVICES = ("cpu", "cuda")
-# CPU only, calibrated against measured peak RSS (bench/estimate_vs_measured.py, SmolLM2-135M and MiniLM-L6,
-# full / LoRA / QLoRA): glibc's malloc keeps freed blocks for reuse, so the resident memory at the peak exceeds
-# the live tensors by about this share of the activation peak (measured: 0.4 to 1.5 of it, depending on the
-# model and the method) ...
-CPU_ALLOCATOR_SLACK = 0.85
-# ... plus what the first training step sets up besides tensors (autograd graph, oneDNN / OpenMP buffers;
+# CPU only. glibc's malloc keeps freed blocks for reuse, so the resident memory at the peak exceeds the live
+# tensors by (bytes, share of the activation peak), fitted on 14 measured peaks (bench/estimate_vs_measured.py:
+# SmolLM2-135M and MiniLM-L6 × full / LoRA / QLoRA × batch 4×128, 8×64, 8×256; all within 9 % after the fit).
+# Full fine-tuning keeps least: its gradients are allocated into the blocks the activations free during the
+# backward pass. A quantized base keeps most: it decodes its weights into temporaries in every forward and
+# backward pass. Adapter, prefix, prompt and BitFit use the frozen-base figures (not measured separately).
+CPU_MALLOC_SLACK = {"full": (110_000_000, 0.30), "frozen": (0, 0.85), "quantized": (50_000_000, 1.0)}
+# Plus what the first training step sets up besides tensors (autograd graph, oneDNN / OpenMP buffers;
 # measured 36 to 69 MB with an allocator that returns freed memory at once).
 CPU_RUNTIME_BYTES = 40_000_000
 
-__all__ = ["CPU_ALLOCATOR_SLACK", "CPU_RUNTIME_BYTES", "DEVICES", "Estimate", "METHODS", "OPTIMIZERS", "compare", "estimate"]
+__all__ = [
+    "CPU_MALLOC_SLACK", "CPU_RUNTIME_BYTES", "DEVICES", "Estimate", "METHODS", "OPTIMIZERS", "compare", "estimate",
+]
 
 
 @dataclass
@@ -268,7 +273,9 @@ def _estimate_one(config: PretrainedConfig, label: str, builtin_task: str | None
         activation_bytes = profile.activation_peak_bytes
         flops, forward_flops, attention = profile.flops, profile.forward_flops, profile.attention_path
         tensor_peak = frozen_bytes + trainable_bytes + profile.peak_bytes
-        allocator = round(CPU_RUNTIME_BYTES + CPU_ALLOCATOR_SLACK * activation_bytes) if device == "cpu" else 0
+        kind = "full" if method == "full" else "quantized" if (quantize or method == "qlora") else "frozen"
+        fixed, share = CPU_MALLOC_SLACK[kind]
+        allocator = round(CPU_RUNTIME_BYTES + fixed + share * activation_bytes) if device == "cpu" else 0
     if device == "cuda":
         notes.append("not included on CUDA: the CUDA context (about 0.3–1 GB) and the caching allocator's "
                      "fragmentation")
@@ -299,7 +306,13 @@ def _nbytes(t: torch.Tensor) -> int:
 def _enable_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for config in (model.config, text_config(model)):
+        config.use_cache = False  # what transformers switches to itself, with a warning, under checkpointing
 
 
 def _flops_rule(model: nn.Module, method: str, trainable: list[nn.Parameter], tokens: int, batch_size: int,

@@ -113,7 +113,10 @@ def prepare(model: nn.Module, method: str, task: str, settings: Settings, batch_
                             target_modules=targets, modules_to_save=heads or None)
         from ..inject import add_adapter
 
-        add_adapter(model, config)
+        try:
+            add_adapter(model, config)
+        except TypeError as err:  # a target of a layer type LoRA does not support
+            raise ValueError(str(err)) from None
         saved = {_peft_key(n): p for n, p in model.named_parameters() if p.requires_grad}
         return Prepared(model, batch, saved, targets, notes)
 

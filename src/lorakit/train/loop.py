@@ -253,6 +253,7 @@ def train_adapter(
             window_loss += loss.item() * local_items
             window_items += local_items
             window_tokens += int(batch["attention_mask"].sum()) if real else 0
+            del loss, batch  # kept alive, they would hold memory through the next forward pass
             step_done = index + 1 == len(plan) or plan[index + 1][0] != batch_step
             if not step_done:
                 continue
