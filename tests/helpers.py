@@ -70,3 +70,15 @@ def save_tiny_bert(path: Path) -> Path:
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def random_token_rows(n: int = 12, vocab: int = 32) -> list[dict]:
+    """n tokenized causal-LM rows of 4-6 random tokens (seeded), the first position unlabelled."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(1, vocab, (4 + i % 3,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] + ids[1:]})
+    return rows

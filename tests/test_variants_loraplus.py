@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import lorakit
+from helpers import random_token_rows
 from lorakit.train import run as run_module
 from lorakit.train.data import Collator
 from lorakit.train.loop import LoopSettings, latest_checkpoint, train_adapter
@@ -26,13 +27,7 @@ def _model(seed: int = 0, **config) -> LlamaForCausalLM:
     return model
 
 
-def _features(n: int = 12) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(1, 32, (4 + i % 3,), generator=g).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] + ids[1:]})
-    return rows
+_features = random_token_rows
 
 
 def test_groups_put_exactly_the_b_matrices_at_the_higher_rate():

@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import lorakit
+from helpers import random_token_rows
 from lorakit.train.data import Collator
 from lorakit.train.hf_callback import AdapterCheckpointCallback
 from lorakit.train.loop import LoopSettings, latest_checkpoint, micro_batches, train_adapter
@@ -22,13 +23,7 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def features(n: int = 12) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(1, 32, (4 + i % 3,), generator=g).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] + ids[1:]})
-    return rows
+features = random_token_rows
 
 
 SETTINGS = dict(lr=0.05, max_steps=6, batch_size=2, grad_accum=2, seed=3, progress=False, save_every=None)
