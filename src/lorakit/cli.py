@@ -76,13 +76,15 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint in --output")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run already in --output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log to <output>/tensorboard")] = False,
 ) -> None:
     """Fine-tune a model with LoRA. With no options: SmolLM2-135M-Instruct on E2E NLG (about 10 minutes on 2 CPU cores)."""
     options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume", "overwrite")}
     from .train.run import RunConfig, run_training
 
     options["target_modules"] = _split_list(target_modules)
-    options.update(resume=resume or None, overwrite=overwrite or None, progress=False if quiet else None)
+    options.update(resume=resume or None, overwrite=overwrite or None, progress=False if quiet else None,
+                   tensorboard=tensorboard or None)
     try:
         cfg = RunConfig.from_sources(config, **options)
         summary = run_training(cfg, log=lambda msg: console.print(msg, highlight=False))

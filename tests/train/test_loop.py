@@ -100,3 +100,40 @@ def test_trainer_callback_writes_loadable_adapter_per_checkpoint(tmp_path):
     lorakit.load_adapter(fresh, tmp_path / "adapter")
     for key, value in adapter_tensors(model).items():
         torch.testing.assert_close(adapter_tensors(fresh)[key], value)
+
+
+class RecordingWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records what the loop logs."""
+
+    instances: list["RecordingWriter"] = []
+
+    def __init__(self, log_dir: str):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        RecordingWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_gets_every_logged_scalar(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
+    result = train_adapter(tiny_model(), features(), Collator(0), LoopSettings(**SETTINGS, tensorboard=True), tmp_path,
+                           evaluate=lambda m: {"eval_loss": 1.5})
+    writer = RecordingWriter.instances[-1]
+    assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
+    expected = [(k, v, h["step"]) for h in result.history for k, v in h.items() if k != "step"]
+    assert writer.scalars == expected and ("eval_loss", 1.5, 6) in expected
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        train_adapter(tiny_model(), features(), Collator(0), LoopSettings(**SETTINGS, tensorboard=True), tmp_path)

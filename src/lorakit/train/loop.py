@@ -51,6 +51,7 @@ class LoopSettings:
     save_every: int | None = 50  # steps between checkpoints (None: none)
     keep_checkpoints: int = 2
     progress: bool = True
+    tensorboard: bool = False  # also log scalars to <output>/tensorboard (needs the tensorboard package)
 
     def total_steps(self, num_examples: int) -> int:
         steps_per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))
@@ -135,6 +136,14 @@ def _save_checkpoint(trained, optimizer, scheduler, step, rng_state, history, ou
             shutil.rmtree(stale, ignore_errors=True)
     parallel.barrier()
     return final
+
+
+def _tensorboard_writer(output: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(output / "tensorboard"))
 
 
 def loss_items(feature: dict) -> int:
@@ -228,11 +237,17 @@ def train_adapter(
     bar = tqdm(total=total, initial=start_step, disable=not (settings.progress and parallel.is_main), unit="step",
                dynamic_ncols=True)
 
+    board = _tensorboard_writer(output) if settings.tensorboard and parallel.is_main else None
+
     def record(entry: dict[str, Any]) -> None:
         history.append(entry)
         if parallel.is_main:
             with metrics_log.open("a") as fh:
                 fh.write(json.dumps(entry) + "\n")
+        if board is not None:
+            for key, value in entry.items():
+                if key != "step":
+                    board.add_scalar(key, value, entry["step"])
 
     # The RNG state at the start of the step after the last finished one: what a resume must restore,
     # also when Ctrl-C lands in the middle of a step whose dropout masks were already drawn.
@@ -301,6 +316,8 @@ def train_adapter(
     save_adapter(model, output, adapter_name, write=parallel.is_main, **adapter_meta)
     if parallel.is_main:
         _plot_losses(history, output / "loss.png")
+    if board is not None:
+        board.close()
     losses = [h["loss"] for h in history if "loss" in h]
     return TrainResult(step, losses[-1] if losses else None, wall, total_tokens / max(wall, 1e-9), history)
 

@@ -6,6 +6,7 @@ the adapter, its resolved config, metrics, a loss curve and the predictions befo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -35,8 +36,8 @@ RESULTS_FILE = "results.json"
 DEFAULT_MODEL = {GENERATION: "smollm2-135m", CLASSIFICATION: "minilm-l6"}
 PEFT_TASK_TYPE = {GENERATION: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS"}
 # Keys that may differ between a run and its resumption.
-_RESUME_FREE = {"resume", "overwrite", "progress", "eval_every", "save_every", "log_every", "distributed",
-                "dist_timeout"}
+_RESUME_FREE = {"resume", "overwrite", "progress", "tensorboard", "eval_every", "save_every", "log_every",
+                "distributed", "dist_timeout"}
 
 
 class RunError(ValueError):
@@ -81,6 +82,7 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    tensorboard: bool = False
     distributed: str | None = None  # "ddp" or "fsdp" under torchrun (several processes alone mean ddp)
     dist_timeout: float = 600.0  # seconds a collective may wait for a process before failing
 
@@ -207,6 +209,8 @@ def run_training(cfg: RunConfig, log=print) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise RunError("--tensorboard needs the tensorboard package: pip install tensorboard")
     out = _check_output(cfg)
     parallel.barrier()  # every process has checked the folder before rank 0 writes into it
     if parallel.active:
@@ -277,7 +281,7 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
         lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, seed=cfg.seed, log_every=cfg.log_every,
         eval_every=cfg.eval_every, save_every=cfg.save_every, progress=cfg.progress,
-        loraplus_ratio=cfg.loraplus_ratio,
+        loraplus_ratio=cfg.loraplus_ratio, tensorboard=cfg.tensorboard,
     )
     collate = Collator(tokenizer.pad_token_id)
     result = train_adapter(
