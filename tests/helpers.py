@@ -82,3 +82,19 @@ def random_token_rows(n: int = 12, vocab: int = 32) -> list[dict]:
         ids = torch.randint(1, vocab, (4 + i % 3,), generator=g).tolist()
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] + ids[1:]})
     return rows
+
+
+def interrupting_collator(pad_token_id: int, at_call: int):
+    """A lorakit Collator that raises KeyboardInterrupt on its at_call-th call, as Ctrl-C would."""
+    from lorakit.train.data import Collator
+
+    class Interrupting(Collator):
+        calls = 0
+
+        def __call__(self, batch):
+            self.calls += 1
+            if self.calls == at_call:
+                raise KeyboardInterrupt
+            return super().__call__(batch)
+
+    return Interrupting(pad_token_id)

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import lorakit
-from helpers import random_token_rows
+from helpers import interrupting_collator, random_token_rows
 from lorakit.train import run as run_module
 from lorakit.train.data import Collator
 from lorakit.train.loop import LoopSettings, latest_checkpoint, train_adapter
@@ -80,16 +80,6 @@ SETTINGS = dict(lr=0.05, max_steps=6, batch_size=2, grad_accum=2, seed=3, progre
                 loraplus_ratio=16.0)
 
 
-class _Interrupting(Collator):
-    def __init__(self, pad: int, at_call: int):
-        super().__init__(pad)
-        self.calls, self.at_call = 0, at_call
-
-    def __call__(self, batch):
-        self.calls += 1
-        if self.calls == self.at_call:
-            raise KeyboardInterrupt
-        return super().__call__(batch)
 
 
 def test_training_scales_both_groups_and_resumes_exactly(tmp_path, monkeypatch):
@@ -111,7 +101,7 @@ def test_training_scales_both_groups_and_resumes_exactly(tmp_path, monkeypatch):
 
     # Interrupted after 3 steps and resumed: the two optimizer groups come back with their state.
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(_model(), _features(), _Interrupting(0, 7), LoopSettings(**SETTINGS), tmp_path / "run")
+        train_adapter(_model(), _features(), interrupting_collator(0, 7), LoopSettings(**SETTINGS), tmp_path / "run")
     assert latest_checkpoint(tmp_path / "run") is not None
     resumed = _model()
     train_adapter(resumed, _features(), Collator(0), LoopSettings(**SETTINGS), tmp_path / "run", resume=True)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write
 from .config import WEIGHT_INITS, LoraConfig
 from .inject import _apply, _name_matches, _plan, _saved_copies, adapter_config, lora_layers
 from .layers import LoraLayer
@@ -108,20 +108,9 @@ def save_adapter(
     # beside the old config.
     config_text = json.dumps(config_dict, indent=2, sort_keys=True)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
     return out
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- loading --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import lorakit
-from helpers import random_token_rows
+from helpers import interrupting_collator, random_token_rows
 from lorakit.train.data import Collator
 from lorakit.train.hf_callback import AdapterCheckpointCallback
 from lorakit.train.loop import LoopSettings, latest_checkpoint, micro_batches, train_adapter
@@ -55,16 +55,6 @@ def test_only_adapter_parameters_change(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "loss.png").is_file()
 
 
-class InterruptingCollator(Collator):
-    def __init__(self, pad: int, at_call: int):
-        super().__init__(pad)
-        self.calls, self.at_call = 0, at_call
-
-    def __call__(self, batch):
-        self.calls += 1
-        if self.calls == self.at_call:
-            raise KeyboardInterrupt
-        return super().__call__(batch)
 
 
 @pytest.mark.parametrize("at_call", [6, 7])  # mid-way through a step's accumulation, and at a step boundary
@@ -74,7 +64,7 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(tmp_path, at_call):
 
     interrupted = tiny_model()
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(interrupted, features(), InterruptingCollator(0, at_call), LoopSettings(**SETTINGS), tmp_path / "run")
+        train_adapter(interrupted, features(), interrupting_collator(0, at_call), LoopSettings(**SETTINGS), tmp_path / "run")
     checkpoint = latest_checkpoint(tmp_path / "run")
     assert checkpoint is not None and checkpoint.name == f"step-{(at_call - 1) // 2:06d}"
 

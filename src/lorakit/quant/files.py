@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..atomic import atomic_write
 
 _LAYERS_KEY = "lorakit.quantized_layers"
 _ALIASES_KEY = "lorakit.aliases"
@@ -76,14 +77,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     metadata = {"format": "pt", _LAYERS_KEY: json.dumps(layers), _ALIASES_KEY: json.dumps(aliases)}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return out
 
 

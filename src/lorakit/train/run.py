@@ -22,6 +22,7 @@ import yaml
 
 from ..config import LoraConfig
 from ..inject import add_adapter, disable_adapters, trainable_parameters
+from ..atomic import atomic_write
 from ..models import BUILTIN_MODELS, load_model, model_reference
 from .data import (
     BUILTIN_DATASETS, CLASSIFICATION, GENERATION, Collator, DataError, DataSplit, encode_causal,
@@ -153,9 +154,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def _load_splits(cfg: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
