@@ -44,6 +44,27 @@ def test_micro_batches_cover_each_epoch_once_in_seeded_order():
     assert micro_batches(10, settings, start_step=4) == plan[4:]
 
 
+def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
+    lengths = torch.randint(5, 200, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+    settings = LoopSettings(batch_size=8, epochs=2, seed=3)
+    grouped = micro_batches(600, settings, 0, lengths)
+    plain = micro_batches(600, settings, 0)
+    per_epoch = len(grouped) // 2
+    for epoch in range(2):
+        batches = [b for _, b in grouped[epoch * per_epoch : (epoch + 1) * per_epoch]]
+        assert sorted(i for b in batches for i in b) == list(range(600))
+
+    def padded_tokens(plan):  # every batch is padded to its longest example
+        return sum(len(b) * max(lengths[i] for i in b) for _, b in plan)
+
+    assert padded_tokens(grouped) < 0.75 * padded_tokens(plain)
+    assert micro_batches(600, settings, 0, lengths) == grouped  # seeded
+    assert micro_batches(600, settings, 10, lengths) == grouped[10:]  # a resume sees the same plan
+    # Batch order is still random: the first batches are not simply the longest ones.
+    first_maxima = [max(lengths[i] for i in b) for _, b in grouped[:8]]
+    assert first_maxima != sorted(first_maxima, reverse=True)
+
+
 def test_only_adapter_parameters_change(tmp_path):
     model = tiny_model()
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import WEIGHT_INITS
 from . import variants
 from .base import LoraLayer
+from .lora_function import lora_dropout_product
 
 
 class _FrozenFactors(nn.Module):
@@ -122,11 +123,16 @@ class LoraLinear(LoraLayer):
         scaling = self.scaling[name]
         dropout = self.lora_dropout[name]
         x = x.to(self.lora_A[name].weight.dtype)
-        dropped = dropout(x)
-        out = self.lora_B[name](self.lora_A[name](dropped)) * scaling
         residual = self.lora_residual[name] if name in self.lora_residual else None
         correction = F.linear(F.linear(x, residual.A), residual.B) * scaling if residual is not None else 0
-        if name not in self.lora_magnitude_vector:
+        plain = name not in self.lora_magnitude_vector
+        if plain and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+            out = lora_dropout_product(x, self._lora_a_weight(name), self._lora_b_weight(name), scaling, p)
+            return out - correction
+        dropped = dropout(x)
+        out = self.lora_B[name](self.lora_A[name](dropped)) * scaling
+        if plain:
             return out - correction
         # DoRA: f ⊙ (W0 + ΔW)·x − W0·x = (f − 1) ⊙ W_res·x + f ⊙ s·B·A·x − s·B0·A0·x,
         # with W_res = W0 − s·B0·A0 and f = m / ‖W0 + ΔW‖ (a constant for the backward pass).

@@ -28,11 +28,13 @@ from ..io import load_adapter, save_adapter
 from ..inject import adapter_names, delete_adapter
 from .data import IGNORE_INDEX
 from .distributed import Parallel, load_optimizer_state, optimizer_state, unwrap
+from .loss import causal_lm_loss
 from .optim import param_groups
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
+GROUP_BATCHES = 50  # batches per length-sorted group (as transformers' group_by_length)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class LoopSettings:
     keep_checkpoints: int = 2
     progress: bool = True
     tensorboard: bool = False  # also log scalars to <output>/tensorboard (needs the tensorboard package)
+    group_by_length: bool = True  # micro-batches of similar lengths: less padding, same examples per epoch
 
     def total_steps(self, num_examples: int) -> int:
         steps_per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))
@@ -68,16 +71,34 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def micro_batches(num_examples: int, settings: LoopSettings, start_step: int) -> list[tuple[int, list[int]]]:
+def _grouped_by_length(order: list[int], lengths: Sequence[int], batch_size: int,
+                       generator: torch.Generator) -> list[int]:
+    """`order` with each run of GROUP_BATCHES batches sorted by length, its batches then shuffled: batches of
+    similar lengths (little padding) that still come in random order."""
+    span = batch_size * GROUP_BATCHES
+    out: list[int] = []
+    for begin in range(0, len(order), span):
+        group = sorted(order[begin : begin + span], key=lambda i: lengths[i], reverse=True)
+        batches = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        out += [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+    return out
+
+
+def micro_batches(num_examples: int, settings: LoopSettings, start_step: int,
+                  lengths: Sequence[int] | None = None) -> list[tuple[int, list[int]]]:
     """Every (optimizer step, example indices) micro-batch from `start_step` on, in the seeded order.
 
-    Batches never cross an epoch boundary; the last batch of an epoch may be smaller.
+    Batches never cross an epoch boundary; the last batch of an epoch may be smaller. With `lengths`, each
+    micro-batch holds examples of similar length (see `_grouped_by_length`).
     """
     total = settings.total_steps(num_examples)
     out: list[tuple[int, list[int]]] = []
     step, micro, epoch = 0, 0, 0
     while step < total:
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(settings.seed + epoch)).tolist()
+        generator = torch.Generator().manual_seed(settings.seed + epoch)
+        order = torch.randperm(num_examples, generator=generator).tolist()
+        if lengths is not None:
+            order = _grouped_by_length(order, lengths, settings.batch_size, generator)
         for begin in range(0, num_examples, settings.batch_size):
             if step >= start_step:
                 out.append((step, order[begin : begin + settings.batch_size]))
@@ -222,7 +243,8 @@ def train_adapter(
     if parallel.is_main:  # rewritten from the checkpoint's history so it never holds a lost future
         metrics_log.write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    plan = micro_batches(len(features), settings, start_step)
+    lengths = [len(f["input_ids"]) for f in features] if settings.group_by_length else None
+    plan = micro_batches(len(features), settings, start_step, lengths)
     # Each optimizer step minimises the mean over all loss terms (target tokens) of its examples, however
     # they are split into micro-batches and processes: each micro-batch's mean is weighted by its share.
     items = [loss_items(f) for f in features]
@@ -261,7 +283,7 @@ def train_adapter(
             part, real = parallel.local_part(indices)
             batch = collate([features[i] for i in part])
             local_items = sum(items[i] for i in part) if real else 0
-            loss = trained(**batch).loss
+            loss = causal_lm_loss(trained, batch)
             # DDP and FSDP average gradients over processes; the factor `world` turns that into the sum.
             (loss * (local_items / max(step_items[batch_step], 1) * parallel.world)).backward()
             window_loss += loss.item() * local_items

@@ -1,0 +1,77 @@
+"""The training fast path of a LoRA update: s·B·A·dropout(x) as one autograd function that saves less.
+
+With `nn.Dropout` → `nn.Linear(A)` → `nn.Linear(B)`, autograd keeps, per adapted layer, a boolean mask and a
+dropped-out float copy of the input (A's weight gradient needs it), and draws the mask with PyTorch's
+Bernoulli sampler, which on CPU costs about as much as a 576×576 matrix product per call. Here:
+
+* the mask comes from 64-bit random words cut into 16-bit lanes (keep a lane when it is below a
+  threshold), about 5× cheaper to draw, and is regenerated in the backward pass from a seed taken from
+  the global generator (so runs stay reproducible and resumable) instead of being stored;
+* the saved tensors are the input itself (q, k and v receive the same tensor, so it is saved once for all
+  three) and the r-wide product A·dropout(x); no dropped-out copy is kept.
+
+The keep probability is quantised to 1/65536 (at p = 0.05 the effective drop rate differs from p by less
+than 1e-5) and the kept values are scaled by the exact inverse of the effective keep rate, so the update is
+unbiased. Gradients equal those of the plain composition with the same mask (tested in float64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LANES = 65536  # 16-bit lanes: the keep probability's resolution
+
+
+def keep_threshold(p: float) -> tuple[int, float]:
+    """(threshold on a signed 16-bit lane, scale of the kept values) for drop probability `p`."""
+    keep = round((1.0 - p) * _LANES)
+    return keep - _LANES // 2, _LANES / keep
+
+
+def dropout_mask(seed: int, shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The scaled keep mask (0 or 1/keep-rate) of `shape` drawn from `seed`: the same seed gives the same mask."""
+    threshold, scale = keep_threshold(p)
+    count = shape.numel()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # The full signed range: `random_()` without bounds leaves the top bit of every word 0.
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1,
+                                                                                   generator=generator)
+    lanes = words.view(torch.int16)[:count].view(shape)
+    return (lanes < threshold).to(dtype) * scale
+
+
+class LoraDropoutProduct(torch.autograd.Function):
+    """scaling · (dropout(x) @ Aᵀ) @ Bᵀ with the mask regenerated from `seed` (p = 0: no mask)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float,
+                seed: int) -> torch.Tensor:
+        dropped = x * dropout_mask(seed, x.shape, p, x.device, x.dtype) if p > 0 else x
+        down = dropped @ a.t()
+        ctx.save_for_backward(x, a, b, down)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        return (down @ b.t()) * scaling
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, a, b, down = ctx.saved_tensors
+        grad_out = grad_out * ctx.scaling
+        grad_down = grad_out @ b
+        mask = dropout_mask(ctx.seed, x.shape, ctx.p, x.device, x.dtype) if ctx.p > 0 else None
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_down @ a
+            if mask is not None:
+                grad_x = grad_x * mask
+        if ctx.needs_input_grad[1]:
+            dropped = x * mask if mask is not None else x
+            grad_a = grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).t() @ down.reshape(-1, down.shape[-1])
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def lora_dropout_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+    """The fast path of a training step; draws one seed from the global generator when p > 0."""
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    return LoraDropoutProduct.apply(x, a, b, scaling, p, seed)

@@ -1,0 +1,106 @@
+"""The fused LoRA training path (seeded dropout mask, fewer saved tensors) against plain autograd in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lorakit_helpers import adapt_layer, fill_
+from torch import nn
+
+from lorakit.layers.lora_function import LoraDropoutProduct, dropout_mask, keep_threshold
+
+
+def _inputs(requires_grad: bool = True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64, requires_grad=requires_grad)
+    a = torch.randn(4, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    return x, a, b
+
+
+def test_mask_is_reproducible_unbiased_and_drops_at_rate_p():
+    shape = torch.Size([400, 500])
+    mask = dropout_mask(11, shape, 0.1, torch.device("cpu"), torch.float64)
+    assert torch.equal(mask, dropout_mask(11, shape, 0.1, torch.device("cpu"), torch.float64))
+    assert not torch.equal(mask, dropout_mask(12, shape, 0.1, torch.device("cpu"), torch.float64))
+    kept = mask != 0
+    # Every kept value is the inverse of the effective keep rate, which is within 1/65536 of 1 − p.
+    assert torch.allclose(mask[kept], torch.full_like(mask[kept], 1 / 0.9), rtol=2e-5)
+    drop_rate = 1 - kept.double().mean().item()
+    assert abs(drop_rate - 0.1) < 5 * (0.1 * 0.9 / shape.numel()) ** 0.5  # 5 standard errors
+    assert abs(mask.mean().item() - 1.0) < 0.005
+    # Lanes are independent of position: rows and columns drop at the same rate.
+    assert kept.double().mean(0).std() < 0.05 and kept.double().mean(1).std() < 0.05
+
+
+def test_threshold_quantises_the_keep_rate_finely():
+    for p in (0.05, 0.1, 0.3, 0.5):
+        threshold, scale = keep_threshold(p)
+        keep = (threshold + 32768) / 65536
+        assert abs(keep - (1 - p)) <= 1 / 65536 and scale == pytest.approx(1 / keep)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_gradients_equal_plain_autograd_with_the_same_mask(p):
+    x, a, b = _inputs()
+    out = LoraDropoutProduct.apply(x, a, b, 1.5, p, 123)
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    fused = torch.autograd.grad(out, (x, a, b), grad_out)
+
+    x2, a2, b2 = _inputs()
+    mask = dropout_mask(123, x2.shape, p, x2.device, x2.dtype) if p else torch.ones_like(x2)
+    expected_out = 1.5 * (x2 * mask) @ a2.t() @ b2.t()
+    expected = torch.autograd.grad(expected_out, (x2, a2, b2), grad_out)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_against_finite_differences():
+    x, a, b = _inputs()
+    assert torch.autograd.gradcheck(lambda x, a, b: LoraDropoutProduct.apply(x, a, b, 0.7, 0.3, 5), (x, a, b))
+
+
+def test_layer_training_step_uses_a_seeded_mask_and_matches_the_formula():
+    holder = adapt_layer(nn.Linear(12, 7).double(), r=4, alpha=8, dropout=0.25)
+    layer = holder.layer
+    a, b = fill_(layer.lora_A["default"].weight, 1), fill_(layer.lora_B["default"].weight, 2)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    holder.train()
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    mask = dropout_mask(seed, x.shape, 0.25, x.device, x.dtype)
+    w, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    expected = x @ w.t() + bias + 2.0 * (x * mask) @ a.detach().t() @ b.detach().t()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of distinct storages autograd keeps for the backward pass of `run()`."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())
+
+
+def test_layers_sharing_an_input_save_it_once_and_no_dropped_copy():
+    torch.manual_seed(0)
+    layers = [adapt_layer(nn.Linear(64, 64), r=4, dropout=0.1).layer for _ in range(3)]
+    for layer in layers:
+        layer.train()
+        layer.base_layer.weight.requires_grad_(False)
+        layer.base_layer.bias.requires_grad_(False)
+    x = torch.randn(8, 32, 64, requires_grad=True)
+    saved = _saved_bytes(lambda: [layer(x) for layer in layers])
+    weights = sum(t.nbytes for layer in layers for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                                         layer.base_layer.weight))
+    # x once (the plain path keeps a dropped copy and a mask per layer: 3 · (4 + 1) bytes per element),
+    # plus each layer's r-wide product A·x and the weights the backward pass multiplies by.
+    assert saved <= x.nbytes + 3 * 8 * 32 * 4 * 4 + weights
