@@ -6,6 +6,7 @@
     lorakit.save_adapter(model, "out/")
 """
 
+from .analysis import analyze_adapter, subspace_similarity  # the rest: lorakit.analysis
 from .combine import combine
 from .config import LoraConfig
 from .inject import (
@@ -34,6 +35,7 @@ __all__ = [
     "adapter_config",
     "adapter_names",
     "add_adapter",
+    "analyze_adapter",
     "combine",
     "delete_adapter",
     "disable_adapters",
@@ -44,6 +46,7 @@ __all__ = [
     "read_adapter",
     "save_adapter",
     "set_adapter",
+    "subspace_similarity",
     "trainable_parameters",
     "unmerge",
     # lorakit.quant (QLoRA)
