@@ -23,6 +23,7 @@ from .inject import (
     unmerge,
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from .mixed import adapter_rows
 from .estimation import estimate  # compare, Estimate and the report: lorakit.estimation
 from .quant import QuantLinear, dequantize, load_quantized, quantize, save_quantized
 
@@ -34,6 +35,7 @@ __all__ = [
     "active_adapters",
     "adapter_config",
     "adapter_names",
+    "adapter_rows",
     "add_adapter",
     "analyze_adapter",
     "combine",

@@ -190,6 +190,9 @@ class LoraLayer(nn.Module):
         result = base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        row_plan = self.__dict__.get("row_adapters")  # set by lorakit.adapter_rows: an adapter per batch row
+        if row_plan is not None:
+            return row_plan.apply(self, x, base_out)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
