@@ -172,7 +172,7 @@ def test_write_report_files(base_copy, tmp_path):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert json.loads((tmp_path / "out" / "analysis.json").read_text()) == json.loads(json.dumps(report))
     text = (tmp_path / "out" / "analysis.md").read_text()
-    table_rows = [line for line in text.splitlines() if line.startswith("| model.")]
+    table_rows = [line for line in text.splitlines() if line.startswith(("| 0 self_attn", "| 1 self_attn"))]
     assert len(table_rows) == 8  # 4 layers in the ΔW table, 4 in the comparison
     assert "amplification" in text and "Subspace similarity with `b`" in text
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left

@@ -110,12 +110,12 @@ def _num(value: float | None, digits: int = 3) -> str:
 def layer_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per layer: rank, ‖ΔW‖_F, effective ranks, and with a base ‖W‖_F, ‖ΔW‖/‖W‖ and Table 7's projections."""
     with_base = report["base_model"] is not None
-    headers = ["module", "r", "‖ΔW‖_F", "entropy rank", f"rank @{ENERGY:.0%} energy"]
+    headers = ["layer", "r", "‖ΔW‖", "erank", f"r{ENERGY:.0%}"]
     if with_base:
-        headers += ["‖W‖_F", "‖ΔW‖/‖W‖", "‖UᵀWVᵀ‖ (ΔW dirs)", "(W dirs)", "(random)", "amplification"]
+        headers += ["‖W‖", "‖ΔW‖/‖W‖", "‖UᵀWVᵀ‖ ΔW", "W", "random", "amplif."]
     rows = []
     for row in report["layers"]:
-        cells = [row["module"], str(row["rank"]), _num(row["delta_norm"], 4), f"{row['effective_rank']:.2f}", str(row["energy_rank"])]
+        cells = [_short(row), str(row["rank"]), _num(row["delta_norm"], 4), f"{row['effective_rank']:.2f}", str(row["energy_rank"])]
         if with_base:
             cells += [_num(row["weight_norm"], 4), _num(row["relative_norm"], 4), _num(row["projection_delta"], 4),
                       _num(row["projection_weight"], 4), _num(row["projection_random"], 4), _num(row["amplification"], 3)]
@@ -125,10 +125,15 @@ def layer_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def comparison_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     comparison = report["comparison"]
-    headers = ["module", "r₁", "r₂", "φ(1,1)", "φ(k,k), k = min r", "φ(r₁,r₂)", "random φ(r₁,r₂)"]
-    rows = [[row["module"], str(row["r1"]), str(row["r2"]), f"{row['phi_1_1']:.3f}", f"{row['phi_k_k']:.3f}",
+    headers = ["layer", "r₁", "r₂", "φ(1,1)", "φ(k,k), k=min r", "φ(r₁,r₂)", "random φ(r₁,r₂)"]
+    rows = [[_short(row), str(row["r1"]), str(row["r2"]), f"{row['phi_1_1']:.3f}", f"{row['phi_k_k']:.3f}",
              f"{row['phi_r1_r2']:.3f}", f"{row['random_r1_r2']:.3f}"] for row in comparison["layers"]]
     return headers, rows
+
+
+def _short(row: dict[str, Any]) -> str:
+    """"3 self_attn.q_proj" for model.layers.3.self_attn.q_proj (the full path is in the JSON)."""
+    return f"{row['layer']} {row['kind']}" if row["layer"] is not None else row["module"]
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -142,12 +147,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"## Analysis of adapter `{report['label']}`", "",
         f"r = {config['r']}, α = {config['alpha']:g} (ΔW = {scale} · B·A), base: {report['base_model'] or 'not loaded'}. "
-        f"Entropy rank: exp(H(σ/Σσ)) (Roy & Vetterli); rank @{ENERGY:.0%}: the fewest singular values holding "
-        f"{ENERGY:.0%} of ‖ΔW‖²_F.",
+        f"Norms are Frobenius norms. erank: the entropy effective rank exp(H(σ/Σσ)) (Roy & Vetterli); "
+        f"r{ENERGY:.0%}: the fewest singular values holding {ENERGY:.0%} of ‖ΔW‖².",
     ]
     if report["base_model"] is not None:
-        lines.append("‖UᵀWVᵀ‖_F with U, V the top-r singular directions of ΔW, of W, or random (the LoRA paper's "
-                     "Table 7); amplification = ‖ΔW‖_F / ‖UᵀWVᵀ‖_F for ΔW's directions.")
+        lines.append("‖UᵀWVᵀ‖ with U, V the top-r singular directions of ΔW, of W, or random (the LoRA paper's "
+                     "Table 7); amplification = ‖ΔW‖ / ‖UᵀWVᵀ‖ for ΔW's directions.")
     lines += [""] + _markdown_table(*layer_table(report))
     if report["skipped"]:
         lines += ["", f"Not analysed (not linear layers): {', '.join(report['skipped'])}."]
@@ -163,10 +168,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 # -- files ----------------------------------------------------------------------------------------
+def check_output(output: str | os.PathLike) -> Path:
+    """The output folder, refused (ValueError) when a file is in its place."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a folder")
+    return out
+
+
 def write_report(report: dict[str, Any], output: str | os.PathLike) -> list[Path]:
     """Write analysis.json, analysis.md, spectrum.png and (with a comparison) one subspace_<kind>.png per module
     kind into the folder `output`; returns the paths written."""
-    out = Path(output)
+    out = check_output(output)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1)
     written = [out / JSON_NAME, out / MARKDOWN_NAME]
@@ -197,4 +210,4 @@ def _file_part(kind: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in kind)
 
 
-__all__ = ["analyze_adapter", "comparison_table", "layer_table", "markdown", "write_report"]
+__all__ = ["analyze_adapter", "check_output", "comparison_table", "layer_table", "markdown", "write_report"]
