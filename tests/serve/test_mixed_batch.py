@@ -8,6 +8,7 @@ import pytest
 import torch
 from lorakit_helpers import randomize_lora
 from peft import PeftModel
+from serve_helpers import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 import lorakit
 from lorakit import LoraConfig

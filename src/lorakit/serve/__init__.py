@@ -1,0 +1,17 @@
+"""`lorakit serve`: one base model, many LoRA adapters, an OpenAI-compatible HTTP API.
+
+Requests name an adapter in their `model` field (the base model's own name selects none). Requests for different
+adapters run in one batch: the base model's matrix products once for the whole batch, each adapter's low-rank
+part on its own rows (`lorakit.adapter_rows`). Modules:
+
+- config.py: `ServeConfig`, the limits;          - app.py: the HTTP routes (`create_app`);
+- registry.py: adapters, allowed folders, in-use; - scheduler.py: queue and continuous batching;
+- engine.py: prefill / decode steps and sampling; - kvcache.py: the KV cache, one row per sequence;
+- generation.py: a request's sequences on the event loop; text.py: tokens to streamed text, stop strings;
+- protocol.py: OpenAI request and response shapes; metrics.py: Prometheus text.
+"""
+
+from .app import create_app
+from .config import ServeConfig
+
+__all__ = ["ServeConfig", "create_app"]
