@@ -32,10 +32,13 @@ def split_list(value: Optional[str]) -> Optional[list[str]]:
 def load_with_adapters(model: Optional[str], adapters: list[Path], task: Optional[str] = None,
                         names: Optional[list[str]] = None):
     """Base model (given, or named in the first adapter) with every adapter loaded and active (named by
-    `names`, else by their folder names)."""
+    `names`, else by their folder names). A folder of another method (lorakit.methods) is loaded alone."""
     import lorakit
     from ..models import load_model
+    from ..methods import is_method_folder
 
+    if any(is_method_folder(a) for a in adapters):
+        return _load_with_method(model, adapters, task)
     configs = [lorakit.read_adapter(a) for a in adapters]
     if model is None:
         if not configs or not configs[0][0].base_model_name_or_path:
@@ -53,4 +56,22 @@ def load_with_adapters(model: Optional[str], adapters: list[Path], task: Optiona
         lorakit.load_adapter(base, folder, name=name)
     if names:
         lorakit.set_adapter(base, names)
+    return base, tokenizer, task
+
+
+def _load_with_method(model: Optional[str], adapters: list[Path], task: Optional[str]):
+    from ..methods import load_method, read_method
+    from ..models import load_model
+
+    if len(adapters) != 1:
+        raise ValueError("a folder of a method other than LoRA (full, bitfit, adapter, prefix, prompt, head) is loaded alone")
+    config, tensors = read_method(adapters[0])
+    model = model or config.get("base_model_name_or_path")
+    if not model:
+        raise ValueError("--model is required (the method folder does not name its base model)")
+    seq_cls = task == "seq-cls" or (task is None and config.get("task_type") == "SEQ_CLS")
+    heads = [t for k, t in tensors.items() if k in ("classifier.weight", "score.weight")]
+    task = "seq-cls" if seq_cls else "causal-lm"
+    base, tokenizer = load_model(model, task, num_labels=heads[0].shape[0] if seq_cls and heads else None)
+    load_method(base, adapters[0])
     return base, tokenizer, task

@@ -23,6 +23,11 @@ def train(
     target_field: Annotated[Optional[str], typer.Option(help="field holding the target text or label")] = None,
     pair_field: Annotated[Optional[str], typer.Option(help="second text field for sentence-pair classification")] = None,
     template: Annotated[Optional[str], typer.Option(help="prompt template with {field} placeholders")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora (default), full, bitfit, adapter, prefix, prompt or head (linear probing)")] = None,
+    adapter_size: Annotated[Optional[int], typer.Option(help="--method adapter: bottleneck width (64)")] = None,
+    adapter_norms: Annotated[Optional[bool], typer.Option("--adapter-norms/--no-adapter-norms", help="--method adapter: also train the layer norms")] = None,
+    prefix_length: Annotated[Optional[int], typer.Option(help="--method prefix: key/value positions per layer (10)")] = None,
+    prompt_length: Annotated[Optional[int], typer.Option(help="--method prompt: soft-prompt embeddings (10)")] = None,
     target_modules: Annotated[Optional[str], typer.Option(help="comma-separated module names, or all-linear")] = None,
     quantize: Annotated[Optional[str], typer.Option(help="QLoRA: quantize the frozen base's linear layers: nf4 (4-bit, double-quantized), int8 or int8-asym")] = None,
     r: Annotated[Optional[int], typer.Option("--r", "--lora-rank", help="LoRA rank (write --lora-rank under torchrun, whose own options swallow --r)")] = None,
@@ -56,7 +61,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log to <output>/tensorboard")] = False,
 ) -> None:
-    """Fine-tune a model with LoRA. With no options: SmolLM2-135M-Instruct on E2E NLG (about 10 minutes on 2 CPU cores)."""
+    """Fine-tune a model with LoRA (or another method: --method). With no options: SmolLM2-135M-Instruct on E2E NLG (about 10 minutes on 2 CPU cores)."""
     options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume", "overwrite")}
     from ..train.run import RunConfig, run_training
 

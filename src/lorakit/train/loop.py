@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write
 from ..io import load_adapter, save_adapter
 from ..inject import adapter_names, delete_adapter
+from ..methods import method_state, restore_method, save_method
 from .data import IGNORE_INDEX
 from .distributed import Parallel, load_optimizer_state, optimizer_state, unwrap
 from .loss import causal_lm_loss
@@ -130,6 +131,14 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def _save_trained(model: nn.Module, folder: Path, adapter_name: str, adapter_meta: dict, write: bool) -> None:
+    """The trained tensors: the method's file when a method of lorakit.methods is applied, else the LoRA adapter."""
+    if method_state(model) is not None:
+        save_method(model, folder, write=write, **adapter_meta)
+    else:
+        save_adapter(model, folder, adapter_name, write=write, **adapter_meta)
+
+
 def _save_checkpoint(trained, optimizer, scheduler, step, rng_state, history, output_dir, adapter_name, keep,
                      adapter_meta, parallel: Parallel) -> Path:
     """Write `checkpoints/step-N` (adapter + optimizer, scheduler, RNG, history). Every rank must call it
@@ -141,7 +150,7 @@ def _save_checkpoint(trained, optimizer, scheduler, step, rng_state, history, ou
     if parallel.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, adapter_name, write=parallel.is_main, **adapter_meta)
+    _save_trained(model, tmp, adapter_name, adapter_meta, parallel.is_main)
     state = {
         "step": step,
         "optimizer": optimizer_state(model, optimizer),
@@ -226,7 +235,9 @@ def train_adapter(
 
     start_step, history = 0, []
     checkpoint = latest_checkpoint(output) if resume else None
-    if checkpoint is not None:
+    if checkpoint is not None and method_state(model) is not None:
+        restore_method(model, checkpoint)  # in place: the same parameters, the checkpoint's values
+    elif checkpoint is not None:
         # Reload the adapter tensors of the checkpoint; the optimizer must be built on the new parameters.
         if adapter_name in adapter_names(model):
             delete_adapter(model, adapter_name)
@@ -334,7 +345,7 @@ def train_adapter(
     if evaluate:
         record({"step": step, **evaluate(model)})
     checkpoint_now()
-    save_adapter(model, output, adapter_name, write=parallel.is_main, **adapter_meta)
+    _save_trained(model, output, adapter_name, adapter_meta, parallel.is_main)
     if parallel.is_main:
         _plot_losses(history, output / "loss.png")
     if board is not None:

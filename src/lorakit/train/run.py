@@ -21,7 +21,9 @@ import torch
 import yaml
 
 from ..config import LoraConfig
-from ..inject import add_adapter, disable_adapters, trainable_parameters
+from ..inject import add_adapter, merge, trainable_parameters, unmerge
+from ..methods import METHODS, MethodOptions, apply_method, disabled
+from ..methods.measure import PeakRss, forward_latency_ms, weights_bytes
 from ..atomic import atomic_write
 from ..models import BUILTIN_MODELS, load_model, model_reference
 from .data import (
@@ -54,6 +56,11 @@ class RunConfig:
     target_field: str | None = None
     pair_field: str | None = None
     template: str | None = None
+    method: str = "lora"  # or full, bitfit, adapter, prefix, prompt, head (lorakit.methods)
+    adapter_size: int = 64  # method adapter: bottleneck width
+    adapter_norms: bool = False  # method adapter: also train the layer norms (Houlsby et al.)
+    prefix_length: int = 10  # method prefix: key/value positions per layer
+    prompt_length: int = 10  # method prompt: soft-prompt embeddings
     target_modules: list[str] | None = None  # default: the built-in model's, else all-linear
     quantize: str | None = None  # QLoRA: freeze the base's linear layers in "nf4" (double-quantized) or "int8"
     r: int = 8
@@ -210,6 +217,10 @@ def run_training(cfg: RunConfig, log=print) -> dict[str, Any]:
 def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise RunError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if cfg.method not in METHODS:
+        raise RunError(f"unknown method {cfg.method!r}; expected one of: {', '.join(METHODS)}")
+    if cfg.quantize and cfg.method != "lora":
+        raise RunError(f"--quantize freezes the base for LoRA (QLoRA); it does not combine with --method {cfg.method}")
     out = _check_output(cfg)
     parallel.barrier()  # every process has checked the folder before rank 0 writes into it
     if parallel.active:
@@ -230,25 +241,39 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
     except DataError as err:
         raise RunError(str(err)) from None
 
-    lora = LoraConfig(
-        r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules or "all-linear",
-        modules_to_save=_head_names(model) if cfg.task == CLASSIFICATION else None,
-        task_type=PEFT_TASK_TYPE[cfg.task], base_model_name_or_path=model_reference(cfg.model),
-        init=cfg.init, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-    )
-    if cfg.quantize:
-        from ..quant import quantize
+    collate = Collator(tokenizer.pad_token_id)
+    # Latency is measured on one fixed batch, also on the base model (before any method is applied).
+    latency_batch = collate(val_features[: cfg.batch_size]) if not parallel.active else None
+    latency = {"base": forward_latency_ms(model, latency_batch)} if latency_batch else {}
+    meta = {"task_type": PEFT_TASK_TYPE[cfg.task], "base_model_name_or_path": model_reference(cfg.model)}
+    if cfg.method == "lora":
+        lora = LoraConfig(
+            r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules or "all-linear",
+            modules_to_save=_head_names(model) if cfg.task == CLASSIFICATION else None,
+            init=cfg.init, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, **meta,
+        )
+        if cfg.quantize:
+            from ..quant import quantize
 
-        try:  # the default skip list keeps the output head and classification heads (trained in full) in float
-            log(quantize(model, cfg.quantize).summary())
-        except ValueError as err:
+            try:  # the default skip list keeps the output head and classification heads (trained in full) in float
+                log(quantize(model, cfg.quantize).summary())
+            except ValueError as err:
+                raise RunError(str(err)) from None
+        try:
+            add_adapter(model, lora)
+        except (ValueError, TypeError) as err:
             raise RunError(str(err)) from None
-    try:
-        add_adapter(model, lora)
-    except (ValueError, TypeError) as err:
-        raise RunError(str(err)) from None
+        described = f"adapter: r={cfg.r} alpha={cfg.alpha} on {lora.target_modules}"
+    else:
+        options = MethodOptions(adapter_size=cfg.adapter_size, adapter_norms=cfg.adapter_norms,
+                                prefix_length=cfg.prefix_length, prompt_length=cfg.prompt_length)
+        try:
+            apply_method(model, cfg.method, options)
+        except ValueError as err:
+            raise RunError(f"--method {cfg.method}: {err}") from None
+        described = f"method: {cfg.method}"
     trainable, total = trainable_parameters(model)
-    log(f"adapter: r={cfg.r} alpha={cfg.alpha} on {lora.target_modules} — {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    log(f"{described} — {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +296,7 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
     if "before" in previous:
         before = previous["before"]
     else:
-        with disable_adapters(model):
+        with disabled(model):
             before = score("before")
         if parallel.is_main:
             _write_json(results_path, {"before": before})
@@ -282,14 +307,19 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
         eval_every=cfg.eval_every, save_every=cfg.save_every, progress=cfg.progress,
         loraplus_ratio=cfg.loraplus_ratio, tensorboard=cfg.tensorboard,
     )
-    collate = Collator(tokenizer.pad_token_id)
-    result = train_adapter(
-        model, train_features, collate, settings, out,
-        evaluate=lambda m: {"eval_loss": mean_loss(m, val_features, collate, parallel=parallel)},
-        resume=cfg.resume, adapter_meta={"task_type": lora.task_type, "base_model_name_or_path": lora.base_model_name_or_path},
-        parallel=parallel,
-    )
+    with PeakRss() as memory:
+        result = train_adapter(
+            model, train_features, collate, settings, out,
+            evaluate=lambda m: {"eval_loss": mean_loss(m, val_features, collate, parallel=parallel)},
+            resume=cfg.resume, adapter_meta=meta, parallel=parallel,
+        )
     after = score("after")
+    if latency_batch:
+        latency[cfg.method] = forward_latency_ms(model, latency_batch)
+        if cfg.method == "lora" and not cfg.quantize:  # merged, LoRA runs as fast as the base
+            merge(model)
+            latency["lora_merged"] = forward_latency_ms(model, latency_batch)
+            unmerge(model)
     peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     # What training holds (FSDP's shards, not the whole model that every process loaded first).
     rss_after_training_mb = round(psutil.Process().memory_info().rss / 2**20, 1)
@@ -303,7 +333,12 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
             "tokens_per_s": round(result.tokens_per_s, 1),
             "trainable_parameters": trainable,
             "total_parameters": total,
+            "peak_rss_mb": round(memory.peak_mb, 1),  # while training (sampled), the loaded model included
+            "rss_growth_mb": round(memory.peak_mb - memory.start_mb, 1),  # above what was held before training
         },
+        "method": cfg.method,
+        "checkpoint_mb": round(weights_bytes(out) / 2**20, 3),  # the saved adapter / method weights
+        "latency_ms": {k: round(v, 2) for k, v in latency.items()},  # one forward pass on a fixed batch
         "peak_rss_mb": peak_rss_mb,
         "rss_after_training_mb": rss_after_training_mb,
         "total_time_s": round(time.perf_counter() - started, 1),
