@@ -1,0 +1,72 @@
+"""`lorakit serve` from the command line: bad options end with one line and exit code 2 before anything starts;
+a real server process answers the openai client like `lorakit generate` and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from serve_helpers import PROMPTS, free_socket, make_model_and_adapters, reference_texts
+from serve_helpers import one_torch_thread  # noqa: F401  (an autouse fixture)
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_model_and_adapters(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--adapter", "=x"], "--adapter takes NAME=FOLDER"),
+    (["--adapter", "a=x", "--adapter", "a=y"], "two adapters are named 'a'"),
+    (["--max-queue", "0"], "max_queue must be at least 1"),
+    (["--batch-wait-ms", "-1"], "batch_wait_ms must not be negative"),
+    (["--adapter", "sql=does-not-exist"], "does-not-exist"),
+    (["--adapter-dir", "no-such-dir"], "adapter folder"),
+])
+def test_bad_options_exit_2_with_one_line(files, extra, message):
+    model_dir, _ = files
+    result = CliRunner().invoke(app, ["serve", "--model", str(model_dir), *extra])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_server_process_answers_and_stops_on_ctrl_c(files):
+    model_dir, folders = files
+    expected = reference_texts(model_dir, folders["e2e"], [PROMPTS[0]], 8)[0]
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()  # the server binds it again (SO_REUSEADDR)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAKIT_API_KEY": "k"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), "--adapter", f"e2e={folders['e2e']}",
+         "--served-model-name", "tiny", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny", "e2e"]
+        out = client.completions.create(model="e2e", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert out.choices[0].text.strip() == expected
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "serving tiny, e2e on http://127.0.0.1" in output
