@@ -1,0 +1,330 @@
+"""Speed and memory of LoRA training and inference: lorakit vs PEFT 0.21.2 vs full fine-tuning, side by side.
+
+SmolLM2-135M-Instruct (fp32, CPU), LoRA r=8 α=16 on q,k,v,o with dropout 0.05, AdamW, as `lorakit train`:
+
+1. Training step (forward, backward, gradient clipping, AdamW step) at batch 4 × 128 and 4 × 512 random
+   tokens, every position a target. Step time: the three set-ups live in one process and take turns, one
+   step each per round (A/B/C alternation, so drift in the machine's load hits all three alike); the
+   median over rounds is reported. Peak memory: one fresh process per set-up and length with
+   MALLOC_MMAP_THRESHOLD_=131072 (freed blocks go back to the system, so the RSS follows live tensors);
+   the peak is the kernel's high-water mark during 3 steps minus the RSS just before them (model loaded,
+   method applied) — the memory training adds above the loaded model.
+2. End to end on the E2E sample: non-padding tokens per second over a fixed number of optimizer steps of
+   8 examples, data preparation included, for `lorakit.train` (its loop with every default: fused paths,
+   length-grouped batches, loss on target tokens) and for PEFT + transformers `Trainer` with the seeds'
+   recipe (each example tokenized alone with `padding=True`, `DataCollatorForLanguageModeling(mlm=False)`:
+   loss on every token); each in its own process. Both adapters are then scored with the same held-out
+   loss (target tokens of 64 validation examples) to check that the speed did not cost quality.
+3. Inference at 4 × 128 (no_grad): forward latency of the base model, lorakit LoRA unmerged and merged, and
+   PEFT unmerged, alternating; greedy generation tokens/s (4 prompts, 32 new tokens).
+
+    .venv/bin/python bench/train_step.py                # everything (~15 min on 2 cores), table + JSON
+    .venv/bin/python bench/train_step.py --parts step   # or e2e, infer; --rounds, --e2e-steps to shorten
+
+Results: bench/results/train_step.json, with `uptime` before and after (the cores may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "train_step.json"
+MODEL = "smollm2-135m"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SETUPS = ("lorakit", "peft", "full")
+LENGTHS = (128, 512)
+BATCH = 4
+
+
+# -- the three set-ups --------------------------------------------------------------------------
+def build(setup: str):
+    """A freshly loaded model prepared for `setup`, and its step function."""
+    import lorakit
+    from lorakit.models import load_model
+    from lorakit.train.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    model, _ = load_model(MODEL, "causal-lm")
+    if setup == "lorakit":
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
+        loss_of = causal_lm_loss
+    elif setup == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
+        loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
+    else:
+        loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step(batch):
+        loss = loss_of(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return model, step, sum(p.numel() for p in params)
+
+
+def token_batch(length: int, vocab: int = 49152) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, vocab, (BATCH, length), generator=torch.Generator().manual_seed(length))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(setup: str, length: int) -> dict:
+    """In a fresh process: training memory above the loaded, prepared model over 3 steps."""
+    import ctypes
+
+    model, step, _ = build(setup)
+    batch = token_batch(length)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # restart the high-water mark from here
+    for _ in range(3):
+        step(batch)
+    return {"setup": setup, "length": length, "peak_above_loaded_mb": _status_mb("VmHWM") - before,
+            "loaded_mb": before}
+
+
+def _in_child(part: str, *args: str) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if part == "memory" else os.environ
+    out = subprocess.run([sys.executable, __file__, "--child", part, *args], env=env, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_steps(rounds: dict[int, int]) -> dict:
+    built = {setup: build(setup) for setup in SETUPS}
+    out = {"trainable": {s: built[s][2] for s in SETUPS}, "lengths": {}}
+    for length in LENGTHS:
+        batch = token_batch(length)
+        times = {s: [] for s in SETUPS}
+        for setup in SETUPS:  # one warm-up step each
+            built[setup][1](batch)
+        for _ in range(rounds[length]):
+            for setup in SETUPS:
+                begin = time.perf_counter()
+                built[setup][1](batch)
+                times[setup].append(time.perf_counter() - begin)
+        memory = {s: _in_child("memory", s, str(length))["peak_above_loaded_mb"] for s in SETUPS}
+        out["lengths"][length] = {
+            s: {"step_s": statistics.median(times[s]), "step_times": times[s], "peak_mb": memory[s]} for s in SETUPS
+        }
+        print(f"  {BATCH}×{length}: " + ", ".join(f"{s} {statistics.median(times[s]):.2f}s {memory[s]:.0f}MB"
+                                                  for s in SETUPS), flush=True)
+    return out
+
+
+# -- end to end on E2E ----------------------------------------------------------------------------
+def _e2e_data(tokenizer, steps: int):
+    from lorakit.train.data import load_data
+
+    train = load_data("e2e", "train", "causal-lm").examples[: steps * 8 * 2]
+    val = load_data("e2e", "validation", "causal-lm").examples[:64]
+    return train, val
+
+
+def _heldout_loss(model, tokenizer, val) -> float:
+    from lorakit.train.data import Collator, encode_causal
+    from lorakit.train.evaluate import mean_loss
+
+    features = [encode_causal(tokenizer, ex, 256) for ex in val]
+    return mean_loss(model, features, Collator(tokenizer.pad_token_id))
+
+
+def e2e_child(setup: str, steps: int) -> dict:
+    import lorakit
+    from lorakit.models import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(MODEL, "causal-lm")
+    tokens = [0]
+
+    def counting(collate):
+        def wrapped(features):
+            batch = collate(features)
+            tokens[0] += int(batch["attention_mask"].sum())
+            return batch
+        return wrapped
+
+    begin = time.perf_counter()
+    if setup == "lorakit":
+        from lorakit.train.data import Collator, encode_causal
+        from lorakit.train.loop import LoopSettings, train_adapter
+
+        train, val = _e2e_data(tokenizer, steps)
+        features = [encode_causal(tokenizer, ex, 256) for ex in train]
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
+        settings = LoopSettings(lr=1e-3, batch_size=8, max_steps=steps, save_every=None, progress=False)
+        with tempfile.TemporaryDirectory() as out:
+            result = train_adapter(model, features, counting(Collator(tokenizer.pad_token_id)), settings, out)
+        final_loss = result.final_loss
+    else:
+        import datasets
+        from peft import LoraConfig, get_peft_model
+        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+        from lorakit.train.data import format_prompt
+
+        train, val = _e2e_data(tokenizer, steps)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
+        texts = [format_prompt(tokenizer, ex.prompt) + ex.target + tokenizer.eos_token for ex in train]
+        data = datasets.Dataset.from_dict({"text": texts}).map(
+            lambda row: tokenizer(row["text"], padding=True, truncation=True, max_length=256,
+                                  add_special_tokens=False), remove_columns=["text"])
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        with tempfile.TemporaryDirectory() as out:
+            args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=steps,
+                                     learning_rate=1e-3, warmup_ratio=0.05, lr_scheduler_type="linear",
+                                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                     disable_tqdm=True, seed=0, dataloader_num_workers=0)
+            trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting(collator))
+            history = trainer.train() and trainer.state.log_history
+        final_loss = [h["loss"] for h in history if "loss" in h][-1]
+    wall = time.perf_counter() - begin
+    return {"setup": setup, "steps": steps, "wall_s": wall, "tokens": tokens[0], "tokens_per_s": tokens[0] / wall,
+            "final_train_loss": final_loss, "heldout_target_loss": _heldout_loss(model, tokenizer, val)}
+
+
+# -- inference -----------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_inference(rounds: int) -> dict:
+    import lorakit
+    from lorakit.generate import generate_texts
+    from lorakit.models import load_model
+
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = load_model(MODEL, "causal-lm")
+    unmerged, _ = load_model(MODEL, "causal-lm")
+    merged, _ = load_model(MODEL, "causal-lm")
+    peft_model, _ = load_model(MODEL, "causal-lm")
+    config = lorakit.LoraConfig(r=8, alpha=16, target_modules=TARGETS)
+    for model in (unmerged, merged):
+        lorakit.add_adapter(model, config)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # a trained-looking adapter, not B = 0
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    peft_model = get_peft_model(peft_model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    lorakit.merge(merged)
+    models = {"base": base, "lorakit unmerged": unmerged, "lorakit merged": merged, "peft unmerged": peft_model}
+    for model in models.values():
+        model.eval()
+    batch = token_batch(128)
+    del batch["labels"]
+    times = {name: [] for name in models}
+    for model in models.values():
+        model(**batch)
+    for _ in range(rounds):
+        for name, model in models.items():
+            begin = time.perf_counter()
+            model(**batch)
+            times[name].append(time.perf_counter() - begin)
+    prompts = ["name[The Eagle], eatType[coffee shop], food[French]", "name[Alimentum], area[city centre]",
+               "name[Zizzi], priceRange[cheap], customer rating[5 out of 5]", "name[Cotto], near[The Bakers]"]
+    gen = {}
+    for name, model in models.items():
+        generate_texts(model, tokenizer, prompts, 4)  # warm-up
+        begin = time.perf_counter()
+        texts = generate_texts(model, tokenizer, prompts, 32)
+        seconds = time.perf_counter() - begin
+        new_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        gen[name] = {"seconds": seconds, "tokens_per_s": new_tokens / seconds}
+    base_ms = statistics.median(times["base"]) * 1e3
+    return {name: {"forward_ms": statistics.median(t) * 1e3, "overhead_vs_base": statistics.median(t) * 1e3 / base_ms - 1,
+                   "generate_tokens_per_s": gen[name]["tokens_per_s"]} for name, t in times.items()}
+
+
+# -- report --------------------------------------------------------------------------------------
+def _table(results: dict) -> str:
+    lines = []
+    if "steps" in results:
+        lines += ["| batch | setup | step (median) | ×PEFT | ×full | peak above model | ×PEFT |", "|---|---|---|---|---|---|---|"]
+        for length, row in results["steps"]["lengths"].items():
+            for setup in SETUPS:
+                r = row[setup]
+                lines.append(f"| {BATCH}×{length} | {setup} | {r['step_s']:.2f} s | {r['step_s'] / row['peft']['step_s']:.2f} | "
+                             f"{r['step_s'] / row['full']['step_s']:.2f} | {r['peak_mb']:.0f} MB | "
+                             f"{r['peak_mb'] / row['peft']['peak_mb']:.2f} |")
+    if "e2e" in results:
+        e = results["e2e"]
+        lines += ["", "| E2E end to end | tokens/s | wall | final train loss | held-out target loss |", "|---|---|---|---|---|"]
+        for setup in ("lorakit", "peft+trainer"):
+            r = e[setup]
+            lines.append(f"| {setup} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} s | {r['final_train_loss']:.3f} | "
+                         f"{r['heldout_target_loss']:.3f} |")
+        lines.append(f"| ratio | {e['lorakit']['tokens_per_s'] / e['peft+trainer']['tokens_per_s']:.2f}× | | | |")
+    if "inference" in results:
+        lines += ["", "| inference 4×128 | forward | overhead vs base | generate tokens/s |", "|---|---|---|---|"]
+        for name, r in results["inference"].items():
+            lines.append(f"| {name} | {r['forward_ms']:.0f} ms | {100 * r['overhead_vs_base']:+.1f} % | "
+                         f"{r['generate_tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="step,e2e,infer")
+    parser.add_argument("--rounds", type=int, default=12, help="alternation rounds at 4×128 (a third at 4×512)")
+    parser.add_argument("--e2e-steps", type=int, default=20)
+    parser.add_argument("--infer-rounds", type=int, default=15)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        part, *rest = args.child
+        result = memory_child(rest[0], int(rest[1])) if part == "memory" else e2e_child(rest[0], int(rest[1]))
+        print(json.dumps(result))
+        return
+
+    parts = args.parts.split(",")
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results.update(machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+                   uptime_before=_uptime())
+    if "step" in parts:
+        print("training steps", flush=True)
+        results["steps"] = bench_steps({128: args.rounds, 512: max(3, args.rounds // 3)})
+    if "e2e" in parts:
+        print("end to end on E2E", flush=True)
+        results["e2e"] = {"lorakit": _in_child("e2e", "lorakit", str(args.e2e_steps)),
+                          "peft+trainer": _in_child("e2e", "peft", str(args.e2e_steps))}
+    if "infer" in parts:
+        print("inference", flush=True)
+        results["inference"] = bench_inference(args.infer_rounds)
+    results["uptime_after"] = _uptime()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(_table(results))
+    print(f"\n{results['machine']}; {results['uptime_before']} / {results['uptime_after']}\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
