@@ -7,7 +7,12 @@ import torch
 from lorakit_helpers import adapt_layer, fill_
 from torch import nn
 
-from lorakit.layers.lora_function import LoraDropoutProduct, dropout_mask, keep_threshold
+from lorakit.layers.lora_function import LoraDropoutProduct, keep_mask, keep_threshold
+
+
+def dropout_mask(seed: int, shape: torch.Size, p: float) -> torch.Tensor:
+    """The float mask the fused path applies: kept entries scaled by the inverse of the effective keep rate."""
+    return keep_mask(seed, shape, p, torch.device("cpu")).double() * keep_threshold(p)[1]
 
 
 def _inputs(requires_grad: bool = True):
@@ -20,9 +25,9 @@ def _inputs(requires_grad: bool = True):
 
 def test_mask_is_reproducible_unbiased_and_drops_at_rate_p():
     shape = torch.Size([400, 500])
-    mask = dropout_mask(11, shape, 0.1, torch.device("cpu"), torch.float64)
-    assert torch.equal(mask, dropout_mask(11, shape, 0.1, torch.device("cpu"), torch.float64))
-    assert not torch.equal(mask, dropout_mask(12, shape, 0.1, torch.device("cpu"), torch.float64))
+    mask = dropout_mask(11, shape, 0.1)
+    assert torch.equal(mask, dropout_mask(11, shape, 0.1))
+    assert not torch.equal(mask, dropout_mask(12, shape, 0.1))
     kept = mask != 0
     # Every kept value is the inverse of the effective keep rate, which is within 1/65536 of 1 − p.
     assert torch.allclose(mask[kept], torch.full_like(mask[kept], 1 / 0.9), rtol=2e-5)
@@ -48,7 +53,7 @@ def test_gradients_equal_plain_autograd_with_the_same_mask(p):
     fused = torch.autograd.grad(out, (x, a, b), grad_out)
 
     x2, a2, b2 = _inputs()
-    mask = dropout_mask(123, x2.shape, p, x2.device, x2.dtype) if p else torch.ones_like(x2)
+    mask = dropout_mask(123, x2.shape, p) if p else torch.ones_like(x2)
     expected_out = 1.5 * (x2 * mask) @ a2.t() @ b2.t()
     expected = torch.autograd.grad(expected_out, (x2, a2, b2), grad_out)
     torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
@@ -71,7 +76,7 @@ def test_layer_training_step_uses_a_seeded_mask_and_matches_the_formula():
     out = layer(x)
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**62, (1,)).item())
-    mask = dropout_mask(seed, x.shape, 0.25, x.device, x.dtype)
+    mask = dropout_mask(seed, x.shape, 0.25)
     w, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
     expected = x @ w.t() + bias + 2.0 * (x * mask) @ a.detach().t() @ b.detach().t()
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

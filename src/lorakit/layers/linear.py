@@ -126,10 +126,14 @@ class LoraLinear(LoraLayer):
         residual = self.lora_residual[name] if name in self.lora_residual else None
         correction = F.linear(F.linear(x, residual.A), residual.B) * scaling if residual is not None else 0
         plain = name not in self.lora_magnitude_vector
-        if plain and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-            out = lora_dropout_product(x, self._lora_a_weight(name), self._lora_b_weight(name), scaling, p)
-            return out - correction
+        if plain and not torch.is_autocast_enabled(x.device.type):
+            a, b = self._lora_a_weight(name), self._lora_b_weight(name)
+            if torch.is_grad_enabled():
+                p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+                out = lora_dropout_product(x, a, b, scaling, p)
+            else:  # inference: the scaling folded into B (out × r), no pass over the output for it
+                out = F.linear(F.linear(dropout(x), a), b * scaling)
+            return out - correction if residual is not None else out
         dropped = dropout(x)
         out = self.lora_B[name](self.lora_A[name](dropped)) * scaling
         if plain:

@@ -28,46 +28,50 @@ def keep_threshold(p: float) -> tuple[int, float]:
     return keep - _LANES // 2, _LANES / keep
 
 
-def dropout_mask(seed: int, shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The scaled keep mask (0 or 1/keep-rate) of `shape` drawn from `seed`: the same seed gives the same mask."""
-    threshold, scale = keep_threshold(p)
+def keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """The boolean keep mask of `shape` drawn from `seed` (kept with probability ≈ 1 − p): same seed, same mask."""
+    threshold, _ = keep_threshold(p)
     count = shape.numel()
     generator = torch.Generator(device=device).manual_seed(seed)
     # The full signed range: `random_()` without bounds leaves the top bit of every word 0.
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1,
                                                                                    generator=generator)
-    lanes = words.view(torch.int16)[:count].view(shape)
-    return (lanes < threshold).to(dtype) * scale
+    return words.view(torch.int16)[:count].view(shape) < threshold
 
 
 class LoraDropoutProduct(torch.autograd.Function):
-    """scaling · (dropout(x) @ Aᵀ) @ Bᵀ with the mask regenerated from `seed` (p = 0: no mask)."""
+    """scaling · (dropout(x) @ Aᵀ) @ Bᵀ with the mask regenerated from `seed` (p = 0: no mask).
+
+    Scalars are folded into the small tensors (A, B: r × in, out × r; the r-wide product), so the only
+    passes over input-sized tensors are the mask and `where` — one of each in the forward pass, two `where`s
+    in the backward pass — and none over the output.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float,
                 seed: int) -> torch.Tensor:
-        dropped = x * dropout_mask(seed, x.shape, p, x.device, x.dtype) if p > 0 else x
-        down = dropped @ a.t()
+        keep_scale = keep_threshold(p)[1] if p > 0 else 1.0
+        dropped = torch.where(keep_mask(seed, x.shape, p, x.device), x, 0.0) if p > 0 else x
+        down = (dropped @ a.t()) * keep_scale
         ctx.save_for_backward(x, a, b, down)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
-        return (down @ b.t()) * scaling
+        ctx.scaling, ctx.p, ctx.seed, ctx.keep_scale = scaling, p, seed, keep_scale
+        return down @ (b.t() * scaling)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, a, b, down = ctx.saved_tensors
-        grad_out = grad_out * ctx.scaling
-        grad_down = grad_out @ b
-        mask = dropout_mask(ctx.seed, x.shape, ctx.p, x.device, x.dtype) if ctx.p > 0 else None
+        grad_down = grad_out @ (b * ctx.scaling)
+        keep = keep_mask(ctx.seed, x.shape, ctx.p, x.device) if ctx.p > 0 else None
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_down @ a
-            if mask is not None:
-                grad_x = grad_x * mask
+            grad_x = grad_down @ (a * ctx.keep_scale)
+            if keep is not None:
+                grad_x = torch.where(keep, grad_x, 0.0)
         if ctx.needs_input_grad[1]:
-            dropped = x * mask if mask is not None else x
-            grad_a = grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
+            dropped = torch.where(keep, x, 0.0) if keep is not None else x
+            grad_a = (grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])) * ctx.keep_scale
         if ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).t() @ down.reshape(-1, down.shape[-1])
+            grad_b = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ down.reshape(-1, down.shape[-1])) * ctx.scaling
         return grad_x, grad_a, grad_b, None, None, None
 
 
