@@ -150,7 +150,8 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Ser
         if not prompts or len(prompts) > config.max_batch_size:
             raise ApiError(400, f"give 1 to {config.max_batch_size} prompts, got {len(prompts)}", param="prompt")
         max_tokens = min(budget(p, requested) for p in prompts)
-        sampling = Sampling(max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        sampling = Sampling(max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                            ignore_eos=body.ignore_eos)
         try:
             return Generation(scheduler, registry, tokenizer, body.model, prompts, sampling, body.stop_strings())
         except (ModelNotFound, QueueFull) as err:
