@@ -20,13 +20,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .config import WEIGHT_INITS
-from .inject import adapter_config, adapter_names, lora_layers
+from .inject import adapter_config, adapter_names, adapter_state, lora_layers
 from .layers import LoraLayer, LoraLinear
 
 ROWS_ATTR = "row_adapters"  # the attribute of a LoraLayer that LoraLayer.forward looks for
@@ -166,6 +166,60 @@ def _plan(layer: LoraLayer, batch: int, rows_of: dict[str, torch.Tensor], eligib
     return RowPlan(batch, None, groups, stack, slots)
 
 
+@dataclass
+class _ModelCache:
+    """A model's LoRA layers and its recent plans, valid while the same adapter configs are on the model (adding,
+    loading or deleting an adapter creates or drops config objects; layers change only then)."""
+
+    configs: tuple
+    layers: list[LoraLayer]
+    plans: dict[tuple, list[RowPlan]] = field(default_factory=dict)  # by (row names, grad mode, training flags)
+
+
+# Looking up the layers (a walk over every module) and planning each layer cost more than a decode step's
+# low-rank work on a real model; a generation loop asks for the same rows step after step.
+_models: weakref.WeakKeyDictionary[nn.Module, _ModelCache] = weakref.WeakKeyDictionary()
+_MAX_PLANS = 64
+
+
+def _model_cache(model: nn.Module) -> _ModelCache:
+    state = adapter_state(model)
+    configs = tuple(state.configs.items()) if state else ()
+    cached = _models.get(model)
+    if cached is None or len(cached.configs) != len(configs) or any(
+        a[0] != b[0] or a[1] is not b[1] for a, b in zip(cached.configs, configs)
+    ):
+        cached = _ModelCache(configs, [layer for _, layer in lora_layers(model)])
+        _models[model] = cached
+    return cached
+
+
+def _still_valid(plans: list[RowPlan]) -> bool:
+    """Whether no stacked adapter tensor was modified in place since the plans were made."""
+    stacks = {id(plan.stack): plan.stack for plan in plans if plan.stack is not None}
+    return all(stack.versions == tuple(t._version for t in stack.tensors) for stack in stacks.values())
+
+
+def _plans(model: nn.Module, cache: _ModelCache, names: list[str | None]) -> list[RowPlan]:
+    key = (tuple(names), torch.is_grad_enabled(), tuple(layer.training for layer in cache.layers))
+    plans = cache.plans.get(key)
+    if plans is not None and _still_valid(plans):
+        return plans
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    rows_of: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(names):
+        if name is not None:
+            rows_of.setdefault(name, []).append(i)
+    rows_of = {n: torch.tensor(rows, device=device) for n, rows in rows_of.items()}
+    eligible = _eligible(model)
+    slot_cache: dict = {}  # layers with the same stacked adapters share one slot tensor
+    plans = [_plan(layer, len(names), rows_of, eligible, slot_cache) for layer in cache.layers]
+    if len(cache.plans) >= _MAX_PLANS:
+        cache.plans.clear()
+    cache.plans[key] = plans
+    return plans
+
+
 @contextmanager
 def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Within the block, row i of every batch the model sees uses adapter `names[i]` (None: the base model).
@@ -176,21 +230,14 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.M
     """
     names = list(names)
     _check_names(model, names)
-    layers = [layer for _, layer in lora_layers(model)]
+    cache = _model_cache(model)
+    layers = cache.layers
     merged = sorted({n for layer in layers for n in layer.merged_adapters})
     if merged:
         raise RuntimeError(f"adapters {merged} are merged; unmerge before running a mixed-adapter batch")
     if any(layer.__dict__.get(ROWS_ATTR) is not None for layer in layers):
         raise RuntimeError("adapter_rows is already in effect on this model; blocks cannot be nested")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    rows_of: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(names):
-        if name is not None:
-            rows_of.setdefault(name, []).append(i)
-    rows_of = {n: torch.tensor(rows, device=device) for n, rows in rows_of.items()}
-    eligible = _eligible(model)
-    slot_cache: dict = {}  # layers with the same stacked adapters share one slot tensor
-    plans = [_plan(layer, len(names), rows_of, eligible, slot_cache) for layer in layers]
+    plans = _plans(model, cache, names)
     try:
         for layer, plan in zip(layers, plans):
             layer.__dict__[ROWS_ATTR] = plan
