@@ -211,3 +211,15 @@ def test_config_file_with_flag_override(llama_dir, gen_data, tmp_path):
     config.write_text(yaml.safe_dump({"rank": 3}))
     result, output = invoke(train_args(llama_dir, gen_data, tmp_path / "other", "--config", str(config)))
     assert result.exit_code == 2 and "unknown option(s) rank" in output
+
+
+def test_length_grouping_can_be_switched_off(llama_dir, gen_data, tmp_path):
+    grouped, plain = tmp_path / "grouped", tmp_path / "plain"
+    assert invoke(train_args(llama_dir, gen_data, grouped, "--eval-examples", "0"))[0].exit_code == 0
+    result, output = invoke(train_args(llama_dir, gen_data, plain, "--eval-examples", "0", "--no-group-by-length"))
+    assert result.exit_code == 0, output
+    assert yaml.safe_load((grouped / "train_config.yaml").read_text())["group_by_length"] is True
+    assert yaml.safe_load((plain / "train_config.yaml").read_text())["group_by_length"] is False
+    # Other batches, so other weights.
+    a, b = load_file(grouped / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)

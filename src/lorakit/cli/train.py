@@ -60,6 +60,7 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run already in --output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log to <output>/tensorboard")] = False,
+    group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help="batch examples of similar length together (default: on)")] = None,
 ) -> None:
     """Fine-tune a model with LoRA (or another method: --method). With no options: SmolLM2-135M-Instruct on E2E NLG (about 10 minutes on 2 CPU cores)."""
     options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume", "overwrite")}

@@ -91,6 +91,7 @@ class RunConfig:
     overwrite: bool = False
     progress: bool = True
     tensorboard: bool = False
+    group_by_length: bool = True  # micro-batches of similar lengths (less padding); off: plain shuffled order
     distributed: str | None = None  # "ddp" or "fsdp" under torchrun (several processes alone mean ddp)
     dist_timeout: float = 600.0  # seconds a collective may wait for a process before failing
 
@@ -283,6 +284,8 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
     previous = json.loads(results_path.read_text()) if resuming and results_path.is_file() else {}
 
     def score(tag: str) -> dict[str, float]:
+        if not scored.examples:  # --eval-examples 0: no scoring
+            return {}
         metrics, predictions = evaluate_split(model, tokenizer, scored, cfg.max_length, cfg.max_new_tokens,
                                               progress=cfg.progress, parallel=parallel)
         if not parallel.is_main:
@@ -305,7 +308,7 @@ def _run(cfg: RunConfig, parallel: Parallel, log) -> dict[str, Any]:
         lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, seed=cfg.seed, log_every=cfg.log_every,
         eval_every=cfg.eval_every, save_every=cfg.save_every, progress=cfg.progress,
-        loraplus_ratio=cfg.loraplus_ratio, tensorboard=cfg.tensorboard,
+        loraplus_ratio=cfg.loraplus_ratio, tensorboard=cfg.tensorboard, group_by_length=cfg.group_by_length,
     )
     with PeakRss() as memory:
         result = train_adapter(
