@@ -1,5 +1,5 @@
 """Prefix and prompt tuning under padding and in generation: a padded batch gives every row what the row gives
-alone (left and right padding for Llama; BERT is right-padded, its pooler reads position 0), `generate` with a
+alone (left and right padding for Llama, left for GPT-2; BERT is right-padded, its pooler reads position 0), `generate` with a
 left-padded batch equals greedy decoding written out with full forward passes of each row alone, and the
 causal-LM loss with a soft prompt covers exactly the caller's target tokens (the plain and the fused loss)."""
 
@@ -36,7 +36,7 @@ def tuned(base_copy, key: str, method: str):
     return model
 
 
-@pytest.mark.parametrize("key, side", [("llama", "left"), ("llama", "right"), ("bert", "right")])
+@pytest.mark.parametrize("key, side", [("llama", "left"), ("llama", "right"), ("bert", "right"), ("gpt2", "left")])
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 @torch.no_grad()
 def test_a_padded_batch_gives_each_row_what_it_gives_alone(base_copy, key, side, method):
@@ -45,7 +45,7 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(base_copy, key, side,
     batch = model(input_ids=ids, attention_mask=mask).logits
     for i, row in enumerate(ROWS):
         alone = model(input_ids=row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long)).logits[0]
-        got = batch[i][mask[i].bool()] if key == "llama" else batch[i]
+        got = batch[i] if key == "bert" else batch[i][mask[i].bool()]
         torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
 
 

@@ -99,28 +99,24 @@ ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _prefix_attention)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """One self-attention module per transformer layer: the module holding the key projection and the config."""
+    """One attention module per transformer layer: the module that calls transformers' attention interface,
+    known by its config, layer index and causality flag (LlamaAttention, BertSelfAttention, GPT2Attention...)."""
     found = []
     for index, block in enumerate(transformer_blocks(model)):
-        inside = [m for m in block.modules() if hasattr(m, "config") and isinstance(_key_projection(m), nn.Module)]
+        inside = [m for m in block.modules() if all(hasattr(m, a) for a in ("config", "layer_idx", "is_causal"))]
         if len(inside) != 1:
             raise ValueError(f"prefix tuning: layer {index} of {type(model).__name__} has {len(inside)} attention "
-                             "modules with a key projection (k_proj / key); one self-attention per layer is supported")
+                             "modules; one self-attention per layer is supported")
         found.append(inside[0])
     return found
 
 
-def _key_projection(module: nn.Module) -> nn.Module | None:
-    projection = module._modules.get("k_proj")
-    return projection if projection is not None else module._modules.get("key")
-
-
-def _kv_shape(module: nn.Module) -> tuple[int, int]:
-    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-    projection = _key_projection(module)
-    if head_dim is None or not hasattr(projection, "out_features"):
-        raise ValueError(f"prefix tuning: cannot read the head size of {type(module).__name__}")
-    return projection.out_features // head_dim, head_dim
+def _kv_shape(model: nn.Module, module: nn.Module) -> tuple[int, int]:
+    """(key/value heads, head size) of an attention module."""
+    config = text_config(model)
+    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None) or \
+        config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
 
 
 def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
@@ -132,8 +128,8 @@ def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
                              f"{implementation!r} (load the model with attn_implementation='sdpa')")
     dtype = float_dtype(model)
     for module in modules:
-        heads, head_dim = _kv_shape(module)
-        device = _key_projection(module).weight.device
+        heads, head_dim = _kv_shape(model, module)
+        device = next(module.parameters()).device
         module.lorakit_prefix = Prefix(heads, options.prefix_length, head_dim, dtype, device, state)
         module.config = _ConfigView(module.config)
     # On the backbone, which lorakit's fused causal-LM loss calls directly.
