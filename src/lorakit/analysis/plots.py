@@ -65,10 +65,12 @@ def plot_similarity(panels: Sequence[tuple[str, Sequence[Sequence[float]]]], pat
         plt.close(fig)
 
 
-def plot_spectra(groups: dict[str, list[tuple[str, Sequence[float]]]], path: Path, title: str) -> Path:
+def plot_spectra(groups: dict[str, list[tuple[str, Sequence[float]]]], path: Path, title: str, columns: int = 3) -> Path:
     """Singular values of ΔW: `groups` maps a module kind to [(layer label, singular values, decreasing)]."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.4), squeeze=False)
+    columns = min(columns, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows + 0.4), squeeze=False)
     for ax, (kind, lines) in zip(axes.flat, groups.items()):
         colours = plt.cm.viridis([k / max(1, len(lines) - 1) for k in range(len(lines))])
         for colour, (label, values) in zip(colours, lines):
@@ -84,6 +86,8 @@ def plot_spectra(groups: dict[str, list[tuple[str, Sequence[float]]]], path: Pat
         _integer_ticks(ax.xaxis)
         if 1 < len(lines) <= 12:
             ax.legend(fontsize=6, ncol=2)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     try:

@@ -63,7 +63,8 @@ def analyze_adapter(
         if path in weights:
             table7 = delta_vs_weight(svd, weights[path], generator=generator).to_dict()
             del table7["rank"], table7["delta_norm"]  # already in the row
-            row.update(table7, relative_norm=row["delta_norm"] / table7["weight_norm"])
+            weight_norm = table7["weight_norm"]
+            row.update(table7, relative_norm=row["delta_norm"] / weight_norm if weight_norm > 0 else None)
         rows.append(row)
 
     report: dict[str, Any] = {
