@@ -1,7 +1,8 @@
 """Prefix and prompt tuning under padding and in generation: a padded batch gives every row what the row gives
-alone (left and right padding for Llama, left for GPT-2; BERT is right-padded, its pooler reads position 0), `generate` with a
-left-padded batch equals greedy decoding written out with full forward passes of each row alone, and the
-causal-LM loss with a soft prompt covers exactly the caller's target tokens (the plain and the fused loss)."""
+alone (left and right padding for Llama, left for GPT-2; BERT is right-padded, its pooler reads position 0),
+`generate` with a left-padded batch equals greedy decoding written out with full forward passes of each row
+alone, and the causal-LM loss with a soft prompt covers exactly the caller's target tokens (the plain and the
+fused loss)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def test_prefix_tuning_matches_peft_on_llama():
     randomize_trainable(ours, std=0.5)
     peft = get_peft_model(make_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)).eval()
     config = peft.peft_config["default"]
-    table = peft.prompt_encoder["default"].embedding.weight.view(P, config.num_layers * 2, config.num_attention_heads, -1)
+    weight = peft.prompt_encoder["default"].embedding.weight
+    table = weight.view(P, config.num_layers * 2, config.num_attention_heads, -1)
     for index, layer in enumerate(ours.model.layers):
         prefix = layer.self_attn.lorakit_prefix  # (heads, P, head_dim)
         table[:, 2 * index] = prefix.key.transpose(0, 1)

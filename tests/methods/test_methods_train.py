@@ -26,7 +26,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     llama, bert = save_tiny_llama(root / "llama", chat=True), save_tiny_bert(root / "bert")
     pairs = root / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"mr": f"name[Pub {i}]", "text": f"Pub {i} is a pub."}) + "\n" for i in range(16)))
+    rows = [{"mr": f"name[Pub {i}]", "text": f"Pub {i} is a pub."} for i in range(16)]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
     reviews = root / "reviews.tsv"
     reviews.write_text("sentence\tlabel\n" + "it 's a charming journey .\t1\na dull and tired film .\t0\n" * 10)
     return {"llama": llama, "bert": bert, "pairs": pairs, "reviews": reviews}
@@ -35,9 +36,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def train(tiny: dict[str, Path], key: str, method: str, out: Path, *extra: str):
     data = ["--data", str(tiny["pairs"]), "--input-field", "mr", "--target-field", "text"] if key == "llama" else \
         ["--data", str(tiny["reviews"]), "--task", "seq-cls"]
-    args = ["train", "--model", str(tiny[key]), *data, "--method", method, "--adapter-size", "4", "--prefix-length", "2",
-            "--prompt-length", "2", "--batch-size", "4", "--max-steps", "4", "--eval-examples", "2", "--lr", "0.01",
-            "--output", str(out), "--quiet", *extra]
+    args = ["train", "--model", str(tiny[key]), *data, "--method", method, "--adapter-size", "4",
+            "--prefix-length", "2", "--prompt-length", "2", "--batch-size", "4", "--max-steps", "4",
+            "--eval-examples", "2", "--lr", "0.01", "--output", str(out), "--quiet", *extra]
     result = runner.invoke(app, args)
     return result, result.output
 
@@ -67,7 +68,8 @@ def test_train_writes_the_methods_folder_and_costs(tiny, tmp_path, key, method):
 def test_lora_results_show_the_merged_latency(tiny, tmp_path):
     result, output = train(tiny, "bert", "lora", tmp_path / "run", "--target-modules", "query,value")
     assert result.exit_code == 0, output
-    assert set(json.loads((tmp_path / "run" / "results.json").read_text())["latency_ms"]) == {"base", "lora", "lora_merged"}
+    latency = json.loads((tmp_path / "run" / "results.json").read_text())["latency_ms"]
+    assert set(latency) == {"base", "lora", "lora_merged"}
 
 
 def test_a_stopped_adapter_run_resumes_exactly(tiny, tmp_path):

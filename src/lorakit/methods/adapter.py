@@ -57,12 +57,13 @@ def _find(block: nn.Module, paths: tuple[str, ...], what: str, index: int) -> nn
 
 def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
     blocks = transformer_blocks(model)
-    places = [(_find(b, ATTENTION_OUTPUTS, "attention", i), _find(b, MLP_OUTPUTS, "MLP", i)) for i, b in enumerate(blocks)]
+    places = [(_find(b, ATTENTION_OUTPUTS, "attention", i), _find(b, MLP_OUTPUTS, "MLP", i))
+              for i, b in enumerate(blocks)]
     width, dtype = text_config(model).hidden_size, float_dtype(model)
     for block, (attention_out, mlp_out) in zip(blocks, places):
         device = next(block.parameters()).device
-        block.lorakit_adapter_attn = Bottleneck(width, options.adapter_size, options.adapter_nonlinearity, dtype, device)
-        block.lorakit_adapter_mlp = Bottleneck(width, options.adapter_size, options.adapter_nonlinearity, dtype, device)
+        shape = (width, options.adapter_size, options.adapter_nonlinearity, dtype, device)
+        block.lorakit_adapter_attn, block.lorakit_adapter_mlp = Bottleneck(*shape), Bottleneck(*shape)
         attention_out.register_forward_hook(_After(state, block.lorakit_adapter_attn))
         mlp_out.register_forward_hook(_After(state, block.lorakit_adapter_mlp))
         if options.adapter_norms:

@@ -133,7 +133,8 @@ def mask_positions(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
 def calling_kwargs(args: tuple, kwargs: dict) -> dict:
     """A model call's arguments as keywords (a first positional argument is the input ids)."""
     if len(args) > 1:
-        raise ValueError("with a prefix or prompt, call the model with keyword arguments (input_ids=..., attention_mask=...)")
+        raise ValueError("with a prefix or prompt, call the model with keyword arguments "
+                         "(input_ids=..., attention_mask=...)")
     return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
 

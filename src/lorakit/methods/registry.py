@@ -44,7 +44,8 @@ def apply_method(model: nn.Module, name: str, options: MethodOptions | None = No
     if existing is not None:
         raise ValueError(f"the model already has the {existing.name!r} method; remove it first (remove_method)")
     if adapter_names(model):
-        raise ValueError(f"the model has LoRA adapters ({', '.join(adapter_names(model))}); methods do not combine with them")
+        raise ValueError(f"the model has LoRA adapters ({', '.join(adapter_names(model))}); "
+                         "methods do not combine with them")
     state = MethodState(name, options, {n: p.requires_grad for n, p in model.named_parameters()})
     for param in model.parameters():
         param.requires_grad_(False)
