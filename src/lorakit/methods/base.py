@@ -10,7 +10,7 @@ its hooks are instances of `MethodHook` holding a reference to the model's `Meth
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -52,7 +52,6 @@ class MethodState:
     options: MethodOptions
     requires_grad: dict[str, bool]  # every parameter's flag before the method, restored when it is removed
     enabled: bool = True  # False: the hooks step aside and the model computes the base model's outputs
-    notes: list[str] = field(default_factory=list)
 
 
 def method_state(model: nn.Module) -> MethodState | None:

@@ -51,8 +51,8 @@ def apply_method(model: nn.Module, name: str, options: MethodOptions | None = No
         param.requires_grad_(False)
     try:
         impl.apply(model, options, state)
-        for name_ in head_names(model):
-            for param in getattr(model, name_).parameters():
+        for head_name in head_names(model):
+            for param in getattr(model, head_name).parameters():
                 param.requires_grad_(True)
     except BaseException:
         _undo(model, impl, state)
