@@ -338,24 +338,28 @@ def main() -> None:
     rows, steps = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_adapters(model, max(counts), Path(tmp))
+        # Every system holds its own copy of the model from the start, and the systems take turns at each
+        # adapter count: a change in the machine's load during the run then falls on all of them alike.
+        running = []
         for system_class in chosen:
-            fresh, _ = load_model(MODEL, "causal-lm")
-            system = system_class(fresh, tokenizer, folders, args)
-            warm = [(prompts[i], f"a{i % 2}") for i in range(4)]
-            run_load(system, warm, 4, tqdm(disable=True))
-            for k in counts:
-                requests = [(prompts[i % len(prompts)], f"a{i % k}") for i in range(args.requests)]
+            system = system_class(load_model(MODEL, "causal-lm")[0], tokenizer, folders, args)
+            run_load(system, [(prompts[i], f"a{i % 2}") for i in range(4)], 4, tqdm(disable=True))  # warm-up
+            running.append(system)
+        for k in counts:
+            requests = [(prompts[i % len(prompts)], f"a{i % k}") for i in range(args.requests)]
+            for system in running:
+                load = round(os.getloadavg()[0], 2)
                 with tqdm(total=len(requests), desc=f"{system.name} k={k}", unit="req", file=sys.stderr) as bar:
                     result = run_load(system, requests, args.concurrency, bar)
                 tokens = args.requests * args.tokens
                 rows.append({"system": system.name, "adapters": k, "requests": args.requests, "tokens": tokens,
-                             **result, "tokens_per_s": round(tokens / result["seconds"], 1)})
-            if hasattr(system, "decode_ms") and args.decode_steps:
-                for k in counts:
+                             **result, "tokens_per_s": round(tokens / result["seconds"], 1), "load_average": load})
+            for system in running:
+                if hasattr(system, "decode_ms") and args.decode_steps:
                     steps.append({"system": system.name, "adapters": k, "batch": args.batch_size,
                                   "decode_step_ms": system.decode_ms(prompts, k, args.decode_steps)})
+        for system in running:
             system.close()
-            del system, fresh
     load_after = [round(x, 2) for x in os.getloadavg()]
 
     def rate(system: str, k: int) -> float | None:
@@ -381,10 +385,11 @@ def main() -> None:
 
     print(f"\n{args.requests} requests x {args.tokens} new tokens, {args.concurrency} in flight, batch <= "
           f"{args.batch_size}; load average {load_before} -> {load_after} on {os.cpu_count()} CPUs")
-    print(f"{'system':<14}{'adapters':>9}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}{'wall s':>8}")
-    for r in rows:
+    print(f"{'system':<14}{'adapters':>9}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}{'wall s':>8}{'load':>7}")
+    for r in sorted(rows, key=lambda r: (list(systems).index(r["system"]) if r["system"] in systems else 9,
+                                         r["adapters"])):
         print(f"{r['system']:<14}{r['adapters']:>9}{r['tokens_per_s']:>10}{r['p50_s']:>8}{r['p99_s']:>8}"
-              f"{r['seconds']:>8}")
+              f"{r['seconds']:>8}{r['load_average']:>7}")
     print(f"\none decode step, {args.batch_size} rows: " + ", ".join(
         f"{s['system']} k={s['adapters']} {s['decode_step_ms']} ms" for s in steps))
     for name, value in ratios.items():

@@ -139,11 +139,11 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Ser
                                 f"context of {context} tokens", code="context_length_exceeded", param="max_tokens")
         return requested
 
-    def check_model(body: protocol._Common) -> None:
+    def check_model(body: protocol.RequestBase) -> None:
         if body.model not in registry.model_names():
             raise _mapped(registry.not_found(body.model))
 
-    def start(body: protocol._Common, prompts: list[list[int]], requested: int | None) -> Generation:
+    def start(body: protocol.RequestBase, prompts: list[list[int]], requested: int | None) -> Generation:
         problem = body.unsupported()
         if problem:
             raise ApiError(400, problem)
@@ -157,7 +157,7 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Ser
         except (ModelNotFound, QueueFull) as err:
             raise _mapped(err) from None
 
-    async def answer(body: protocol._Common, generation: Generation, chat: bool):
+    async def answer(body: protocol.RequestBase, generation: Generation, chat: bool):
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             events = sse(body, generation, chat, request_id)
@@ -170,7 +170,7 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Ser
         use = protocol.usage(generation.prompt_tokens, generation.completion_tokens)
         return protocol.completion_body(request_id, body.model, listed, use, chat)
 
-    async def sse(body: protocol._Common, generation: Generation, chat: bool, request_id: str) -> AsyncIterator[str]:
+    async def sse(body: protocol.RequestBase, generation: Generation, chat: bool, request_id: str) -> AsyncIterator[str]:
         def event(choices: list, use: dict | None = None) -> str:
             return f"data: {json.dumps(protocol.completion_body(request_id, body.model, choices, use, chat, True))}\n\n"
 

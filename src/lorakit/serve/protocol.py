@@ -18,7 +18,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class RequestBase(BaseModel):
+    """What completion and chat requests share: the model, sampling, stop strings, streaming."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -57,7 +59,7 @@ class _Common(BaseModel):
         return None
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(RequestBase):
     prompt: str | list[str] = Field(..., description="the complete model input (no template is applied)")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
@@ -86,7 +88,7 @@ class Message(BaseModel):
         return self.content or ""
 
 
-class ChatRequest(_Common):
+class ChatRequest(RequestBase):
     messages: list[Message] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
