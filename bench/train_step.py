@@ -209,7 +209,7 @@ def e2e_child(setup: str, steps: int) -> dict:
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         with tempfile.TemporaryDirectory() as out:
             args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=steps,
-                                     learning_rate=1e-3, warmup_ratio=0.05, lr_scheduler_type="linear",
+                                     learning_rate=1e-3, warmup_steps=max(1, int(0.05 * steps)), lr_scheduler_type="linear",
                                      logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                                      disable_tqdm=True, seed=0, dataloader_num_workers=0)
             trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting(collator))
