@@ -126,7 +126,7 @@ class LoraLinear(LoraLayer):
         residual = self.lora_residual[name] if name in self.lora_residual else None
         correction = F.linear(F.linear(x, residual.A), residual.B) * scaling if residual is not None else 0
         plain = name not in self.lora_magnitude_vector
-        if plain and not torch.is_autocast_enabled(x.device.type):
+        if plain and (x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type)):
             a, b = self._lora_a_weight(name), self._lora_b_weight(name)
             if torch.is_grad_enabled():
                 p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0

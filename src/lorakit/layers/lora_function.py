@@ -32,10 +32,11 @@ def keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> t
     """The boolean keep mask of `shape` drawn from `seed` (kept with probability ≈ 1 − p): same seed, same mask."""
     threshold, _ = keep_threshold(p)
     count = shape.numel()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    # The full signed range: `random_()` without bounds leaves the top bit of every word 0.
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1,
-                                                                                   generator=generator)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+    if device.type != "meta":  # `lorakit estimate` runs this on the meta device: same tensors, no values
+        generator = torch.Generator(device=device).manual_seed(seed)
+        # The full signed range: `random_()` without bounds leaves the top bit of every word 0.
+        words.random_(-(2**63), 2**63 - 1, generator=generator)
     return words.view(torch.int16)[:count].view(shape) < threshold
 
 
