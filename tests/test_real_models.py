@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 import lorakit
 from lorakit.cli import app
 from lorakit.models import load_model
+from lorakit.train.data import Collator, encode_causal, load_data
+from lorakit.train.evaluate import mean_loss
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -24,9 +26,6 @@ def test_smollm2_e2e_short_finetune_learns_and_merges(tmp_path):
     result = runner.invoke(app, ["train", "--max-steps", "12", "--batch-size", "4", "--eval-examples", "4",
                                  "--max-new-tokens", "32", "--output", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [h["loss"] for h in history if "loss" in h]
-    assert losses[-1] < 0.9 * losses[0], losses  # the E2E style is picked up within a few steps
     assert (out / "adapter_model.safetensors").stat().st_size < 5_000_000
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "smollm2-135m" and config["task_type"] == "CAUSAL_LM"
@@ -40,6 +39,15 @@ def test_smollm2_e2e_short_finetune_learns_and_merges(tmp_path):
     probe = tokenizer("name[The Eagle], eatType[coffee shop], food[French]", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(merged(probe).logits, model.eval()(probe).logits, rtol=1e-4, atol=1e-4)
+
+    # The E2E style is picked up within a few steps: held-out target loss with the adapter against without.
+    # (Training-window losses are no measure here: length-grouped batches differ in difficulty.)
+    features = [encode_causal(tokenizer, ex, 256) for ex in load_data("e2e", "validation", "causal-lm").examples[:16]]
+    collate = Collator(tokenizer.pad_token_id)
+    adapted = mean_loss(model, features, collate)
+    with lorakit.disable_adapters(model):
+        base = mean_loss(model, features, collate)
+    assert adapted < 0.9 * base, (adapted, base)
 
 
 def test_minilm_sst2_learns(tmp_path):
