@@ -3,6 +3,8 @@ of an inference forward pass."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import statistics
 import threading
@@ -19,10 +21,20 @@ def weights_bytes(folder: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
+def release_free_memory() -> None:
+    """Hand the heap memory the C allocator keeps after frees back to the system (glibc's malloc_trim; a no-op
+    elsewhere), so that the resident size counts live memory only."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class PeakRss:
     """`with PeakRss() as peak: ...` records this process's largest resident set size (MB) while the block
     runs, sampled by a thread every `interval` seconds (the kernel's ru_maxrss is the peak of the process's
-    whole life, which loading the model may already have set)."""
+    whole life, which loading the model may already have set). Freed memory is returned to the system first:
+    memory that earlier work freed but the allocator kept would otherwise be reused unseen."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
@@ -39,6 +51,7 @@ class PeakRss:
             self.peak_mb = max(self.peak_mb, self._rss_mb())
 
     def __enter__(self) -> "PeakRss":
+        release_free_memory()
         self.start_mb = self.peak_mb = self._rss_mb()
         self._thread.start()
         return self
