@@ -14,6 +14,8 @@ seed-major (every task and method at seed 0, then seed 1, ...), so that changes 
 load hit all methods alike. Torch runs on one thread (a second one mostly waits on 2 shared cores).
 
     nice -n 10 .venv/bin/python bench/experiments/glue.py                      # the committed table
+    nice -n 10 .venv/bin/python bench/experiments/glue.py --memory-only        # re-measure its memory column
+    .venv/bin/python bench/experiments/glue.py --table-only                    # rewrite the tables from the JSON
     .venv/bin/python bench/experiments/glue.py --steps 10 --seeds 0 --tasks sst2 --results /tmp/glue
 
 Writes <results>/glue_methods.json and .md and, for the default results folder, the "methods-glue" section
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 import statistics
 import time
@@ -71,17 +74,23 @@ def run_one(task: str, method: str, seed: int, data: dict, args) -> dict:
         lora = lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=["query", "value"],
                                   modules_to_save=["classifier"])
         options = MethodOptions(adapter_size=16, prefix_length=10, prompt_length=10)
+
+        def score(m) -> dict:  # the --memory-only pass trains without scoring
+            return {} if args.memory_only else evaluate_split(m, tokenizer, data["dev"], args.max_length)[0]
+
         return fine_tune(model, method, data["features"], data["collate"], settings, data["latency_batch"], lora,
-                         options, lambda m: evaluate_split(m, tokenizer, data["dev"], args.max_length)[0])
+                         options, score)
 
     run = {"task": task, "method": method, "seed": seed, **timed(work)}
-    print(f"{task} {method} seed {seed}: accuracy {run['after']['accuracy']:.1f}, f1 {run['after']['f1']:.1f}, loss "
-          f"{run['final_loss']:.3f}; {run['job_wall_s']:.0f}s ({run['job_cpu_s']:.0f} CPU-s), load {load_average()[0]}",
-          flush=True)
+    scores = ", ".join(f"{k} {run['after'][k]:.1f}" for k in ("accuracy", "f1") if k in run["after"])
+    print(f"{task} {method} seed {seed}: {scores}, loss {run['final_loss']:.3f}, "
+          f"memory +{run['rss_growth_mb']:.0f} MB; {run['job_wall_s']:.0f}s ({run['job_cpu_s']:.0f} CPU-s), "
+          f"load {load_average()[0]}", flush=True)
     return run
 
 
-def summarise(runs: list[dict]) -> dict[str, dict]:
+def summarise(runs: list[dict], memory_runs: list[dict]) -> dict[str, dict]:
+    """Per method: scores by task, and medians of the costs (training memory from `memory_runs` when given)."""
     rows: dict[str, dict] = {}
     for method in METHODS:
         mine = [r for r in runs if r["method"] == method]
@@ -94,7 +103,9 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
                          "accuracy": [r["after"]["accuracy"] for r in done],
                          "f1": [r["after"]["f1"] for r in done]}
         row["checkpoint_mb"] = statistics.mean(r["checkpoint_mb"] for r in mine)
-        row["rss_growth_mb"] = statistics.median(r["rss_growth_mb"] for r in mine)
+        measured = [r for r in memory_runs if r["method"] == method] or mine
+        row["rss_growth_mb"] = {task: statistics.median(r["rss_growth_mb"] for r in measured if r["task"] == task)
+                                for task in TASKS if any(r["task"] == task for r in measured)}
         row["s_per_step"] = statistics.median(r["wall_time_s"] / r["steps"] for r in mine)
         row["latency_ratio"] = statistics.median(r["latency_ms"][method] / r["latency_ms"]["base"] for r in mine)
         if method == "lora":
@@ -107,6 +118,9 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
 def markdown(rows: dict[str, dict], meta: dict) -> str:
     seeds = ", ".join(str(s) for s in meta["seeds"])
     command = "" if meta["steps"] == DEFAULT_STEPS else f" --steps {meta['steps']}"
+    memory_note = ("measured in a separate pass (`--memory-only`: seed 0 of every task and method, the same "
+                   "steps, no scoring; freed memory returned to the system before each run)"
+                   if meta.get("memory_pass") else "median over runs")
     lines = [
         "## Fine-tuning methods on GLUE (MiniLM-L6, CPU): the LoRA paper's Table 2 at small scale",
         "",
@@ -121,7 +135,7 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
         "trains in full with every method. Trainable parameters are for SST-2 (two classes; the same for MRPC).",
         "",
         "| method | trainable params | % of model | SST-2 acc (%) | MRPC acc (%) | MRPC F1 (%) | checkpoint (MB) "
-        "| training memory (MB) | forward latency vs base | s / step |",
+        "| training memory, SST-2 / MRPC (MB) | forward latency vs base | s / step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, row in rows.items():
@@ -132,22 +146,27 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
             f"| {LABEL[method]} | {row['trainable_parameters']:,} | "
             f"{100 * row['trainable_parameters'] / row['total_parameters']:.3g} | "
             f"{mean_std(row['sst2']['accuracy'])} | {mean_std(row['mrpc']['accuracy'])} | "
-            f"{mean_std(row['mrpc']['f1'])} | {row['checkpoint_mb']:.3g} | {row['rss_growth_mb']:.0f} | "
+            f"{mean_std(row['mrpc']['f1'])} | {row['checkpoint_mb']:.3g} | "
+            f"{' / '.join(f'{v:.0f}' for v in row['rss_growth_mb'].values())} | "
             f"{latency} | {row['s_per_step']:.2f} |"
         )
     lines += [
         "",
         "Checkpoint: the method's saved weights (LoRA: PEFT's adapter file; full: the whole model). Training "
-        "memory: the largest growth of the process's resident memory while training, above what it held "
-        "before (weights are loaded already; gradients, optimizer state and activations count), median over "
-        "runs. Latency: one forward pass on a fixed batch of 16 dev examples, median of 5, divided by the "
+        f"memory: the largest growth of the process's resident memory while training, above what it held "
+        f"before (weights are loaded already; gradients, optimizer state and activations count), {memory_note}. "
+        "Latency: one forward pass on a fixed batch of 16 dev examples, median of 5, divided by the "
         "base model's on the same batch in the same run, median over runs; merged LoRA folds B·A into the "
         "weights.",
         "",
-        f"Command: `nice -n 10 .venv/bin/python bench/experiments/glue.py{command}`  ",
+        f"Command: `nice -n 10 .venv/bin/python bench/experiments/glue.py{command}`"
+        + (", then the same with `--memory-only`  " if meta.get("memory_pass") else "  "),
         f"Machine: {meta['cpu']}, 2 cores shared with other engineers' jobs; torch {meta['torch']}, 1 thread. "
         f"Load average (1/5/15 min) before / after: {' '.join(map(str, meta['load_before']))} / "
-        f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min.",
+        f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min."
+        + (f" Memory pass: load {' '.join(map(str, memory['load_before']))} / "
+           f"{' '.join(map(str, memory['load_after']))}, {memory['cpu_minutes']:.1f} CPU-min."
+           if (memory := meta.get("memory_pass")) else ""),
     ]
     return "\n".join(lines) + "\n"
 
@@ -161,6 +180,9 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure training memory again (first seed, no scoring) into the existing results")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the tables from the existing results")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks, methods = args.tasks.split(","), args.methods.split(",")
@@ -168,15 +190,29 @@ def main() -> None:
     meta = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "seeds": seeds,
             "cpu": cpu_name(), "torch": torch.__version__, "load_before": load_average()}
     started, cpu = time.perf_counter(), time.process_time()
-    _, tokenizer = load_model("minilm-l6", "seq-cls", num_labels=2)
-    data = {task: prepare(task, tokenizer, args.max_length) for task in tasks}
-    runs = [run_one(task, method, seed, data[task], args) for seed in seeds for task in tasks for method in methods]
-    meta.update(load_after=load_average(), minutes=(time.perf_counter() - started) / 60,
-                cpu_minutes=(time.process_time() - cpu) / 60)
-    rows = summarise(runs)
+    if args.table_only:
+        saved = json.loads((args.results / "glue_methods.json").read_text())
+        runs, memory_runs, meta = saved["runs"], saved.get("memory_runs", []), saved["meta"]
+    else:
+        _, tokenizer = load_model("minilm-l6", "seq-cls", num_labels=2)
+        data = {task: prepare(task, tokenizer, args.max_length) for task in tasks}
+        if args.memory_only:
+            saved = json.loads((args.results / "glue_methods.json").read_text())
+            memory_runs = [run_one(task, method, seeds[0], data[task], args) for task in tasks for method in methods]
+            runs, meta = saved["runs"], {**saved["meta"], "memory_pass": {
+                "load_before": meta["load_before"], "load_after": load_average(),
+                "cpu_minutes": (time.process_time() - cpu) / 60}}
+        else:
+            runs = [run_one(task, method, seed, data[task], args)
+                    for seed in seeds for task in tasks for method in methods]
+            memory_runs = []
+            meta.update(load_after=load_average(), minutes=(time.perf_counter() - started) / 60,
+                        cpu_minutes=(time.process_time() - cpu) / 60)
+    rows = summarise(runs, memory_runs)
     table = markdown(rows, meta)
     args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / "glue_methods.json", {"meta": meta, "lr": LR, "rows": rows, "runs": runs})
+    write_json(args.results / "glue_methods.json", {"meta": meta, "lr": LR, "rows": rows, "runs": runs,
+                                                    "memory_runs": memory_runs})
     (args.results / "glue_methods.md").write_text(table)
     if args.results.resolve() == RESULTS.resolve():
         update_docs_section("methods-glue", table)
