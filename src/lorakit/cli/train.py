@@ -62,7 +62,7 @@ def train(
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log to <output>/tensorboard")] = False,
     group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help="batch examples of similar length together (default: on)")] = None,
 ) -> None:
-    """Fine-tune a model with LoRA (or another method: --method). With no options: SmolLM2-135M-Instruct on E2E NLG (about 10 minutes on 2 CPU cores)."""
+    """Fine-tune a model with LoRA (or another method: --method). With no options: SmolLM2-135M-Instruct on E2E NLG (about 8 minutes on 2 CPU cores)."""
     options = {k: v for k, v in locals().items() if k not in ("config", "quiet", "resume", "overwrite")}
     from ..train.run import RunConfig, run_training
 
