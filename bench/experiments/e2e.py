@@ -35,7 +35,7 @@ from lorakit.models import BUILTIN_MODELS, load_model
 from lorakit.train.data import Collator, encode_causal, load_data
 from lorakit.train.evaluate import evaluate_split
 from lorakit.train.loop import LoopSettings
-from methods_runs import RESULTS, cpu_name, fine_tune, load_average, mean_std, timed, update_docs_section, write_json
+from methods_runs import RESULTS, cpu_name, fine_tune, load_average, machine_line, mean_std, timed, update_docs_section, write_json
 
 MODEL = "smollm2-135m"
 METHODS = ["lora", "full", "adapter", "prefix"]
@@ -125,9 +125,7 @@ def markdown(runs: list[dict], meta: dict) -> str:
         "training; latency: one forward pass on a fixed batch of training rows against the base model's).",
         "",
         f"Command: `nice -n 10 .venv/bin/python bench/experiments/e2e.py{meta['command']}`  ",
-        f"Machine: {meta['cpu']}, 2 cores shared with other engineers' jobs; torch {meta['torch']}, 1 thread. "
-        f"Load average (1/5/15 min) before / after: {' '.join(map(str, meta['load_before']))} / "
-        f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min.",
+        machine_line(meta),
     ]
     return "\n".join(lines) + "\n"
 

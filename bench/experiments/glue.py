@@ -40,7 +40,7 @@ from lorakit.models import load_model
 from lorakit.train.data import Collator, encode_classification, load_data
 from lorakit.train.evaluate import evaluate_split
 from lorakit.train.loop import LoopSettings
-from methods_runs import RESULTS, cpu_name, fine_tune, load_average, mean_std, timed, update_docs_section, write_json
+from methods_runs import RESULTS, cpu_name, fine_tune, load_average, machine_line, mean_std, timed, update_docs_section, write_json
 
 METHODS = ["full", "bitfit", "head", "adapter", "prefix", "prompt", "lora"]
 # Raised for a short budget after a 50-step pilot at full 1e-4 / head, prefix, prompt 1e-2 / the rest 1e-3, in
@@ -161,9 +161,7 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
         "",
         f"Command: `nice -n 10 .venv/bin/python bench/experiments/glue.py{command}`"
         + (", then the same with `--memory-only`  " if meta.get("memory_pass") else "  "),
-        f"Machine: {meta['cpu']}, 2 cores shared with other engineers' jobs; torch {meta['torch']}, 1 thread. "
-        f"Load average (1/5/15 min) before / after: {' '.join(map(str, meta['load_before']))} / "
-        f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min."
+        machine_line(meta)
         + (f" Memory pass: load {' '.join(map(str, memory['load_before']))} / "
            f"{' '.join(map(str, memory['load_after']))}, {memory['cpu_minutes']:.1f} CPU-min."
            if (memory := meta.get("memory_pass")) else ""),

@@ -75,6 +75,13 @@ def timed(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return {**result, "job_wall_s": time.perf_counter() - started, "job_cpu_s": time.process_time() - cpu}
 
 
+def machine_line(meta: dict[str, Any]) -> str:
+    """The results footer's sentence on the machine, its load and the run's time."""
+    return (f"Machine: {meta['cpu']}, 2 cores shared with other engineers' jobs; torch {meta['torch']}, 1 thread. "
+            f"Load average (1/5/15 min) before / after: {' '.join(map(str, meta['load_before']))} / "
+            f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min.")
+
+
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     if not values:
         return "–"
