@@ -4,17 +4,14 @@ may mutate freely), fixed inputs, and `unchanged`, which proves a failed call le
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from lorakit_helpers import (  # noqa: E402
+from support.models import (
     VOCAB,
     assert_same_snapshot,
     make_bert,

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import lorakit
 from lorakit.cli import app
-from helpers import save_tiny_bert, save_tiny_llama
+from support.files import save_tiny_bert, save_tiny_llama
 
 runner = CliRunner()
 

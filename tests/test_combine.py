@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from helpers import save_tiny_llama
-from lorakit_helpers import Holder, randomize_lora
+from support.files import save_tiny_llama
+from support.models import Holder, randomize_lora
 from peft import PeftModel
 from torch import nn
 from typer.testing import CliRunner

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from lorakit_helpers import (
+from support.models import (
     Holder,
     fill_,
     max_relative_error,

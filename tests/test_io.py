@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from lorakit_helpers import make_bert, make_llama, randomize_lora, randomize_trainable
+from support.models import make_bert, make_llama, randomize_lora, randomize_trainable
 from safetensors.torch import load_file, save_file
 
 import lorakit

@@ -15,7 +15,7 @@ from transformers.trainer_utils import validate_quantization_for_training
 from lorakit import models
 from lorakit.models import BUILTIN_MODELS, load_model, model_cache_dir, model_reference
 from lorakit.train.data import Example, encode_causal
-from helpers import save_tiny_bert, save_tiny_llama
+from support.files import save_tiny_bert, save_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import json
 import peft
 import pytest
 import torch
-from lorakit_helpers import randomize_trainable
+from support.models import randomize_trainable
 from peft import PeftModel, get_peft_model
 
 import lorakit

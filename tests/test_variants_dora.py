@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from lorakit_helpers import Holder, fill_, randomize_trainable
+from support.models import Holder, fill_, randomize_trainable
 from peft import PeftModel, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
 from safetensors.torch import load_file

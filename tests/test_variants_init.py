@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from lorakit_helpers import Holder, randomize_trainable
+from support.models import Holder, randomize_trainable
 from peft import PeftModel, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
 from torch import nn

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorakit_helpers import fill_
+from support.models import fill_
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import lorakit
-from helpers import interrupting_collator, random_token_rows
+from support.files import interrupting_collator, random_token_rows
 from lorakit.train import run as run_module
 from lorakit.train.data import Collator
 from lorakit.train.loop import LoopSettings, latest_checkpoint, train_adapter

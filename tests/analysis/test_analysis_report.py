@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from lorakit_helpers import randomize_lora
+from support.models import randomize_lora
 
 import lorakit
 from lorakit.analysis import write_report
@@ -132,7 +132,7 @@ def test_mismatched_or_unsupported_adapters_are_refused(base_copy, tmp_path):
 
 
 def test_wrong_base_shape_and_merged_base_are_refused(base_copy, tmp_path):
-    from lorakit_helpers import make_llama
+    from support.models import make_llama
 
     _save(base_copy("llama"), tmp_path / "q", r=2, target_modules=["q_proj"])
     with pytest.raises(ValueError, match=r"ΔW is 16 × 16 but the base weight is 32 × 32"):

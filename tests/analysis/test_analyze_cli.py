@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_llama
-from lorakit_helpers import randomize_lora
+from support.files import save_tiny_llama
+from support.models import randomize_lora
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lorakit_helpers import Holder, adapt_layer, fill_, max_relative_error
+from support.models import Holder, adapt_layer, fill_, max_relative_error
 from torch import nn
 
 import lorakit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorakit_helpers import Holder, adapt_layer, fill_, max_relative_error
+from support.models import Holder, adapt_layer, fill_, max_relative_error
 from torch import nn
 
 import lorakit

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from lorakit_helpers import Holder, adapt_layer, fill_, max_relative_error
+from support.models import Holder, adapt_layer, fill_, max_relative_error
 from torch import nn
 
 import lorakit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorakit_helpers import adapt_layer, fill_
+from support.models import adapt_layer, fill_
 from torch import nn
 
 from lorakit.layers.lora_function import LoraDropoutProduct, keep_mask, keep_threshold

@@ -12,10 +12,10 @@ import torch
 
 import lorakit
 from lorakit.methods import METHODS, MethodOptions, apply_method, disabled, method_name, remove_method
-from lorakit_helpers import HIDDEN, VOCAB, assert_same_snapshot, fill_, randomize_trainable, snapshot
+from support.models import HIDDEN, VOCAB, assert_same_snapshot, fill_, randomize_trainable, snapshot
 
 OPTIONS = MethodOptions(adapter_size=4, prefix_length=3, prompt_length=5)
-LAYERS, HEAD_DIM, KV_HEADS, LABELS = 2, 8, 1, 3  # lorakit_helpers' models: 2 heads of 8 (Llama: 1 key/value head)
+LAYERS, HEAD_DIM, KV_HEADS, LABELS = 2, 8, 1, 3  # support.models' models: 2 heads of 8 (Llama: 1 key/value head)
 
 
 def adapter_count(width: int = HIDDEN, size: int = 4) -> int:

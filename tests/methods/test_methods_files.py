@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from lorakit.methods import (
     CONFIG_NAME, WEIGHTS_NAME, MethodOptions, apply_method, load_method, method_name, read_method, save_method,
 )
-from lorakit_helpers import randomize_trainable
+from support.models import randomize_trainable
 
 OPTIONS = MethodOptions(adapter_size=4, prefix_length=3, prompt_length=5)
 CASES = [("llama", m) for m in ("full", "adapter", "prefix", "prompt")] + \

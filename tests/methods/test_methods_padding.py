@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lorakit.methods import MethodOptions, apply_method
 from lorakit.train.loss import causal_lm_loss
-from lorakit_helpers import VOCAB, randomize_trainable
+from support.models import VOCAB, randomize_trainable
 
 OPTIONS = MethodOptions(prefix_length=3, prompt_length=4, adapter_size=4)
 PAD = 2

@@ -12,7 +12,7 @@ import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 from lorakit.methods import MethodOptions, apply_method
-from lorakit_helpers import VOCAB, make_bert, make_llama, randomize_trainable
+from support.models import VOCAB, make_bert, make_llama, randomize_trainable
 
 P = 3
 

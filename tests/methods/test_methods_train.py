@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from helpers import save_tiny_bert, save_tiny_llama
+from support.files import save_tiny_bert, save_tiny_llama
 from lorakit.cli import app
 from lorakit.methods import CONFIG_NAME, WEIGHTS_NAME
 

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_llama
-from lorakit_helpers import make_llama, randomize_lora
+from support.files import save_tiny_llama
+from support.models import make_llama, randomize_lora
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lorakit_helpers import make_gpt2, make_llama, randomize_lora
+from support.models import make_gpt2, make_llama, randomize_lora
 from torch import nn
 
 import lorakit

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorakit_helpers import randomize_lora
+from support.models import randomize_lora
 from peft import PeftModel
-from serve_helpers import one_torch_thread  # noqa: F401  (an autouse fixture)
+from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 import lorakit
 from lorakit import LoraConfig

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serve_helpers import PROMPTS, make_model_and_adapters, reference_texts, running
-from serve_helpers import one_torch_thread  # noqa: F401  (an autouse fixture)
+from support.serving import PROMPTS, make_model_and_adapters, reference_texts, running
+from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 from typer.testing import CliRunner
 
 from lorakit.cli import app as cli_app

@@ -12,8 +12,8 @@ import time
 import httpx
 import openai
 import pytest
-from serve_helpers import PROMPTS, free_socket, make_model_and_adapters, reference_texts
-from serve_helpers import one_torch_thread  # noqa: F401  (an autouse fixture)
+from support.serving import PROMPTS, free_socket, make_model_and_adapters, reference_texts
+from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 from typer.testing import CliRunner
 
 from lorakit.cli import app

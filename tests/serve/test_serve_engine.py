@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import PROMPTS, make_model_and_adapters, reference_tokens
-from serve_helpers import one_torch_thread  # noqa: F401  (an autouse fixture)
+from support.serving import PROMPTS, make_model_and_adapters, reference_tokens
+from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 import lorakit
 from lorakit.models import load_model

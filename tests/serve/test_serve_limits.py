@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serve_helpers import PROMPTS, make_model_and_adapters, reference_texts, running
-from serve_helpers import one_torch_thread  # noqa: F401  (an autouse fixture)
+from support.serving import PROMPTS, make_model_and_adapters, reference_texts, running
+from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 from lorakit.models import load_model
 from lorakit.serve import ServeConfig, create_app

@@ -22,7 +22,7 @@ from lorakit.train.data import (
     load_data,
     sample_dir,
 )
-from helpers import tiny_tokenizer
+from support.files import tiny_tokenizer
 
 FULL_DATA = Path(os.environ.get("LORAKIT_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
 needs_full_data = pytest.mark.skipif(not (FULL_DATA / "e2e").is_dir(), reason="full data sets not present")

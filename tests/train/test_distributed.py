@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lorakit.cli import app
-from helpers import save_tiny_llama
+from support.files import save_tiny_llama
 
 ROWS = [("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
         ("name[Blue Spice], near[The Vaults]", "Blue Spice is near The Vaults."),

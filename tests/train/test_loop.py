@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import lorakit
-from helpers import interrupting_collator, random_token_rows
+from support.files import interrupting_collator, random_token_rows
 from lorakit.train.data import Collator
 from lorakit.train.hf_callback import AdapterCheckpointCallback
 from lorakit.train.loop import LoopSettings, latest_checkpoint, micro_batches, train_adapter

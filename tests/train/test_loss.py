@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lorakit_helpers import VOCAB, make_gpt2, make_llama, randomize_lora
+from support.models import VOCAB, make_gpt2, make_llama, randomize_lora
 
 import lorakit
 from lorakit.train.loss import causal_lm_loss, fused_head, linear_cross_entropy

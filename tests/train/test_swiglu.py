@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from lorakit_helpers import make_gpt2, make_llama, randomize_lora
+from support.models import make_gpt2, make_llama, randomize_lora
 
 import lorakit
 from lorakit.train.swiglu import SiluMul, fuse_gated_mlps, unfuse_gated_mlps

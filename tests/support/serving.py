@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
-from helpers import save_tiny_llama
-from lorakit_helpers import randomize_lora
+from support.files import save_tiny_llama
+from support.models import randomize_lora
 
 import lorakit
 from lorakit.generate import generate_texts

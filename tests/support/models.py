@@ -1,8 +1,6 @@
 """Helpers shared by the core tests: tiny model builders, parameter randomisers and model snapshots.
 
-Imported by name (`from lorakit_helpers import ...`; conftest puts this folder on sys.path) so that test
-modules in subfolders can use them without relying on how pytest names conftest modules. Every model is
-small (hidden 16, 2 layers, vocab 64) and built from a config with a fixed seed.
+Every model is small (hidden 16, 2 layers, vocab 64) and built from a config with a fixed seed.
 """
 
 from __future__ import annotations
