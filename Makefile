@@ -1,5 +1,5 @@
-# The two entry points of the README. Both set up .venv on first use.
-.PHONY: setup train test test-fast
+# The two entry points of the README, and the checks CI runs before the tests. All set up .venv on first use.
+.PHONY: setup train test test-fast lint
 
 setup:
 	bash scripts/setup.sh
@@ -12,3 +12,9 @@ test: setup
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"
+
+# Lint src, tests and bench; format and types on src (configured in pyproject.toml).
+lint: setup
+	.venv/bin/ruff check src tests bench scripts
+	.venv/bin/ruff format --check src
+	.venv/bin/mypy src

@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
+
+from common import MMAP_THRESHOLD_ENV, machine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -35,9 +35,9 @@ def run(kind: str, out: Path, steps: int, batch_size: int) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                    "-m", "lorakit", *train, "--distributed", mode]
     threads = os.environ.get("OMP_NUM_THREADS", "1" if kind != "1 process" else str(os.cpu_count()))
-    # glibc keeps freed heap pages; with a low mmap threshold large frees go back to the OS, so the RSS
-    # after training shows what the process still holds (FSDP's shards rather than the loaded model).
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    # With the fixed mmap threshold the RSS after training shows what the process still holds (FSDP's shards
+    # rather than the loaded model).
+    env = {**os.environ, "OMP_NUM_THREADS": threads, **MMAP_THRESHOLD_ENV}
     subprocess.run(command, check=True, capture_output=True, env=env)
     results = json.loads((out / "results.json").read_text())
     spread = results.get("distributed", {})
@@ -62,7 +62,8 @@ def main() -> None:
         reference = rows["1 process"].pop("adapter")
         for kind in ("2 processes DDP", "2 processes FSDP"):
             adapter = rows[kind].pop("adapter")
-            rows[kind]["max_abs_diff_vs_1_process"] = max(float((adapter[k] - reference[k]).abs().max()) for k in reference)
+            rows[kind]["max_abs_diff_vs_1_process"] = max(float((adapter[k] - reference[k]).abs().max())
+                                                          for k in reference)
     base = rows["1 process"]["train_s"]
     print(f"{'run':<18} {'train s':>8} {'speed-up':>9} {'tokens/s':>9} {'peak RSS MB':>14} "
           f"{'RSS after MB':>14} {'Δ adapter':>10}")
@@ -73,9 +74,7 @@ def main() -> None:
         print(f"{kind:<18} {row['train_s']:>8.1f} {base / row['train_s']:>8.2f}x {row['tokens_per_s']:>9.0f} "
               f"{peak:>14} {held:>14} {diff:>10.2e}")
     RESULTS.mkdir(exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-               "load_average": os.getloadavg()}
-    (RESULTS / "distributed.json").write_text(json.dumps({"machine": machine, "steps": args.steps,
+    (RESULTS / "distributed.json").write_text(json.dumps({"machine": machine(), "steps": args.steps,
                                                           "batch_size": args.batch_size, "runs": rows}, indent=2))
 
 

@@ -26,14 +26,29 @@ Results go to bench/results/estimate_vs_measured_b<B>_t<T>.json (with `uptime`: 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import lorakit
+from lorakit.estimation import CPU_RUNTIME_BYTES, estimate
+from lorakit.models import BUILTIN_MODELS, model_cache_dir
+from lorakit.targets import head_names
+
+from common import (
+    MMAP_THRESHOLD_ENV,
+    ChildFailed,
+    own_weights,
+    release_and_reset_peak,
+    report,
+    run_child,
+    status_bytes,
+    uptime,
+)
 
 CONFIGS = [
     ("smollm2-135m", "full"), ("smollm2-135m", "lora"), ("smollm2-135m", "qlora"),
@@ -46,50 +61,25 @@ def _results_file(batch_size: int, max_length: int) -> Path:
     return RESULTS / f"estimate_vs_measured_b{batch_size}_t{max_length}.json"
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _release_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def measure(model_name: str, method: str, batch_size: int, max_length: int) -> dict:
-    """Run in a fresh process: load, prepare, train 3 steps; bytes above the pre-load RSS."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    import lorakit
-    from lorakit.models import BUILTIN_MODELS, model_cache_dir
-    from lorakit.models import load_model  # noqa: F401  (imports what training imports, before the baseline)
-
+    """Run in a fresh process: load, prepare, train 3 steps; bytes above the pre-load RSS (taken after every
+    import, so the libraries' own memory does not count)."""
     torch.manual_seed(0)
     entry = BUILTIN_MODELS[model_name]
-    _release_freed_memory()
-    baseline_kb = _status_kb("VmRSS")
+    release_and_reset_peak()
+    baseline = status_bytes("VmRSS")
     if entry.task == "causal-lm":
         source = model_cache_dir(model_name) if entry.is_gguf else entry.locate()
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(entry.locate()), num_labels=2,
                                                                    dtype=torch.float32)
-    # Own every weight in anonymous memory (from_pretrained may leave them mapped from the file, where
-    # untouched pages would not count until the first step reads them).
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
-    _release_freed_memory()
+    own_weights(model)
+    release_and_reset_peak()
     if method == "qlora":
         lorakit.quantize(model, "nf4")
     if method in ("lora", "qlora"):
-        heads = [n for n in ("classifier", "score") if hasattr(model, n)] if entry.task == "seq-cls" else None
+        heads = head_names(model) if entry.task == "seq-cls" else None
         lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05,
                                                       target_modules=list(entry.target_modules),
                                                       modules_to_save=heads))
@@ -100,9 +90,8 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int) -> d
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     batch["labels"] = ids.clone() if entry.task == "causal-lm" else torch.randint(0, 2, (batch_size,))
     model.train()
-    _release_freed_memory()
-    loaded_kb = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    release_and_reset_peak()
+    loaded = status_bytes("VmRSS")
     begin = time.perf_counter()
     for _ in range(3):
         loss = model(**batch).loss
@@ -111,17 +100,15 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int) -> d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     seconds = (time.perf_counter() - begin) / 3
-    peak_kb = _status_kb("VmHWM")
+    peak = status_bytes("VmHWM")
     return {
         "model": model_name, "method": method, "batch_size": batch_size, "max_length": max_length,
-        "measured_bytes": (peak_kb - baseline_kb) * 1024, "loaded_bytes": (loaded_kb - baseline_kb) * 1024,
+        "measured_bytes": peak - baseline, "loaded_bytes": loaded - baseline,
         "seconds_per_step": seconds, "threads": torch.get_num_threads(),
     }
 
 
 def estimated(model_name: str, method: str, batch_size: int, max_length: int) -> dict:
-    from lorakit.estimation import estimate
-
     est = estimate(model_name, method=method, batch_size=batch_size, max_length=max_length)
     return est.to_dict()
 
@@ -134,8 +121,6 @@ def _header() -> None:
 
 def _compare(row: dict, est: dict) -> dict:
     """Total against the default allocator; tensors + runtime (no malloc slack) against MALLOC_MMAP_THRESHOLD_."""
-    from lorakit.estimation import CPU_RUNTIME_BYTES
-
     without_slack = est["tensor_peak_bytes"] + CPU_RUNTIME_BYTES
     row["estimate"] = est
     row["error"] = est["total_bytes"] / row["default"]["measured_bytes"] - 1
@@ -153,10 +138,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--only", nargs=2, metavar=("MODEL", "METHOD"), help="measure one configuration (JSON)")
     parser.add_argument("--configs", nargs="*", help="model:method pairs (default: all)")
-    parser.add_argument("--report", action="store_true", help="re-estimate and print the table for the saved measurements")
+    parser.add_argument("--report", action="store_true",
+                        help="re-estimate and print the table for the saved measurements")
     args = parser.parse_args()
     if args.only:
-        print(json.dumps(measure(*args.only, args.batch_size, args.max_length)))
+        report(measure(*args.only, args.batch_size, args.max_length))
         return
     if args.report:
         saved = json.loads(_results_file(args.batch_size, args.max_length).read_text())
@@ -171,23 +157,20 @@ def main() -> None:
     _header()
     for model_name, method in configs:
         row = {"model": model_name, "method": method}
-        for variant, extra_env in (("default", {}), ("mmap", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
-            proc = subprocess.run(
-                [sys.executable, __file__, "--only", model_name, method, "--batch-size", str(args.batch_size),
-                 "--max-length", str(args.max_length)],
-                capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **extra_env},
-            )
-            if proc.returncode != 0:
-                print(f"{model_name} {method}: measurement failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                break
-            row[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-            rows.append(_compare(row, estimated(model_name, method, args.batch_size, args.max_length)))
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(uptime)
+        try:
+            for variant, env in (("default", {}), ("mmap", MMAP_THRESHOLD_ENV)):
+                row[variant] = run_child(__file__, ["--only", model_name, method, "--batch-size", str(args.batch_size),
+                                                    "--max-length", str(args.max_length)],
+                                         env={"TOKENIZERS_PARALLELISM": "false", **env})
+        except ChildFailed as err:
+            print(f"{model_name} {method}: measurement failed\n{err}", file=sys.stderr)
+            continue
+        rows.append(_compare(row, estimated(model_name, method, args.batch_size, args.max_length)))
+    measured_at = uptime()
+    print(measured_at)
     out = _results_file(args.batch_size, args.max_length)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"uptime": uptime, "batch_size": args.batch_size, "max_length": args.max_length,
+    out.write_text(json.dumps({"uptime": measured_at, "batch_size": args.batch_size, "max_length": args.max_length,
                                "rows": rows}, indent=2))
     print(f"written to {out}")
 

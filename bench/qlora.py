@@ -21,52 +21,32 @@ and step times taken under a load above the core count are flagged as noisy.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import torch
+
+import lorakit
+from lorakit.models import load_model
+from lorakit.quant.int8 import Int8Codec
+from lorakit.quant.nf4 import NF4Codec
+from lorakit.train.data import Collator, encode_causal, load_data
+from lorakit.train.evaluate import mean_loss
+
+from common import ChildFailed, load_average, own_weights, release_and_reset_peak, report, run_child, status_mb
 
 RESULTS = Path(__file__).parent / "results" / "qlora.json"
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-# -- process memory -------------------------------------------------------------------------------
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _release_and_reset_peak() -> None:
-    """Return freed heap to the system, then restart the VmHWM high-water mark from the current RSS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 # -- part 1: weight memory ------------------------------------------------------------------------
 def weight_memory() -> dict:
-    import torch
-
-    from lorakit.models import load_model
-    from lorakit.quant.int8 import Int8Codec
-    from lorakit.quant.nf4 import NF4Codec
-
     model, _ = load_model(MODEL)
     tied = model.get_input_embeddings().weight
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight is not tied]
@@ -86,24 +66,12 @@ def weight_memory() -> dict:
 
 # -- part 2: one training run (in its own process) ------------------------------------------------
 def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_examples: int) -> dict:
-    import torch
-
-    import lorakit
-    from lorakit.models import load_model
-    from lorakit.train.data import Collator, encode_causal, load_data
-    from lorakit.train.evaluate import mean_loss
-
     started = time.perf_counter()
     model, tokenizer = load_model(MODEL)
-    # The weights come memory-mapped from the safetensors cache: their pages would stay resident (file-backed)
-    # even after quantization frees the tensors. Copy them into ordinary memory, for both modes, so that RSS
-    # measures the tensors the process actually holds.
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
-    _release_and_reset_peak()
+    own_weights(model)  # for both modes, so that RSS measures the tensors the process actually holds
+    release_and_reset_peak()
     load_s = time.perf_counter() - started
-    rss_loaded = _status_mb("VmRSS")
+    rss_loaded = status_mb("VmRSS")
     quant = None
     if mode != "lora":
         began = time.perf_counter()
@@ -121,10 +89,10 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
     collate = Collator(tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
-    _release_and_reset_peak()
-    rss_setup, rss_file = _status_mb("VmRSS"), _status_mb("RssFile")
+    release_and_reset_peak()
+    rss_setup, rss_file = status_mb("VmRSS"), status_mb("RssFile")
     eval_before = mean_loss(model, val_features, collate, batch_size=4)  # a no_grad pass before training
-    _release_and_reset_peak()
+    release_and_reset_peak()
     model.train()
     losses, times = [], []
     for step in range(steps):
@@ -136,7 +104,7 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - began)
         losses.append(round(loss.item(), 4))
-    peak_train = _status_mb("VmHWM")
+    peak_train = status_mb("VmHWM")
     eval_after = mean_loss(model, val_features, collate, batch_size=4)
     timed = times[1:] if len(times) > 1 else times  # the first step includes one-time set-up
     return {
@@ -161,18 +129,13 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
 
 # -- driver ---------------------------------------------------------------------------------------
 def _run_worker(mode: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", mode, "--steps", str(args.steps), "--batch-size",
-               str(args.batch_size), "--max-length", str(args.max_length), "--eval-examples", str(args.eval_examples)]
-    env = dict(os.environ)
-    if args.malloc_mmap_threshold:
-        # glibc raises its mmap threshold as large blocks are freed and then keeps freed heap: a fixed
-        # threshold returns large temporaries to the system at once, so the peak shows what is really held.
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        raise SystemExit(f"worker {mode} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    arguments = ["--worker", mode, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
+                 str(args.max_length), "--eval-examples", str(args.eval_examples)]
+    env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {}
+    try:
+        return run_child(__file__, arguments, env)
+    except ChildFailed as err:
+        raise SystemExit(str(err)) from err
 
 
 def _print_tables(result: dict) -> None:
@@ -213,16 +176,15 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = train_worker(args.worker, args.steps, args.batch_size, args.max_length, args.eval_examples)
-        print("RESULT " + json.dumps(result), flush=True)
+        report(train_worker(args.worker, args.steps, args.batch_size, args.max_length, args.eval_examples))
         return
 
     started = time.perf_counter()
-    load_before = _load_average()
+    load_before = load_average()
     memory = weight_memory()
     gc.collect()
     runs = [_run_worker(mode, args) for mode in args.modes.split(",")]
-    load_after = _load_average()
+    load_after = load_average()
     result = {
         "model": MODEL,
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,

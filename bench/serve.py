@@ -19,7 +19,7 @@ at every operation give erratic times).
 Reported per system and k: generated tokens per second over the run, p50 / p99 request latency (submit to last
 token). With `--http`, lorakit is also measured through its HTTP server and the official openai client.
 
-    nice -n 10 .venv/bin/python bench/serve.py       # about 6 minutes; table on stdout, JSON in bench/results/serve.json
+    nice -n 10 .venv/bin/python bench/serve.py    # about 6 minutes; table on stdout, JSON in bench/results/serve.json
     .venv/bin/python bench/serve.py --requests 128 --tokens 64 --threads 8 --http
 """
 
@@ -39,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from common import load_average
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 MODEL = "smollm2-135m"
@@ -331,7 +333,7 @@ def main() -> None:
     counts = [int(k) for k in args.adapters.split(",")]
     systems = {"lorakit": Lorakit, "merge": Merge, "peft": Peft}
     chosen = [systems[s] for s in args.systems.split(",")] + ([Http] if args.http else [])
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     model, tokenizer = load_model(MODEL, "causal-lm")
     prompts = [tokenizer(e.prompt, add_special_tokens=False).input_ids
                for e in load_builtin("e2e", "validation").examples]
@@ -348,7 +350,7 @@ def main() -> None:
         for k in counts:
             requests = [(prompts[i % len(prompts)], f"a{i % k}") for i in range(args.requests)]
             for system in running:
-                load = round(os.getloadavg()[0], 2)
+                load = load_average()[0]
                 with tqdm(total=len(requests), desc=f"{system.name} k={k}", unit="req", file=sys.stderr) as bar:
                     result = run_load(system, requests, args.concurrency, bar)
                 tokens = args.requests * args.tokens
@@ -360,7 +362,7 @@ def main() -> None:
                                   "decode_step_ms": system.decode_ms(prompts, k, args.decode_steps)})
         for system in running:
             system.close()
-    load_after = [round(x, 2) for x in os.getloadavg()]
+    load_after = load_average()
 
     def rate(system: str, k: int) -> float | None:
         return next((r["tokens_per_s"] for r in rows if r["system"] == system and r["adapters"] == k), None)

@@ -28,17 +28,16 @@ Results: bench/results/train_step.json, with `uptime` before and after (the core
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from common import MMAP_THRESHOLD_ENV, own_weights, release_and_reset_peak, report, run_child, status_mb, uptime
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 MODEL = "smollm2-135m"
@@ -91,39 +90,21 @@ def token_batch(length: int, vocab: int = 49152) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(setup: str, length: int) -> dict:
     """In a fresh process: training memory above the loaded, prepared model over 3 steps."""
-    import ctypes
-
     model, step, _ = build(setup)
-    # Own every weight in anonymous memory: weights still mapped from the safetensors file would count
-    # only once the first step touches them.
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
+    own_weights(model)
     batch = token_batch(length)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status_mb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # restart the high-water mark from here
+    release_and_reset_peak()
+    before = status_mb("VmRSS")
     for _ in range(3):
         step(batch)
-    return {"setup": setup, "length": length, "peak_above_loaded_mb": _status_mb("VmHWM") - before,
+    return {"setup": setup, "length": length, "peak_above_loaded_mb": status_mb("VmHWM") - before,
             "loaded_mb": before}
 
 
 def _in_child(part: str, *args: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if part == "memory" else os.environ
-    out = subprocess.run([sys.executable, __file__, "--child", part, *args], env=env, check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, ["--child", part, *args], MMAP_THRESHOLD_ENV if part == "memory" else None)
 
 
 def bench_steps(rounds: dict[int, int]) -> dict:
@@ -209,9 +190,9 @@ def e2e_child(setup: str, steps: int) -> dict:
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         with tempfile.TemporaryDirectory() as out:
             args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=steps,
-                                     learning_rate=1e-3, warmup_steps=max(1, int(0.05 * steps)), lr_scheduler_type="linear",
-                                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                                     disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                                     learning_rate=1e-3, warmup_steps=max(1, int(0.05 * steps)),
+                                     lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[],
+                                     use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
             trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting(collator))
             history = trainer.train() and trainer.state.log_history
         final_loss = [h["loss"] for h in history if "loss" in h][-1]
@@ -223,11 +204,11 @@ def e2e_child(setup: str, steps: int) -> dict:
 # -- inference -----------------------------------------------------------------------------------
 @torch.no_grad()
 def bench_inference(rounds: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+
     import lorakit
     from lorakit.generate import generate_texts
     from lorakit.models import load_model
-
-    from peft import LoraConfig, get_peft_model
 
     base, tokenizer = load_model(MODEL, "causal-lm")
     unmerged, _ = load_model(MODEL, "causal-lm")
@@ -265,7 +246,8 @@ def bench_inference(rounds: int) -> dict:
         new_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         gen[name] = {"seconds": seconds, "tokens_per_s": new_tokens / seconds}
     base_ms = statistics.median(times["base"]) * 1e3
-    return {name: {"forward_ms": statistics.median(t) * 1e3, "overhead_vs_base": statistics.median(t) * 1e3 / base_ms - 1,
+    return {name: {"forward_ms": statistics.median(t) * 1e3,
+                   "overhead_vs_base": statistics.median(t) * 1e3 / base_ms - 1,
                    "generate_tokens_per_s": gen[name]["tokens_per_s"]} for name, t in times.items()}
 
 
@@ -273,16 +255,19 @@ def bench_inference(rounds: int) -> dict:
 def _table(results: dict) -> str:
     lines = []
     if "steps" in results:
-        lines += ["| batch | setup | step (median) | ×PEFT | ×full | peak above model | ×PEFT |", "|---|---|---|---|---|---|---|"]
+        lines += ["| batch | setup | step (median) | ×PEFT | ×full | peak above model | ×PEFT |",
+                  "|---|---|---|---|---|---|---|"]
         for length, row in results["steps"]["lengths"].items():
             for setup in SETUPS:
                 r = row[setup]
-                lines.append(f"| {BATCH}×{length} | {setup} | {r['step_s']:.2f} s | {r['step_s'] / row['peft']['step_s']:.2f} | "
+                lines.append(f"| {BATCH}×{length} | {setup} | {r['step_s']:.2f} s | "
+                             f"{r['step_s'] / row['peft']['step_s']:.2f} | "
                              f"{r['step_s'] / row['full']['step_s']:.2f} | {r['peak_mb']:.0f} MB | "
                              f"{r['peak_mb'] / row['peft']['peak_mb']:.2f} |")
     if "e2e" in results:
         e = results["e2e"]
-        lines += ["", "| E2E end to end | tokens/s | wall | final train loss | held-out target loss |", "|---|---|---|---|---|"]
+        lines += ["", "| E2E end to end | tokens/s | wall | final train loss | held-out target loss |",
+                  "|---|---|---|---|---|"]
         for setup in ("lorakit", "peft+trainer"):
             r = e[setup]
             lines.append(f"| {setup} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} s | {r['final_train_loss']:.3f} | "
@@ -296,10 +281,6 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="step,e2e,infer")
@@ -310,14 +291,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         part, *rest = args.child
-        result = memory_child(rest[0], int(rest[1])) if part == "memory" else e2e_child(rest[0], int(rest[1]))
-        print(json.dumps(result))
+        report(memory_child(rest[0], int(rest[1])) if part == "memory" else e2e_child(rest[0], int(rest[1])))
         return
 
     parts = args.parts.split(",")
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results.update(machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                   uptime_before=_uptime())
+                   uptime_before=uptime())
     if "step" in parts:
         print("training steps", flush=True)
         results["steps"] = bench_steps({128: args.rounds, 512: max(3, args.rounds // 3)})
@@ -328,7 +308,7 @@ def main() -> None:
     if "infer" in parts:
         print("inference", flush=True)
         results["inference"] = bench_inference(args.infer_rounds)
-    results["uptime_after"] = _uptime()
+    results["uptime_after"] = uptime()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(_table(results))

@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,8 @@ from lorakit.train.data import Collator, encode_classification, load_data
 from lorakit.train.evaluate import evaluate_split
 from lorakit.train.loop import LoopSettings, train_adapter
 
+from common import cpu_name, load_average
+
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["query", "key", "value"]
 VARIANTS = {  # name: (LoraConfig fields, LoRA+ ratio)
@@ -55,22 +56,12 @@ VARIANTS = {  # name: (LoraConfig fields, LoRA+ ratio)
 }
 
 
-def _load() -> float:
-    return os.getloadavg()[0]
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
 def run_one(variant: str, seed: int, args, train_split, dev_split) -> dict:
     fields, ratio = VARIANTS[variant]
     torch.manual_seed(seed)
     model, tokenizer = load_model("minilm-l6", "seq-cls", num_labels=2)
-    config = lorakit.LoraConfig(alpha=16, dropout=0.05, target_modules=TARGETS, modules_to_save=["classifier"], **fields)
+    config = lorakit.LoraConfig(alpha=16, dropout=0.05, target_modules=TARGETS, modules_to_save=["classifier"],
+                                **fields)
     started = time.perf_counter()
     lorakit.add_adapter(model, config)
     setup_s = time.perf_counter() - started  # PiSSA's SVDs happen here
@@ -78,7 +69,7 @@ def run_one(variant: str, seed: int, args, train_split, dev_split) -> dict:
     features = [encode_classification(tokenizer, e, args.max_length) for e in train_split.examples]
     settings = LoopSettings(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.05,
                             seed=seed, loraplus_ratio=ratio, save_every=None, progress=False, log_every=10)
-    load_before = _load()
+    load_before = load_average()[0]
     with tempfile.TemporaryDirectory() as out:
         result = train_adapter(model, features, Collator(tokenizer.pad_token_id), settings, out)
     model.eval()
@@ -88,7 +79,7 @@ def run_one(variant: str, seed: int, args, train_split, dev_split) -> dict:
         "mcc": round(metrics["mcc"], 2), "final_train_loss": round(result.final_loss, 4), "steps": result.steps,
         "train_s": round(result.wall_time_s, 2), "s_per_step": round(result.wall_time_s / result.steps, 4),
         "setup_s": round(setup_s, 3), "trainable_parameters": trainable,
-        "load_average": [round(load_before, 2), round(_load(), 2)],
+        "load_average": [load_before, load_average()[0]],
     }
 
 
@@ -103,7 +94,8 @@ def dora_cost(repetitions: int = 20, seed: int = 0) -> dict:
     batch = tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64)
     labels = torch.zeros(16, dtype=torch.long)
     models = {}
-    for name, dora, dropout in (("LoRA r=8", False, 0.05), ("DoRA r=8", True, 0.05), ("DoRA r=8, no dropout", True, 0.0)):
+    for name, dora, dropout in (("LoRA r=8", False, 0.05), ("DoRA r=8", True, 0.05),
+                                ("DoRA r=8, no dropout", True, 0.0)):
         model = copy.deepcopy(base)
         lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=TARGETS,
                                                       use_dora=dora, modules_to_save=["classifier"]))
@@ -147,9 +139,11 @@ def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
         step = [r["s_per_step"] for r in mine]
         rows.append({
             "variant": variant, "trainable_parameters": mine[0]["trainable_parameters"],
-            "accuracy_mean": round(statistics.mean(acc), 2), "accuracy_std": round(statistics.stdev(acc), 2) if len(acc) > 1 else 0.0,
+            "accuracy_mean": round(statistics.mean(acc), 2),
+            "accuracy_std": round(statistics.stdev(acc), 2) if len(acc) > 1 else 0.0,
             "accuracies": acc, "train_s_mean": round(statistics.mean(r["train_s"] for r in mine), 1),
-            "s_per_step_mean": round(statistics.mean(step), 3), "steps_s": step, "step_time_vs_first": round(statistics.mean(step) / statistics.mean(base), 2),
+            "s_per_step_mean": round(statistics.mean(step), 3), "steps_s": step,
+            "step_time_vs_first": round(statistics.mean(step) / statistics.mean(base), 2),
             "setup_s_mean": round(statistics.mean(r["setup_s"] for r in mine), 2),
         })
     return rows
@@ -164,13 +158,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"accuracy on the full SST-2 dev set (872 sentences), mean ± sample std over seeds {meta['seeds']}. "
         "Time is the training loop's wall time (no evaluation), one torch thread.",
         "",
-        "| variant | trainable params | dev accuracy (%) | per seed | train time / run (s) | s / step | step time vs LoRA r=8 |",
+        "| variant | trainable params | dev accuracy (%) | per seed | train time / run (s) | s / step "
+        "| step time vs LoRA r=8 |",
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['variant']} | {row['trainable_parameters']:,} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} "
-            f"| {', '.join(f'{a:.1f}' for a in row['accuracies'])} | {row['train_s_mean']:.0f} | {row['s_per_step_mean']:.3f} "
+            f"| {row['variant']} | {row['trainable_parameters']:,} "
+            f"| {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} "
+            f"| {', '.join(f'{a:.1f}' for a in row['accuracies'])} | {row['train_s_mean']:.0f} "
+            f"| {row['s_per_step_mean']:.3f} "
             f"| {row['step_time_vs_first']:.2f}× |"
         )
     lines += [
@@ -192,7 +189,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "(its extra frozen s·B0·A0·x term is as small as the adapter). "
             "DoRA's cost measured on its own (`dora_cost` in the script: median of 20 alternating repetitions "
             f"on one batch of 16 sentences, {cost['tokens_per_batch']} tokens; load average "
-            f"{' '.join(meta.get('dora_cost_load_average', ['?']))}):",
+            f"{' '.join(map(str, meta.get('dora_cost_load_average', ['?'])))}):",
             "",
             "| | LoRA r=8 | DoRA r=8 | DoRA / LoRA |",
             "|---|---:|---:|---:|",
@@ -227,7 +224,7 @@ def main() -> None:
     if args.cost_only:
         saved = json.loads(args.output.read_text())
         saved["meta"]["dora_cost"] = dora_cost()
-        saved["meta"]["dora_cost_load_average"] = Path("/proc/loadavg").read_text().split()[:3]
+        saved["meta"]["dora_cost_load_average"] = load_average()
         variants = [row["variant"] for row in saved["summary"]]
         saved["summary"] = summarise(saved["runs"], variants)
         args.output.write_text(json.dumps(saved, indent=2))
@@ -239,7 +236,7 @@ def main() -> None:
 
     train_split = load_data("sst2", "train", "seq-cls")
     dev_split = load_data("sst2", "validation", "seq-cls")
-    uptime_before = Path("/proc/loadavg").read_text().split()[:3]
+    uptime_before = load_average()
     begin = time.perf_counter()
     runs = []
     for seed in args.seeds:
@@ -249,14 +246,15 @@ def main() -> None:
             print(f"seed {seed} {variant:22s} acc {run['accuracy']:.2f}  {run['s_per_step']:.3f} s/step  "
                   f"load {run['load_average']}", flush=True)
     meta = {
-        "command": " ".join(["nice -n 5 .venv/bin/python", *sys.argv]) if os.nice(0) > 0 else " ".join([".venv/bin/python", *sys.argv]),
+        "command": " ".join(["nice -n 5" if os.nice(0) > 0 else "", ".venv/bin/python", *sys.argv]).strip(),
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
-        "seeds": args.seeds, "cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "uptime_before": " ".join(uptime_before), "uptime_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "seeds": args.seeds, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "uptime_before": " ".join(map(str, uptime_before)),
+        "uptime_after": " ".join(map(str, load_average())),
         "total_min": (time.perf_counter() - begin) / 60,
     }
     meta["dora_cost"] = dora_cost()
-    meta["dora_cost_load_average"] = Path("/proc/loadavg").read_text().split()[:3]
+    meta["dora_cost_load_average"] = load_average()
     rows = summarise(runs, variants)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=2))

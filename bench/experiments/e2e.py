@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,11 @@ from lorakit.models import BUILTIN_MODELS, load_model
 from lorakit.train.data import Collator, encode_causal, load_data
 from lorakit.train.evaluate import evaluate_split
 from lorakit.train.loop import LoopSettings
-from methods_runs import RESULTS, cpu_name, fine_tune, load_average, machine_line, mean_std, timed, update_docs_section, write_json
+
+from methods_runs import RESULTS, fine_tune, mean_std, timed, update_docs_section, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py; a script's path has its folder only
+from common import cpu_name, load_average, machine_line  # noqa: E402
 
 MODEL = "smollm2-135m"
 METHODS = ["lora", "full", "adapter", "prefix"]
@@ -82,6 +87,11 @@ def run_one(method: str, seed: int, data: dict, args) -> dict:
     return run
 
 
+def _latency_ratio(runs: list[dict], key: str) -> float:
+    """Median over `runs` of the forward latency under `key` relative to the base model's."""
+    return statistics.median(run["latency_ms"][key] / run["latency_ms"]["base"] for run in runs)
+
+
 def markdown(runs: list[dict], meta: dict) -> str:
     seeds = ", ".join(str(s) for s in meta["seeds"])
     lines = [
@@ -107,18 +117,14 @@ def markdown(runs: list[dict], meta: dict) -> str:
             lines.append(f"| {LABEL[method]} | 0 | {scores} | – | – | 1.00× | – |")
             continue
         first = mine[0]
-
-        def median(value) -> float:
-            return statistics.median(value(r) for r in mine)
-
-        latency = f"{median(lambda r: r['latency_ms'][method] / r['latency_ms']['base']):.2f}×"
+        latency = f"{_latency_ratio(mine, method):.2f}×"
         if method == "lora":
-            latency += f" (merged {median(lambda r: r['latency_ms']['lora_merged'] / r['latency_ms']['base']):.2f}×)"
+            latency += f" (merged {_latency_ratio(mine, 'lora_merged'):.2f}×)"
         share = 100 * first["trainable_parameters"] / first["total_parameters"]
         lines.append(
             f"| {LABEL[method]} | {first['trainable_parameters']:,} ({share:.3g} %) | {scores} | "
-            f"{first['checkpoint_mb']:.3g} | {median(lambda r: r['rss_growth_mb']):.0f} | {latency} | "
-            f"{median(lambda r: r['wall_time_s'] / r['steps']):.2f} |")
+            f"{first['checkpoint_mb']:.3g} | {statistics.median(r['rss_growth_mb'] for r in mine):.0f} | {latency} | "
+            f"{statistics.median(r['wall_time_s'] / r['steps'] for r in mine):.2f} |")
     lines += [
         "",
         "Columns after the scores as in the GLUE table above (training memory: growth of resident memory while "

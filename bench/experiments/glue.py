@@ -29,6 +29,7 @@ import dataclasses
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,11 @@ from lorakit.models import load_model
 from lorakit.train.data import Collator, encode_classification, load_data
 from lorakit.train.evaluate import evaluate_split
 from lorakit.train.loop import LoopSettings
-from methods_runs import RESULTS, cpu_name, fine_tune, load_average, machine_line, mean_std, timed, update_docs_section, write_json
+
+from methods_runs import RESULTS, fine_tune, mean_std, timed, update_docs_section, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py; a script's path has its folder only
+from common import cpu_name, load_average, machine_line  # noqa: E402
 
 METHODS = ["full", "bitfit", "head", "adapter", "prefix", "prompt", "lora"]
 # Raised for a short budget after a 50-step pilot at full 1e-4 / head, prefix, prompt 1e-2 / the rest 1e-3, in

@@ -1,7 +1,7 @@
 """What the method comparisons (glue.py, e2e.py) share: fine-tuning a loaded model with one method and measuring
-what it costs (as `lorakit train --method` does, without the scoring before training, periodic checkpoints and
-prediction files a table does not need), mean ± std, the machine's description, and replacing one marked
-section of docs/results.md."""
+what it costs (with `lorakit train --method`'s own phases, without the scoring before training, periodic
+checkpoints and prediction files a table does not need), mean ± std, the machine's description, and replacing
+one marked section of docs/results.md."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from torch import nn
 
 import lorakit
 from lorakit.atomic import atomic_write
-from lorakit.methods import MethodOptions, apply_method
-from lorakit.methods.measure import PeakRss, forward_latency_ms, weights_bytes
-from lorakit.train.loop import LoopSettings, train_adapter
+from lorakit.methods import MethodOptions, get_method
+from lorakit.methods.measure import forward_latency_ms, weights_bytes
+from lorakit.train.loop import LoopSettings
+from lorakit.train.recipe import apply_tuning, measured_training, method_latency
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -46,23 +48,16 @@ def fine_tune(model: nn.Module, method: str, features: Sequence[dict], collate: 
     """Apply `method` (LoRA with `lora`, else lorakit.methods with `options`) to the loaded `model`, train it, score
     it with `evaluate` ("after"), and return that with the training figures and the costs: trainable parameters,
     the saved weights' size, the growth of resident memory while training, and the latency of a forward pass on
-    `latency_batch` (before the method, with it, and for LoRA merged)."""
+    `latency_batch` (before the method, with it, and merged where the method merges) — the training recipe's own
+    phases (lorakit.train.recipe)."""
     latency = {"base": forward_latency_ms(model, latency_batch)}
-    if method == "lora":
-        lorakit.add_adapter(model, lora)
-    else:
-        apply_method(model, method, options)
-    trainable, total = lorakit.trainable_parameters(model)
+    tuning = get_method(method)
+    trainable, total = apply_tuning(model, tuning, replace(options, lora=lora), log=lambda message: None)
     with tempfile.TemporaryDirectory() as folder:
-        with PeakRss() as memory:
-            result = train_adapter(model, features, collate, settings, folder)
+        result, memory = measured_training(model, features, collate, settings, folder)
         checkpoint_mb = weights_bytes(folder) / 2**20  # the method's weights as the training loop saved them
     after = evaluate(model)
-    latency[method] = forward_latency_ms(model, latency_batch)
-    if method == "lora":
-        lorakit.merge(model)
-        latency["lora_merged"] = forward_latency_ms(model, latency_batch)
-        lorakit.unmerge(model)
+    latency.update(method_latency(model, tuning, latency_batch))
     return {"after": after, "steps": result.steps, "final_loss": result.final_loss, "wall_time_s": result.wall_time_s,
             "trainable_parameters": trainable, "total_parameters": total, "checkpoint_mb": checkpoint_mb,
             "rss_growth_mb": memory.peak_mb - memory.start_mb, "latency_ms": latency}

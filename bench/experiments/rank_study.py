@@ -42,6 +42,9 @@ from lorakit.analysis import write_report
 from lorakit.analysis.plots import plot_similarity, plot_spectra
 from lorakit.train.run import RunConfig, run_training
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py; a script's path has its folder only
+from common import cpu_name, load_average  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 ADAPTERS = ROOT / "runs" / "rank_study"  # the kept adapters (git-ignored)
@@ -67,10 +70,6 @@ def parse(name: str) -> tuple[str, int]:
 
 def label(targets: str) -> str:
     return "{" + ",".join(targets) + "}"
-
-
-def load_average() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def run_one(name: str, seed: int, args) -> dict:
@@ -137,11 +136,12 @@ def analyse(base, runs: list[dict], results: Path) -> dict:
             "projection_delta", "projection_weight", "projection_random", "weight_norm", "delta_norm", "amplification",
             "effective_rank", "energy_rank")} for kind in ("query", "value")}
         spectra[r] = report["layers"]
-        analysis["per_layer"][r] = [{k: row[k] for k in ("kind", "layer", "relative_norm", "effective_rank", "energy_rank",
-                                                        "amplification")} for row in report["layers"]]
+        kept = ("kind", "layer", "relative_norm", "effective_rank", "energy_rank", "amplification")
+        analysis["per_layer"][r] = [{k: row[k] for k in kept} for row in report["layers"]]
     if spectra:
         groups = {f"{kind}, r={r}": [(f"layer {row['layer']}", row["singular_values"]) for row in rows
-                                     if row["kind"].endswith(kind)] for kind in ("query", "value") for r, rows in spectra.items()}
+                                     if row["kind"].endswith(kind)]
+                  for kind in ("query", "value") for r, rows in spectra.items()}
         plot_spectra(groups, results / "rank_study_spectrum.png", "singular values of ΔW, {q,v} adapters of seed 0")
     pairs = {"r8_vs_r64": (("qv-r8", 0), ("qv-r64", 0)), "r64_seed0_vs_seed1": (("qv-r64", 0), ("qv-r64", 1))}
     for key, (first, second) in pairs.items():
@@ -153,9 +153,8 @@ def analyse(base, runs: list[dict], results: Path) -> dict:
             if factor == "A":  # the full `lorakit analyze` output (large JSON): beside the adapters, not committed
                 write_report(report, adapters[first].parent / "analysis" / key)
             rows = report["comparison"]["layers"]
-            analysis[f"{key}_{factor}"] = [
-                {k: row[k] for k in ("kind", "layer", "r1", "r2", "dim", "phi_1_1", "phi_k_k", "phi_r1_r2", "random_r1_r2")}
-                | {"phi_1_r2": row["phi"][0][-1]} for row in rows]
+            kept = ("kind", "layer", "r1", "r2", "dim", "phi_1_1", "phi_k_k", "phi_r1_r2", "random_r1_r2")
+            analysis[f"{key}_{factor}"] = [{k: row[k] for k in kept} | {"phi_1_r2": row["phi"][0][-1]} for row in rows]
             plot_similarity(*_figure(key, factor, rows, results), columns=2)
     return analysis
 
@@ -167,8 +166,10 @@ def _figure(key: str, factor: str, rows: list[dict], results: Path) -> tuple:
     if key == "r8_vs_r64":
         panels = [panels[0], (panels[0][0] + ", j ≤ 8", [line[:8] for line in panels[0][1]]),
                   panels[1], (panels[1][0] + ", j ≤ 8", [line[:8] for line in panels[1][1]])]
-        return panels, results / name, f"φ({factor} of r=8, {factor} of r=64, i, j), {{q,v}} seed 0", "i (r=8)", "j (r=64)"
-    return panels, results / name, f"φ({factor} of seed 0, {factor} of seed 1, i, j), {{q,v}} r=64", "i (seed 0)", "j (seed 1)"
+        title = f"φ({factor} of r=8, {factor} of r=64, i, j), {{q,v}} seed 0"
+        return panels, results / name, title, "i (r=8)", "j (r=64)"
+    title = f"φ({factor} of seed 0, {factor} of seed 1, i, j), {{q,v}} r=64"
+    return panels, results / name, title, "i (seed 0)", "j (seed 1)"
 
 
 def plot_accuracy(rows: dict[str, dict], path: Path) -> None:
@@ -183,7 +184,8 @@ def plot_accuracy(rows: dict[str, dict], path: Path) -> None:
     budget = [rows[f"{t}-r{r}"] for t, r in BUDGET if f"{t}-r{r}" in rows] or [{"accuracy_mean": 50.0}]
     left.bar(range(len(budget)), [row["accuracy_mean"] for row in budget],
              yerr=[row.get("accuracy_std") or 0 for row in budget], capsize=3, color="tab:blue")
-    left.set_xticks(range(len(budget)), [f"{row.get('targets', '')}\nr={row.get('r', '')}" for row in budget], fontsize=8)
+    left.set_xticks(range(len(budget)), [f"{row.get('targets', '')}\nr={row.get('r', '')}" for row in budget],
+                    fontsize=8)
     left.set_ylim(min(row["accuracy_mean"] for row in budget) - 5, max(row["accuracy_mean"] for row in budget) + 3)
     left.set_ylabel("SST-2 dev accuracy (%)")
     left.set_title("same budget (36,864 LoRA parameters)", fontsize=9)
@@ -219,7 +221,8 @@ def markdown(rows: dict[str, dict], analysis: dict, meta: dict) -> str:
         "(2,000 of the 67,349 training sentences: about 1.2 passes); accuracy on the full dev set (872 sentences), "
         f"mean ± sample std over seeds {seeds} (the seed sets the head's and A's init and the data order; "
         "the seeds column says which ran). "
-        f"The base model with its untrained head scores {', '.join(map(str, meta['accuracy_before']))} % (per seed).", "",
+        f"The base model with its untrained head scores {', '.join(map(str, meta['accuracy_before']))} % "
+        "(per seed).", "",
         "**Same parameter budget** (36,864 LoRA parameters; trainable adds the 770 of the head):", "",
         "| weights | r | LoRA params | dev accuracy (%) | per seed |", "|---|---:|---:|---:|---|",
     ]
@@ -239,22 +242,26 @@ def markdown(rows: dict[str, dict], analysis: dict, meta: dict) -> str:
                   "‖UᵀW_qVᵀ‖_F with U, V the top-r singular directions of ΔW_q, of W_q, or random:", "",
                   "| | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---|" + "---:|" * len(ranks)]
         q = {r: table7[r]["query"] for r in ranks}
-        for name, key in (("‖UᵀW_qVᵀ‖, ΔW_q's directions", "projection_delta"), ("‖UᵀW_qVᵀ‖, W_q's directions", "projection_weight"),
+        for name, key in (("‖UᵀW_qVᵀ‖, ΔW_q's directions", "projection_delta"),
+                          ("‖UᵀW_qVᵀ‖, W_q's directions", "projection_weight"),
                           ("‖UᵀW_qVᵀ‖, random directions", "projection_random"), ("‖W_q‖", "weight_norm"),
                           ("‖ΔW_q‖", "delta_norm"), ("amplification ‖ΔW_q‖ / ‖UᵀW_qVᵀ‖", "amplification"),
-                          ("entropy effective rank of ΔW_q", "effective_rank"), ("singular values for 90 % of ‖ΔW_q‖²", "energy_rank")):
+                          ("entropy effective rank of ΔW_q", "effective_rank"),
+                          ("singular values for 90 % of ‖ΔW_q‖²", "energy_rank")):
             lines.append(f"| {name} | " + " | ".join(_fmt(q[r][key]) for r in ranks) + " |")
         lines += ["", "Per layer (seed 0): ‖ΔW‖/‖W‖ and amplification of the query and value updates:", "",
                   "| r | matrix | " + " | ".join(f"layer {i}" for i in range(6)) + " |", "|---|---|" + "---:|" * 6]
         for r in ranks:
             for kind in ("query", "value"):
-                mine = sorted((row for row in analysis["per_layer"][r] if row["kind"].endswith(kind)), key=lambda row: row["layer"])
-                lines.append(f"| {r} | {kind} ‖ΔW‖/‖W‖ | " + " | ".join(_fmt(row["relative_norm"]) for row in mine) + " |")
-                lines.append(f"| {r} | {kind} amplification | " + " | ".join(_fmt(row["amplification"]) for row in mine) + " |")
+                mine = sorted((row for row in analysis["per_layer"][r] if row["kind"].endswith(kind)),
+                              key=lambda row: row["layer"])
+                for caption, field in (("‖ΔW‖/‖W‖", "relative_norm"), ("amplification", "amplification")):
+                    lines.append(f"| {r} | {kind} {caption} | " + " | ".join(_fmt(row[field]) for row in mine) + " |")
     for key, title in (("r8_vs_r64_A", "**Subspace similarity, r=8 vs r=64, input side** (Figure 3; {q,v} seed 0, "
                                        "right-singular vectors of A)"),
                        ("r8_vs_r64_B", "**The same, output side** (left-singular vectors of B)"),
-                       ("r64_seed0_vs_seed1_A", "**Subspace similarity, two seeds at r=64, input side** (Figure 4; {q,v}, A)"),
+                       ("r64_seed0_vs_seed1_A",
+                        "**Subspace similarity, two seeds at r=64, input side** (Figure 4; {q,v}, A)"),
                        ("r64_seed0_vs_seed1_B", "**The same, output side** (B)")):
         if key not in analysis:
             continue
@@ -287,13 +294,6 @@ def _fmt(value: float | int | None) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3g}" if abs(value) < 0.1 else f"{value:.2f}"
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "?"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=150)
@@ -303,7 +303,8 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=25.0, help="start no run that would end after this")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for rank_study.json/.md and the PNGs")
     parser.add_argument("--adapters", type=Path, default=ADAPTERS, help="folder for the runs (adapters kept)")
-    parser.add_argument("--analyze-only", action="store_true", help="reuse the runs in rank_study.json and the kept adapters")
+    parser.add_argument("--analyze-only", action="store_true",
+                        help="reuse the runs in rank_study.json and the kept adapters")
     args = parser.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # on 2 shared cores a second intra-op thread mostly waits (see bench/variants_sst2.py)
@@ -335,12 +336,13 @@ def main() -> None:
             run = run_one(name, seed, args)
             runs.append(run)
             output.write_text(json.dumps({"runs": runs}, indent=1))  # kept if a later run or the analysis fails
-            print(f"[{k + 1}/{len(plan)}] {name:8s} seed {seed}  acc {run['accuracy']:.2f}  {run['train_s']:.0f}s train "
-                  f"{run['run_s']:.0f}s total  load {run['load_average'][1][0]}", flush=True)
+            print(f"[{k + 1}/{len(plan)}] {name:8s} seed {seed}  acc {run['accuracy']:.2f}  "
+                  f"{run['train_s']:.0f}s train {run['run_s']:.0f}s total  load {run['load_average'][1][0]}",
+                  flush=True)
         skipped = len(plan) - len(runs)
         meta = {
             "command": " ".join(["nice -n 10" if os.nice(0) >= 10 else "", ".venv/bin/python", *sys.argv]).strip(),
-            "steps": args.steps, "lr": args.lr, "seeds": args.seeds, "cpu": _cpu(), "cores": os.cpu_count(),
+            "steps": args.steps, "lr": args.lr, "seeds": args.seeds, "cpu": cpu_name(), "cores": os.cpu_count(),
             "torch": torch.__version__, "load_before": " ".join(map(str, load_before)),
             "load_after": " ".join(map(str, load_average())), "total_min": round((time.perf_counter() - begin) / 60, 1),
             "runs": len(runs), "skipped_note": f"; {skipped} planned runs not started (time budget)" if skipped else "",

@@ -26,4 +26,3 @@ def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
-

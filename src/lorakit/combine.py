@@ -33,10 +33,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .inject import (
-    _check_new_name, _merged_names, _saved_copies, _state_with, add_adapter, adapter_config, lora_layers,
-)
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .inject import add_adapter, check_new_name, merged_names
+from .layers import LoraLayer
+from .saved_module import TrainableCopy
+from .state import adapter_config, lora_layers, require_adapters, saved_copies
 
 METHODS = ("cat", "linear", "svd", "ties")
 
@@ -83,32 +83,29 @@ def combine(
     add_adapter(model, config, name, activate=activate)
 
     layers = dict(lora_layers(model))
+    for path, (b, a) in factors.items():
+        layers[path].set_factors(name, b, a)
     with torch.no_grad():
-        for path, (b, a) in factors.items():
-            layer = layers[path]
-            shapes = layer.adapter_shapes(b.shape[1])
-            container_a, container_b = layer.adapter_containers
-            for container, value in ((container_a, a), (container_b, b)):
-                target = layer.adapter_tensor(container, name)
-                target.copy_(value.reshape(shapes[container]).to(target.dtype))
         for copy, source in saved_sources:
             copy.modules_to_save[name].load_state_dict(copy.modules_to_save[source].state_dict())
     return model
 
 
-def _check_arguments(model, weights, method, name, rank, density) -> list[str]:
+def _check_arguments(
+    model: nn.Module, weights: dict[str, float], method: str, name: str, rank: int | None, density: float
+) -> list[str]:
     if not isinstance(weights, dict) or not weights:
         raise ValueError('weights must be a non-empty {adapter name: weight} mapping, e.g. {"a": 0.7, "b": 0.3}')
     names = list(weights)
-    _state_with(model, names)
+    require_adapters(model, names)
     for key, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"the weight of {key!r} must be a finite number, got {value!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_new_name(model, name)
-    if _merged_names(model):
-        raise RuntimeError(f"adapters {_merged_names(model)} are merged; unmerge before combining")
+    check_new_name(model, name)
+    if merged_names(model):
+        raise RuntimeError(f"adapters {merged_names(model)} are merged; unmerge before combining")
     if rank is not None:
         if method not in ("svd", "ties"):
             raise ValueError(f"rank applies to the svd and ties methods; {method!r} sets the rank itself")
@@ -124,9 +121,11 @@ def _check_arguments(model, weights, method, name, rank, density) -> list[str]:
 
 
 # -- one layer ------------------------------------------------------------------------------------
-def _combine_layer(path, layer, weights, method, rank, density) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine_layer(
+    path: str, layer: LoraLayer, weights: dict[str, float], method: str, rank: int | None, density: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     if method == "cat":
-        pairs = [_low_rank(layer, n) for n in weights]
+        pairs = [layer.lora_factors(n) for n in weights]
         total = sum(b.shape[1] for b, _ in pairs)
         if total <= layer.max_rank():
             b = torch.cat([b for b, _ in pairs], dim=1)
@@ -135,53 +134,40 @@ def _combine_layer(path, layer, weights, method, rank, density) -> tuple[torch.T
         # More directions than the layer has: the SVD of the sum at full rank is still exact.
         return _truncate(_weighted_sum(layer, weights), layer.max_rank())
     if method == "linear":
-        pairs = {n: _low_rank(layer, n) for n in weights}
-        ranks = {n: b.shape[1] for n, (b, _) in pairs.items()}
+        by_name = {n: layer.lora_factors(n) for n in weights}
+        ranks = {n: b.shape[1] for n, (b, _) in by_name.items()}
         if len(set(ranks.values())) > 1:
             raise ValueError(
                 f"{path}: linear combines A and B entry by entry and needs equal ranks, got {ranks}; use cat or svd"
             )
-        b_sum, a_sum = 0, 0
+        first_b, first_a = next(iter(by_name.values()))
+        b_sum, a_sum = torch.zeros_like(first_b), torch.zeros_like(first_a)
         for n, w in weights.items():
-            b, a = pairs[n]
+            b, a = by_name[n]
             scale = w * layer.scaling[n]
             root = math.sqrt(abs(scale))
             b_sum = b_sum + root * b
             a_sum = a_sum + math.copysign(root, scale) * a  # the sign on one side only
         return b_sum, a_sum
-    target = rank or max(_low_rank(layer, n)[0].shape[1] for n in weights)
+    target = rank or max(layer.lora_factors(n)[0].shape[1] for n in weights)
     target = min(target, layer.max_rank())
     if method == "svd":
         return _truncate(_weighted_sum(layer, weights), target)
-    deltas = [_matrix(layer, _update(layer, n)).to(torch.float32) for n in weights]
+    deltas = [_update(layer, n) for n in weights]
     return _truncate(ties_merge(deltas, list(weights.values()), density), target)
 
 
-def _low_rank(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) as matrices with B·A = the adapter's update without its scaling (rank 2r for PiSSA/OLoRA)."""
-    if isinstance(layer, LoraLinear):
-        return layer.lora_factors(name)
-    return layer._lora_b_weight(name).flatten(1), layer._lora_a_weight(name).flatten(1)
-
-
 def _update(layer: LoraLayer, name: str) -> torch.Tensor:
-    """The adapter's whole change of the weight (DoRA included), in the base weight's layout."""
-    return layer.merged_delta(name) if isinstance(layer, LoraLinear) else layer.delta_weight(name)
-
-
-def _matrix(layer: LoraLayer, delta: torch.Tensor) -> torch.Tensor:
-    """A weight-layout update as the (out × in) matrix whose factors are B (out × r) and A (r × in)."""
-    if isinstance(layer, LoraLinear):
-        return layer._out_in(delta)
-    if isinstance(layer, LoraEmbedding):
-        return delta.T
-    if isinstance(layer, LoraConv2d):
-        return delta.flatten(1)
-    raise TypeError(f"cannot combine adapters on a {type(layer).__name__}")
+    """The adapter's whole change of the weight (DoRA included) as an (out × in) matrix, in float32."""
+    return layer.to_matrix_layout(layer.delta_weight(name)).to(torch.float32)
 
 
 def _weighted_sum(layer: LoraLayer, weights: dict[str, float]) -> torch.Tensor:
-    return sum(w * _matrix(layer, _update(layer, n)).to(torch.float32) for n, w in weights.items())
+    terms = [w * _update(layer, n) for n, w in weights.items()]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def _truncate(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,10 +198,10 @@ def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float)
 
 
 # -- modules trained in full ----------------------------------------------------------------------
-def _saved_sources(model: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
+def _saved_sources(model: nn.Module, names: list[str]) -> list[tuple[TrainableCopy, str]]:
     """(wrapper, adapter whose copy the new adapter takes) for every modules_to_save wrapper involved."""
     sources = []
-    for path, copy in _saved_copies(model):
+    for path, copy in saved_copies(model):
         owners = [n for n in names if n in copy.modules_to_save]
         if len(owners) > 1:
             raise ValueError(

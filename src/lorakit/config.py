@@ -80,10 +80,13 @@ class LoraConfig:
         task_type / base_model_name_or_path: recorded in the adapter file for other tools.
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = None
+    r: int = field(default=8, metadata={
+        "help": "LoRA rank (write --lora-rank under torchrun, whose own options swallow --r)",
+        "flags": ("--r", "--lora-rank")})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (update scaled by alpha/r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "comma-separated module names, or all-linear"})
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     layers_pattern: list[str] | str | None = None
@@ -91,10 +94,12 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
     modules_to_save: list[str] | None = None
-    init: str = "kaiming"
+    init: str = field(default="kaiming", metadata={
+        "help": "kaiming, gaussian, pissa (A, B from W0's top singular vectors) or olora (QR)"})
     fan_in_fan_out: bool | None = None
-    use_rslora: bool = False
-    use_dora: bool = False
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r"})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: weight-decomposed LoRA (a trained magnitude per output feature)"})
     task_type: str | None = None
     base_model_name_or_path: str | None = None
 

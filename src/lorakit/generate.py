@@ -7,15 +7,17 @@ on the left so that every row's new tokens start at the same position.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import GenerationMixin, PreTrainedTokenizerBase
 
 
 @torch.no_grad()
 def generate_texts(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     max_new_tokens: int = 64,
     batch_size: int = 16,
@@ -40,7 +42,7 @@ def generate_texts(
             chunk = list(prompts[start : start + batch_size])
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-            out = model.generate(
+            out = cast(GenerationMixin, model).generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
@@ -48,7 +50,7 @@ def generate_texts(
                 synced_gpus=synced,
                 **sampling,
             )
-            new_tokens = out[:, enc["input_ids"].shape[1]:]
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
             outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = saved_side

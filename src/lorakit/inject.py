@@ -1,84 +1,48 @@
-"""Putting adapters into a model and managing them: target matching, add / set / disable / delete,
-merge / unmerge / unload, and which parameters train.
+"""Putting adapters into a model and managing them: add / set / disable / delete, merge / unmerge / unload,
+which parameters train, and the planning of an injection (which modules an adapter wraps).
 
 The model keeps its own class: target modules are replaced in place by `LoraLayer` wrappers around the
-original module, and `modules_to_save` by `TrainableCopy` wrappers. The adapters' configs and the
-active set live in `model._lorakit` (an `AdapterState`). Every operation validates first and changes
-the model only once nothing can fail, so a bad call leaves the model exactly as it was.
+original module, and `modules_to_save` by `TrainableCopy` wrappers. The adapters' configs and the active
+set are the model's `AdapterState` (`lorakit.state`); the rules naming modules are `lorakit.targets`.
+Every operation validates first and changes the model only once nothing can fail, so a bad call leaves
+the model exactly as it was.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, LoraConfig
-from .layers import LoraLayer, LoraLinear, lora_class_for, supported_types
-from .quant.linear import QuantLinear
+from .layers import LoraLayer, is_linear_layer, lora_class_for, supported_types
+from .quant import QuantLinear, dequantize
 from .saved_module import TrainableCopy
-
-_STATE_ATTR = "_lorakit"
+from .state import (  # AdapterState, active_adapters, adapter_config: re-exported for `from lorakit.inject import`
+    AdapterState,
+    active_adapters,
+    adapter_config,
+    adapter_names,
+    adapter_state,
+    attach_state,
+    detach_state,
+    lora_layers,
+    require_adapters,
+    saved_copies,
+)
+from .targets import layer_index, name_matches, output_head, own_weight, weight_owners
 
 
 @dataclass
-class AdapterState:
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
-    active: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Plan:
-    """What `add_adapter` will do, computed without touching the model."""
+class InjectionPlan:
+    """What adding an adapter will do, computed without touching the model."""
 
     layers: list[tuple[str, LoraLayer, bool]]  # path, wrapper, whether the wrapper is new
     saved: list[tuple[str, TrainableCopy, bool]]
     config: LoraConfig
-
-
-# -- state ----------------------------------------------------------------------------------------
-def adapter_state(model: nn.Module) -> AdapterState | None:
-    return model.__dict__.get(_STATE_ATTR)
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    state = adapter_state(model)
-    return list(state.configs) if state else []
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    state = adapter_state(model)
-    return list(state.active) if state else []
-
-
-def adapter_config(model: nn.Module, name: str) -> LoraConfig:
-    return _state_with(model, [name]).configs[name]
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield path, module
-
-
-def _saved_copies(model: nn.Module) -> Iterator[tuple[str, TrainableCopy]]:
-    for path, module in model.named_modules():
-        if isinstance(module, TrainableCopy):
-            yield path, module
-
-
-def _state_with(model: nn.Module, names: list[str]) -> AdapterState:
-    state = adapter_state(model)
-    known = list(state.configs) if state else []
-    for name in names:
-        if name not in known:
-            raise KeyError(f"no adapter named {name!r}; adapters on this model: {known or 'none'}")
-    return state
 
 
 # -- target matching ------------------------------------------------------------------------------
@@ -91,51 +55,24 @@ def _plain_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn
             yield from _plain_modules(child, f"{path}.")
 
 
-def _name_matches(spec: list[str] | str, path: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith(f".{name}") for name in spec)
-
-
-def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]+"])
-    for pattern in patterns:
-        match = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)(?:\.|$)", path)
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D, QuantLinear)) or isinstance(module, LoraLinear)
-
-
 def _is_module(module: nn.Module, other: nn.Module | None) -> bool:
     """Whether `module` is `other` or a LoRA wrapper around it. `other=None` (a model without an output head)
     matches nothing; comparing `getattr(..., None) is None` would instead match every plain layer."""
     return other is not None and (module is other or getattr(module, "base_layer", None) is other)
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    try:
-        return getter() if getter else None
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 def _matching_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     modules = list(_plain_modules(model))
     saved_names = config.modules_to_save or []
-    excluded = {p for p, _ in modules if config.exclude_modules and _name_matches(config.exclude_modules, p)}
-    excluded |= {p for p, _ in modules if saved_names and _name_matches(saved_names, p)}
+    excluded = {p for p, _ in modules if config.exclude_modules and name_matches(config.exclude_modules, p)}
+    excluded |= {p for p, _ in modules if saved_names and name_matches(saved_names, p)}
     if config.target_modules == ALL_LINEAR:
-        head = _output_head(model)
-        by_name = [(p, m) for p, m in modules if _is_linear(m) and not _is_module(m, head)]
+        head = output_head(model)
+        by_name = [(p, m) for p, m in modules if is_linear_layer(m) and not _is_module(m, head)]
     else:
-        by_name = [(p, m) for p, m in modules if _name_matches(config.target_modules, p)]
+        by_name = [(p, m) for p, m in modules if name_matches(config.target_modules, p)]
         if isinstance(config.target_modules, list):
-            unmatched = [t for t in config.target_modules if not any(_name_matches([t], p) for p, _ in by_name)]
+            unmatched = [t for t in config.target_modules if not any(name_matches([t], p) for p, _ in by_name)]
             if unmatched:
                 raise ValueError(
                     f"target_modules {unmatched} match no module of {type(model).__name__}; "
@@ -144,7 +81,7 @@ def _matching_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, n
     targets = [(p, m) for p, m in by_name if p not in excluded]
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
-        targets = [(p, m) for p, m in targets if _layer_index(p, config.layers_pattern) in wanted]
+        targets = [(p, m) for p, m in targets if layer_index(p, config.layers_pattern) in wanted]
     if not targets:
         raise ValueError(
             f"target_modules {config.target_modules!r} (after exclusions and layers_to_transform) match no module "
@@ -160,20 +97,23 @@ def _adaptable_names(modules: list[tuple[str, nn.Module]]) -> str:
 
 
 # -- planning and applying ------------------------------------------------------------------------
-def _check_new_name(model: nn.Module, name: str) -> None:
+def check_new_name(model: nn.Module, name: str) -> None:
+    """Raise ValueError unless `name` can name a new adapter of `model`."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} already exists on this model; delete it first or pick another name")
 
 
-def _plan(model: nn.Module, config: LoraConfig, name: str, target_paths: list[str] | None = None) -> _Plan:
-    """Validate everything `add_adapter` needs and build the (not yet installed) wrappers.
+def plan_injection(
+    model: nn.Module, config: LoraConfig, name: str, target_paths: list[str] | None = None
+) -> InjectionPlan:
+    """Validate everything adding adapter `name` needs and build the (not yet installed) wrappers.
 
     With `target_paths` (loading a file) the targets are exactly those paths, and `modules_to_save`
     entries that match nothing are skipped: PEFT lists generic head names ("classifier", "score").
     """
-    _check_new_name(model, name)
+    check_new_name(model, name)
     if target_paths is None:
         targets = _matching_targets(model, config)
     else:
@@ -182,37 +122,41 @@ def _plan(model: nn.Module, config: LoraConfig, name: str, target_paths: list[st
         if missing:
             raise ValueError(f"modules {missing[:5]} do not exist in {type(model).__name__}")
         targets = [(p, modules[p]) for p in target_paths]
+    layers = [_planned_layer(path, module, config) for path, module in targets]
+    saved = _planned_copies(model, config, strict=target_paths is None)
+    transposed = any(w.fan_in_fan_out for _, w, _ in layers)
+    return InjectionPlan(layers=layers, saved=saved, config=replace(config, fan_in_fan_out=transposed))
 
-    layers: list[tuple[str, LoraLayer, bool]] = []
-    for path, module in targets:
-        if isinstance(module, LoraLayer):
-            layers.append((path, module, False))
-            wrapper = module
-        else:
-            lora_cls = lora_class_for(module)
-            if lora_cls is None:
-                raise TypeError(
-                    f"module {path!r} is a {type(module).__name__}; lorakit adapts {', '.join(supported_types())}"
-                )
-            try:
-                wrapper = lora_cls(module)
-            except ValueError as err:
-                raise ValueError(f"module {path!r}: {err}") from None
-            layers.append((path, wrapper, True))
-        r = config.rank_for(path)
-        if r > wrapper.max_rank():
-            raise ValueError(
-                f"r={r} for {path!r} exceeds min(in, out) = min({wrapper.in_features}, {wrapper.out_features})"
+
+def _planned_layer(path: str, module: nn.Module, config: LoraConfig) -> tuple[str, LoraLayer, bool]:
+    """The wrapper that will carry the adapter at `path` (the existing one, or a new one), checked."""
+    is_new = not isinstance(module, LoraLayer)
+    if is_new:
+        lora_cls = lora_class_for(module)
+        if lora_cls is None:
+            raise TypeError(
+                f"module {path!r} is a {type(module).__name__}; lorakit adapts {', '.join(supported_types())}"
             )
         try:
-            wrapper.check_variant(config.init, config.use_dora)
+            module = lora_cls(module)
         except ValueError as err:
             raise ValueError(f"module {path!r}: {err}") from None
+    r = config.rank_for(path)
+    if r > module.max_rank():
+        raise ValueError(f"r={r} for {path!r} exceeds min(in, out) = min({module.in_features}, {module.out_features})")
+    try:
+        module.check_variant(config.init, config.use_dora)
+    except ValueError as err:
+        raise ValueError(f"module {path!r}: {err}") from None
+    return path, module, is_new
 
+
+def _planned_copies(model: nn.Module, config: LoraConfig, strict: bool) -> list[tuple[str, TrainableCopy, bool]]:
+    """The `modules_to_save` wrappers (existing or new); with `strict`, every entry must match a module."""
     saved: list[tuple[str, TrainableCopy, bool]] = []
     for wanted in config.modules_to_save or []:
-        found = [(p, m) for p, m in _plain_modules(model) if _name_matches([wanted], p)]
-        if not found and target_paths is None:
+        found = [(p, m) for p, m in _plain_modules(model) if name_matches([wanted], p)]
+        if not found and strict:
             raise ValueError(
                 f"modules_to_save entry {wanted!r} matches no module; top-level modules are: "
                 f"{', '.join(n for n, _ in model.named_children())}"
@@ -222,12 +166,11 @@ def _plan(model: nn.Module, config: LoraConfig, name: str, target_paths: list[st
                 raise ValueError(f"{path!r} is adapted with LoRA; it cannot also be in modules_to_save")
             is_new = not isinstance(module, TrainableCopy)
             saved.append((path, TrainableCopy(module) if is_new else module, is_new))
-
-    has_conv1d = any(isinstance(w.base_layer, Conv1D) for _, w, _ in layers)
-    return _Plan(layers=layers, saved=saved, config=replace(config, fan_in_fan_out=has_conv1d))
+    return saved
 
 
-def _apply(model: nn.Module, plan: _Plan, name: str, activate: bool) -> None:
+def apply_plan(model: nn.Module, plan: InjectionPlan, name: str, activate: bool) -> None:
+    """Install a plan from `plan_injection` as adapter `name` (nothing in here can fail on a valid plan)."""
     config = plan.config
     for path, wrapper, is_new in plan.layers:
         wrapper.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init,
@@ -238,10 +181,7 @@ def _apply(model: nn.Module, plan: _Plan, name: str, activate: bool) -> None:
         wrapper.add_adapter(name)
         if is_new:
             model.set_submodule(path, wrapper)
-    state = adapter_state(model)
-    if state is None:
-        state = AdapterState()
-        model.__dict__[_STATE_ATTR] = state
+    state = attach_state(model)
     state.configs[name] = config
     _activate(model, [name] if activate or not state.active else state.active)
 
@@ -254,13 +194,13 @@ def _activate(model: nn.Module, names: list[str]) -> None:
         param.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.set_active(names)
-    for _, copy in _saved_copies(model):
+    for _, copy in saved_copies(model):
         copy.set_active(names)
     bias_modes = {state.configs[n].bias for n in names}
     if "all" in bias_modes:
         # Biases inside modules_to_save wrappers are the copies' business (set_active above): the original
         # module must stay the base model's, and other adapters' copies must not train.
-        in_copies = {id(p) for _, copy in _saved_copies(model) for p in copy.parameters()}
+        in_copies = {id(p) for _, copy in saved_copies(model) for p in copy.parameters()}
         for param_name, param in model.named_parameters():
             if param_name.endswith("bias") and id(param) not in in_copies:
                 param.requires_grad_(True)
@@ -278,10 +218,10 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     biases its `bias` mode names) are trainable. With `activate` (the default) the new adapter becomes the
     only active one; otherwise the active set is kept (the first adapter is always activated).
     """
-    plan = _plan(model, config, name)
+    plan = plan_injection(model, config, name)
     if adapter_state(model) and any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge before adding another")
-    _apply(model, plan, name, activate)
+    apply_plan(model, plan, name, activate)
     return model
 
 
@@ -290,16 +230,16 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     if not names:
         raise ValueError("set_adapter needs at least one adapter name (use disable_adapters for the base model)")
-    _state_with(model, names)
-    if _merged_names(model):
-        raise RuntimeError(f"adapters {_merged_names(model)} are merged; unmerge before switching adapters")
+    require_adapters(model, names)
+    if merged_names(model):
+        raise RuntimeError(f"adapters {merged_names(model)} are merged; unmerge before switching adapters")
     _activate(model, names)
 
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes exactly the base model's outputs (merged adapters are undone)."""
-    merged = _merged_names(model)
+    merged = merged_names(model)
     if merged:
         unmerge(model)
     wrappers = [m for m in model.modules() if isinstance(m, (LoraLayer, TrainableCopy))]
@@ -314,7 +254,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             merge(model, merged)
 
 
-def _merged_names(model: nn.Module) -> list[str]:
+def merged_names(model: nn.Module) -> list[str]:
+    """The adapters merged into the base weights (in the order the layers report them)."""
     names: list[str] = []
     for _, layer in lora_layers(model):
         names += [n for n in layer.merged_adapters if n not in names]
@@ -325,13 +266,13 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
     """Fold scaling·B·A of the active adapters (or the given active ones) into the base weights."""
     state = adapter_state(model)
     names = list(state.active) if state and names is None else list(names or [])
-    _state_with(model, names)
+    require_adapters(model, names)
     if not names:
         raise RuntimeError("no active adapter to merge")
     inactive = [n for n in names if n not in state.active]
     if inactive:
         raise RuntimeError(f"adapters {inactive} are not active; merging them would change the model's outputs")
-    already = [n for n in names if n in _merged_names(model)]
+    already = [n for n in names if n in merged_names(model)]
     if already:
         raise RuntimeError(f"adapters {already} are already merged")
     _check_untied(model)
@@ -340,13 +281,9 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
 
 
 def _check_untied(model: nn.Module) -> None:
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        weight = module.__dict__.get("_parameters", {}).get("weight")
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(path)
+    owners = weight_owners(model)
     for path, layer in lora_layers(model):
-        sharing = [p for p in owners.get(id(layer.base_layer.weight), []) if p != f"{path}.base_layer"]
+        sharing = [p for p in owners.get(id(own_weight(layer.base_layer)), []) if p != f"{path}.base_layer"]
         if sharing:
             raise RuntimeError(
                 f"{path}'s weight is tied to {sharing}; merging would change those modules too. "
@@ -356,7 +293,7 @@ def _check_untied(model: nn.Module) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights again."""
-    if not _merged_names(model):
+    if not merged_names(model):
         raise RuntimeError("no adapter is merged")
     for _, layer in lora_layers(model):
         layer.unmerge()
@@ -373,18 +310,16 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     if not state:
         raise RuntimeError("the model has no adapters")
     if dtype is not None:
-        from .quant import dequantize
-
         dequantize(model, dtype)
     # After a partial merge (`merge(model, ["a"])`) the other active adapters still have to go in.
-    pending = [n for n in state.active if n not in _merged_names(model)]
+    pending = [n for n in state.active if n not in merged_names(model)]
     if pending:
         merge(model, pending)
     for path, layer in list(lora_layers(model)):
         model.set_submodule(path, layer.base_layer)
-    for path, copy in list(_saved_copies(model)):
+    for path, copy in list(saved_copies(model)):
         model.set_submodule(path, copy.current())
-    del model.__dict__[_STATE_ATTR]
+    detach_state(model)
     for param in model.parameters():
         param.requires_grad_(True)
     return model
@@ -392,22 +327,22 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove an adapter; layers left with no adapter go back to their original module."""
-    state = _state_with(model, [name])
-    if name in _merged_names(model):
+    state = require_adapters(model, [name])
+    if name in merged_names(model):
         raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
     for path, layer in list(lora_layers(model)):
         if name in layer.scaling:
             layer.delete_adapter(name)
             if not layer.adapter_names:
                 model.set_submodule(path, layer.base_layer)
-    for path, copy in list(_saved_copies(model)):
+    for path, copy in list(saved_copies(model)):
         if name in copy.modules_to_save:
             copy.delete_adapter(name)
             if not copy.adapter_names:
                 model.set_submodule(path, copy.original_module)
     del state.configs[name]
     if not state.configs:
-        del model.__dict__[_STATE_ATTR]
+        detach_state(model)
         for param in model.parameters():
             param.requires_grad_(True)
         return
@@ -421,3 +356,10 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     params = {id(p): p for p in model.parameters()}.values()
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
+
+
+__all__ = [
+    "AdapterState", "InjectionPlan", "active_adapters", "adapter_config", "adapter_names", "adapter_state",
+    "add_adapter", "apply_plan", "check_new_name", "delete_adapter", "disable_adapters", "lora_layers", "merge",
+    "merge_and_unload", "merged_names", "plan_injection", "set_adapter", "trainable_parameters", "unmerge",
+]

@@ -23,9 +23,11 @@ from torch import nn
 
 from .atomic import atomic_write
 from .config import WEIGHT_INITS, LoraConfig
-from .inject import _apply, _name_matches, _plan, _saved_copies, adapter_config, lora_layers
+from .inject import InjectionPlan, apply_plan, plan_injection
 from .layers import LoraLayer
 from .saved_module import TrainableCopy
+from .state import adapter_config, lora_layers, saved_copies
+from .targets import name_matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,15 +50,15 @@ def adapter_state_dict(model: nn.Module, name: str = "default", convert_to_lora:
             for container in layer.containers_for(name):
                 suffix = ".weight" if isinstance(getattr(layer, container)[name], nn.Module) else ""
                 tensors[f"{path}.{container}{suffix}"] = layer.adapter_tensor(container, name)
-            if convert_to_lora and name in getattr(layer, "lora_residual", {}):
+            if convert_to_lora and config.init in WEIGHT_INITS:  # the frozen B0·A0 joins the factors
                 tensors[f"{path}.lora_B.weight"], tensors[f"{path}.lora_A.weight"] = layer.lora_factors(name)
-    for path, copy in _saved_copies(model):
+    for path, copy in saved_copies(model):
         if name in copy.modules_to_save:
             for key, value in copy.modules_to_save[name].state_dict().items():
                 tensors[f"{path}.{key}"] = value
     if config.bias != "none":
         adapted = {f"{p}.base_layer" for p, layer in lora_layers(model) if name in layer.scaling}
-        saved_paths = tuple(f"{p}." for p, _ in _saved_copies(model))
+        saved_paths = tuple(f"{p}." for p, _ in saved_copies(model))
         for key, value in model.state_dict().items():
             owner = key.rsplit(".", 1)[0]
             if not key.endswith("bias") or key.startswith(saved_paths) or ".lora_" in key:
@@ -162,7 +164,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         module_path, container = key.removesuffix(".weight").rsplit(".", 1)
         by_module.setdefault(module_path, {})[container] = tensors[key]
     try:
-        plan = _plan(model, config, name, target_paths=sorted(by_module))
+        plan = plan_injection(model, config, name, target_paths=sorted(by_module))
     except (ValueError, TypeError) as err:
         raise AdapterFileError(f"adapter at {path} does not fit this model: {err}") from None
     for module_path, layer, _ in plan.layers:
@@ -171,7 +173,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge before loading another")
 
-    _apply(model, plan, name, activate)
+    apply_plan(model, plan, name, activate)
     with torch.no_grad():
         for module_path, layer, _ in plan.layers:
             for container, value in by_module[module_path].items():
@@ -233,7 +235,7 @@ def _check_frozen_copy(key: str, value: torch.Tensor, params: dict[str, nn.Param
 
 def _under_saved_module(key: str, saved_names: list[str]) -> bool:
     parts = key.split(".")
-    return any(_name_matches(saved_names, ".".join(parts[:i])) for i in range(1, len(parts)))
+    return any(name_matches(saved_names, ".".join(parts[:i])) for i in range(1, len(parts)))
 
 
 def _check_shapes(
@@ -255,7 +257,7 @@ def _check_shapes(
             )
 
 
-def _match_saved_modules(plan, saved_keys: dict[str, torch.Tensor]) -> list[tuple[TrainableCopy, dict]]:
+def _match_saved_modules(plan: InjectionPlan, saved_keys: dict[str, torch.Tensor]) -> list[tuple[TrainableCopy, dict]]:
     states = []
     for copy_path, copy, _ in plan.saved:
         own = {k[len(copy_path) + 1:]: v for k, v in saved_keys.items() if k.startswith(copy_path + ".")}

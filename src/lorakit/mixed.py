@@ -8,7 +8,7 @@ by adapter (the active adapters are ignored inside the block). Plain LoRA adapte
 DoRA, no PiSSA / OLoRA, no dropout in play — are *gathered*: their A and B are kept stacked per layer, every
 row picks its own pair and two batched matmuls compute all the rows at once, however many adapters the batch
 mixes. Every other adapter (and any adapter while gradients are recorded) runs as a *group*: the layer's own
-`_adapter_output` on the rows that use it. A batch that uses one adapter on every row runs exactly as
+`adapter_output` on the rows that use it. A batch that uses one adapter on every row runs exactly as
 `set_adapter` would.
 
 This module owns the per-layer plans and the stacked weights; `LoraLayer.forward` calls `apply` on the plan
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .config import WEIGHT_INITS
-from .inject import adapter_config, adapter_names, adapter_state, lora_layers
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraLayer, is_linear_layer
+from .state import adapter_config, adapter_names, adapter_state, lora_layers
 
 ROWS_ATTR = "row_adapters"  # the attribute of a LoraLayer that LoraLayer.forward looks for
 
@@ -66,8 +66,7 @@ def _stack_for(layer: LoraLayer, eligible: dict[str, bool]) -> _Stack | None:
     names = [n for n in layer.adapter_names if n in eligible and not (eligible[n] and layer.training)]
     if not names:
         return None
-    a_side, b_side = layer.adapter_containers[:2]
-    pairs = [(layer.adapter_tensor(a_side, n), layer.adapter_tensor(b_side, n)) for n in names]
+    pairs = [(layer.lora_a_weight(n), layer.lora_b_weight(n)) for n in names]
     a0 = pairs[0][0]
     r_max = max(a.shape[0] for a, _ in pairs)
     a_t = torch.zeros(len(names) + 1, layer.in_features, r_max, dtype=a0.dtype, device=a0.device)
@@ -100,7 +99,7 @@ class RowPlan:
             raise ValueError(f"adapter_rows was given {self.batch} row adapters but a layer received a batch of "
                              f"{x.shape[0]} rows")
         if self.whole is not None:
-            return base_out + layer._adapter_output(self.whole, x, base_out).to(base_out.dtype)
+            return base_out + layer.adapter_output(self.whole, x, base_out).to(base_out.dtype)
         result = base_out
         if self.stack is not None:
             a_t, b_t = self.stack.a_t[self.slots], self.stack.b_t[self.slots]
@@ -110,7 +109,7 @@ class RowPlan:
         if self.groups:
             result = result.clone() if result is base_out else result
             for name, rows in self.groups:
-                out = layer._adapter_output(name, x.index_select(0, rows), base_out.index_select(0, rows))
+                out = layer.adapter_output(name, x.index_select(0, rows), base_out.index_select(0, rows))
                 result.index_add_(0, rows, out.to(result.dtype))
         return result
 
@@ -148,7 +147,7 @@ def _plan(layer: LoraLayer, batch: int, rows_of: dict[str, torch.Tensor], eligib
         return RowPlan(batch, present[0], [], None, None)
     stack = None
     # Gathering pays off from two adapters on; recorded gradients need each adapter's own forward.
-    if len(present) >= 2 and isinstance(layer, LoraLinear) and not torch.is_grad_enabled():
+    if len(present) >= 2 and is_linear_layer(layer) and not torch.is_grad_enabled():
         stack = _stack_for(layer, eligible)
     gathered = [n for n in present if stack is not None and n in stack.slot]
     if len(gathered) < 2:
@@ -206,11 +205,11 @@ def _plans(model: nn.Module, cache: _ModelCache, names: list[str | None]) -> lis
     if plans is not None and _still_valid(plans):
         return plans
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    rows_of: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         if name is not None:
-            rows_of.setdefault(name, []).append(i)
-    rows_of = {n: torch.tensor(rows, device=device) for n, rows in rows_of.items()}
+            rows.setdefault(name, []).append(i)
+    rows_of = {n: torch.tensor(indices, device=device) for n, indices in rows.items()}
     eligible = _eligible(model)
     slot_cache: dict = {}  # layers with the same stacked adapters share one slot tensor
     plans = [_plan(layer, len(names), rows_of, eligible, slot_cache) for layer in cache.layers]

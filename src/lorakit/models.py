@@ -115,10 +115,13 @@ def model_reference(name_or_path: str) -> str:
 def model_cache_dir(name: str) -> Path:
     """Where the plain safetensors copy of a GGUF built-in lives:
     $LORAKIT_CACHE/models/<name>, else ~/.cache/lorakit/models/<name> ($XDG_CACHE_HOME replaces ~/.cache)."""
-    root = os.environ.get("LORAKIT_CACHE")
-    if root is None:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
-    return Path(root).expanduser() / "models" / name
+    chosen = os.environ.get("LORAKIT_CACHE")
+    root = (
+        Path(chosen)
+        if chosen is not None
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
+    )
+    return root.expanduser() / "models" / name
 
 
 def load_model(

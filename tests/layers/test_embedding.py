@@ -1,10 +1,11 @@
-"""LoRA on nn.Embedding: y[t] = W0[t] + (α/r)·B·A[:, t] in float64; the merge adds (B·A)ᵀ to the table."""
+"""LoRA on nn.Embedding: y[t] = W0[t] + (α/r)·B·A[:, t] in float64. The checks every layer type shares (init,
+the merge of (B·A)ᵀ into the table, gradients, ranks) are in test_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from support.models import Holder, adapt_layer, fill_, max_relative_error
+from support.models import adapt_layer, fill_
 from torch import nn
 
 import lorakit
@@ -64,50 +65,6 @@ def test_dropout_does_not_apply_to_token_ids():
     torch.testing.assert_close(holder(ids), expected, rtol=0, atol=1e-12)
 
 
-def test_output_at_init_equals_base_output_exactly():
-    base = _base(torch.float32)
-    expected = base(_ids())
-    holder = adapt_layer(base, r=4)
-    assert torch.count_nonzero(holder.layer.lora_embedding_B["default"]) == 0
-    assert torch.count_nonzero(holder.layer.lora_embedding_A["default"]) > 0
-    assert torch.equal(holder(_ids()), expected)
-
-
-def test_merge_adds_the_transposed_update_to_the_table():
-    base = _base()
-    w0 = base.weight.detach().clone()
-    holder = adapt_layer(base, r=3, alpha=5).eval()
-    a, b = _randomized(holder)
-    lorakit.merge(holder)
-    torch.testing.assert_close(base.weight.detach(), w0 + (5 / 3) * (b @ a).T, rtol=0, atol=1e-12)
-    lorakit.unmerge(holder)
-    torch.testing.assert_close(base.weight.detach(), w0, rtol=0, atol=1e-12)
-
-
-def test_merged_equals_unmerged_in_float32():
-    holder = adapt_layer(_base(torch.float32), r=4, alpha=8).eval()
-    _randomized(holder)
-    unmerged = holder(_ids())
-    lorakit.merge(holder)
-    assert max_relative_error(holder(_ids()), unmerged) <= 1e-5
-
-
 def test_trainable_parameter_count_is_r_times_vocab_plus_dim():
     holder = adapt_layer(_base(), r=5)
     assert lorakit.trainable_parameters(holder)[0] == 5 * (VOCAB + DIM)
-
-
-def test_gradients_reach_only_a_and_b():
-    base = _base()
-    holder = adapt_layer(base, r=2).train()
-    _randomized(holder)
-    holder(_ids()).pow(2).sum().backward()
-    assert base.weight.grad is None
-    assert holder.layer.lora_embedding_A["default"].grad.abs().sum() > 0
-    assert holder.layer.lora_embedding_B["default"].grad.abs().sum() > 0
-
-
-def test_rank_above_min_vocab_dim_is_refused(unchanged):
-    holder = Holder(_base())
-    with unchanged(holder), pytest.raises(ValueError, match="exceeds min"):
-        lorakit.add_adapter(holder, lorakit.LoraConfig(r=DIM + 1, target_modules=["layer"]))

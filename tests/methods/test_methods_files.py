@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.methods import (
-    CONFIG_NAME, WEIGHTS_NAME, MethodOptions, apply_method, load_method, method_name, read_method, save_method,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    MethodOptions,
+    apply_method,
+    load_method,
+    method_name,
+    read_method,
+    save_method,
 )
 from support.models import randomize_trainable
 

@@ -168,11 +168,13 @@ def test_unreachable_hub_data_set_is_a_data_error(monkeypatch):
     [
         (None, {}, "data file not found"),
         ("", {}, "the data set is empty"),
-        ('{"q": "a", "a": "b"}\n', {}, r"no target field among .*; fields present: q, a \(name one with target_field\)"),
+        ('{"q": "a", "a": "b"}\n', {},
+         r"no target field among .*; fields present: q, a \(name one with target_field\)"),
         ('{"q": "a", "output": "b"}\n', {}, r"no input field among input, text, .*; fields present: q, output"),
         ('{"q": "a", "a": "b"}\n', {"input_field": "question", "target_field": "a"}, "no input field 'question'"),
         ('{"q": "a", "a": "b"}\n', {"template": "{query}", "target_field": "a"}, "template field 'query' is not in"),
-        ('{"q": "a", "a": "b"}\n{"q": "c"}\n', {"input_field": "q", "target_field": "a"}, "record 2 has no value for field 'a'"),
+        ('{"q": "a", "a": "b"}\n{"q": "c"}\n', {"input_field": "q", "target_field": "a"},
+         "record 2 has no value for field 'a'"),
         ('{"q": "a"}\nnot json\n', {}, r"d.jsonl:2: invalid JSON"),
     ],
 )

@@ -8,10 +8,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import lorakit
-from support.files import interrupting_collator, random_token_rows
 from lorakit.train.data import Collator
 from lorakit.train.hf_callback import AdapterCheckpointCallback
 from lorakit.train.loop import LoopSettings, latest_checkpoint, micro_batches, train_adapter
+from support.files import interrupting_collator, random_token_rows
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
@@ -85,7 +85,8 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(tmp_path, at_call):
 
     interrupted = tiny_model()
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(interrupted, features(), interrupting_collator(0, at_call), LoopSettings(**SETTINGS), tmp_path / "run")
+        collate = interrupting_collator(0, at_call)
+        train_adapter(interrupted, features(), collate, LoopSettings(**SETTINGS), tmp_path / "run")
     checkpoint = latest_checkpoint(tmp_path / "run")
     assert checkpoint is not None and checkpoint.name == f"step-{(at_call - 1) // 2:06d}"
 
@@ -116,7 +117,7 @@ def test_trainer_callback_writes_loadable_adapter_per_checkpoint(tmp_path):
 class RecordingWriter:
     """Stands in for torch.utils.tensorboard.SummaryWriter: records what the loop logs."""
 
-    instances: list["RecordingWriter"] = []
+    instances: list[RecordingWriter] = []
 
     def __init__(self, log_dir: str):
         self.log_dir, self.scalars, self.closed = log_dir, [], False

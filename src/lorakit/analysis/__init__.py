@@ -16,7 +16,18 @@ from .subspace import random_baseline, singular_basis, subspace_similarity
 from .weights import DeltaVsWeight, delta_vs_weight, projection_norm, random_directions
 
 __all__ = [
-    "DeltaVsWeight", "SVD", "analyze_adapter", "delta_svd", "delta_vs_weight", "effective_rank", "energy_rank",
-    "markdown", "projection_norm", "random_baseline", "random_directions", "singular_basis", "subspace_similarity",
+    "DeltaVsWeight",
+    "SVD",
+    "analyze_adapter",
+    "delta_svd",
+    "delta_vs_weight",
+    "effective_rank",
+    "energy_rank",
+    "markdown",
+    "projection_norm",
+    "random_baseline",
+    "random_directions",
+    "singular_basis",
+    "subspace_similarity",
     "write_report",
 ]

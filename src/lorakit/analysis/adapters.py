@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..config import WEIGHT_INITS, LoraConfig
 from ..io import read_adapter
-from ..layers import LoraLayer
+from ..layers import LoraLayer, lora_class_for
 from .spectrum import SVD, delta_svd
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -131,7 +130,8 @@ def base_weight(model: nn.Module, layer: AdaptedLayer) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(f"{layer.path} is a {type(module).__name__}, not a linear layer")
     weight = weight.detach()
-    if isinstance(module, Conv1D):  # stored (in × out)
+    lora_type = lora_class_for(module)
+    if lora_type is not None and lora_type.fan_in_fan_out:  # stored (in × out), GPT-2's Conv1D
         weight = weight.T
     if tuple(weight.shape) != layer.shape:
         raise ValueError(

@@ -10,8 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..atomic import atomic_write
+
+if TYPE_CHECKING:  # matplotlib itself is imported on first use: importing lorakit stays fast
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 
 def _pyplot():
@@ -23,19 +28,25 @@ def _pyplot():
     return plt
 
 
-def _integer_ticks(axis) -> None:
+def _integer_ticks(axis: Axis) -> None:
     from matplotlib.ticker import MaxNLocator
 
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path
 
 
-def plot_similarity(panels: Sequence[tuple[str, Sequence[Sequence[float]]]], path: Path, title: str,
-                    y_label: str = "i", x_label: str = "j", columns: int = 3) -> Path:
+def plot_similarity(
+    panels: Sequence[tuple[str, Sequence[Sequence[float]]]],
+    path: Path,
+    title: str,
+    y_label: str = "i",
+    x_label: str = "j",
+    columns: int = 3,
+) -> Path:
     """Heat maps of φ grids: `panels` is [(panel title, grid with grid[i − 1][j − 1] = φ(i, j))]."""
     plt = _pyplot()
     columns = min(columns, len(panels))
@@ -45,15 +56,22 @@ def plot_similarity(panels: Sequence[tuple[str, Sequence[Sequence[float]]]], pat
     for ax, (name, grid) in zip(axes.flat, panels):
         r1, r2 = len(grid), len(grid[0])
         # Pixel centres at 1..r so that the ticks read as i and j.
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest",
-                          extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
+        image = ax.imshow(
+            grid,
+            vmin=0.0,
+            vmax=1.0,
+            cmap="viridis",
+            aspect="auto",
+            interpolation="nearest",
+            extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5),
+        )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(x_label, fontsize=8)
         ax.set_ylabel(y_label, fontsize=8)
         ax.tick_params(labelsize=7)
         _integer_ticks(ax.xaxis)
         _integer_ticks(ax.yaxis)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -65,7 +83,9 @@ def plot_similarity(panels: Sequence[tuple[str, Sequence[Sequence[float]]]], pat
         plt.close(fig)
 
 
-def plot_spectra(groups: dict[str, list[tuple[str, Sequence[float]]]], path: Path, title: str, columns: int = 3) -> Path:
+def plot_spectra(
+    groups: dict[str, list[tuple[str, Sequence[float]]]], path: Path, title: str, columns: int = 3
+) -> Path:
     """Singular values of ΔW: `groups` maps a module kind to [(layer label, singular values, decreasing)]."""
     plt = _pyplot()
     columns = min(columns, len(groups))
@@ -86,7 +106,7 @@ def plot_spectra(groups: dict[str, list[tuple[str, Sequence[float]]]], path: Pat
         _integer_ticks(ax.xaxis)
         if 1 < len(lines) <= 12:
             ax.legend(fontsize=6, ncol=2)
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -36,7 +36,9 @@ def subspace_similarity(first: torch.Tensor, second: torch.Tensor, factor: str =
     u1, u2 = singular_basis(first, factor), singular_basis(second, factor)
     if u1.shape[0] != u2.shape[0]:
         side = "input" if factor == "A" else "output"
-        raise ValueError(f"the two {factor} matrices live in different {side} spaces ({u1.shape[0]} vs {u2.shape[0]} dims)")
+        raise ValueError(
+            f"the two {factor} matrices live in different {side} spaces ({u1.shape[0]} vs {u2.shape[0]} dims)"
+        )
     overlap = (u1.T @ u2) ** 2
     # ‖U₁[:, :i]ᵀ U₂[:, :j]‖²_F is the sum of the top-left i × j block of the squared overlaps.
     blocks = overlap.cumsum(0).cumsum(1)

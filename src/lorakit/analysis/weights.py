@@ -41,7 +41,9 @@ def projection_norm(weight: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> 
     return float(torch.linalg.matrix_norm(u.to(torch.float64).T @ w @ vh.to(torch.float64).T))
 
 
-def random_directions(shape: tuple[int, int], r: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_directions(
+    shape: tuple[int, int], r: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, V) uniformly distributed r-frames for an (out × in) matrix. The top-r singular vectors of a Gaussian
     matrix are distributed exactly so (rotation invariance); the QR of Gaussian frames draws them for less."""
     out_dim, in_dim = shape
@@ -50,8 +52,9 @@ def random_directions(shape: tuple[int, int], r: int, generator: torch.Generator
     return u, v.T
 
 
-def delta_vs_weight(delta: SVD, weight: torch.Tensor, rank: int | None = None,
-                    generator: torch.Generator | None = None) -> DeltaVsWeight:
+def delta_vs_weight(
+    delta: SVD, weight: torch.Tensor, rank: int | None = None, generator: torch.Generator | None = None
+) -> DeltaVsWeight:
     """Table 7's quantities for one layer: `delta` is the SVD of ΔW (from `delta_svd`), `weight` W in the same
     (out × in) layout; `rank` (default: all of ΔW's singular directions, i.e. the adapter's r) sets r."""
     r = rank if rank is not None else delta.s.numel()
@@ -72,7 +75,7 @@ def delta_vs_weight(delta: SVD, weight: torch.Tensor, rank: int | None = None,
         weight_norm=weight_norm,
         projection_delta=on_delta,
         projection_weight=projection_norm(w, w_u[:, :r], w_vh[:r]),
-        projection_random=projection_norm(w, *random_directions(tuple(w.shape), r, generator)),
+        projection_random=projection_norm(w, *random_directions((w.shape[0], w.shape[1]), r, generator)),
         amplification=None if misses else delta_norm / on_delta,
     )
 

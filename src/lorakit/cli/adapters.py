@@ -6,19 +6,34 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from .common import USER_ERRORS, app, console, fail, load_with_adapters, split_list
+from .common import (
+    USER_ERRORS,
+    AdapterArgument,
+    AdapterFolder,
+    AdapterOption,
+    ModelOfAdapter,
+    NamedAdapters,
+    NamingFolders,
+    app,
+    console,
+    fail,
+    load_with_adapters,
+    named_folders,
+    one_adapter,
+    split_list,
+)
 
 
 @app.command()
 def merge(
-    adapter: Annotated[Path, typer.Option(help="adapter folder")],
+    adapter: AdapterFolder,
     output: Annotated[Path, typer.Option(help="folder for the standalone merged checkpoint")],
-    model: Annotated[Optional[str], typer.Option(help="base model (default: the one the adapter names)")] = None,
+    model: ModelOfAdapter = None,
 ) -> None:
     """Fold an adapter into its base model and save a plain transformers checkpoint (no lorakit needed to load it)."""
     import lorakit
@@ -27,7 +42,7 @@ def merge(
         if output.exists() and any(output.iterdir()):
             raise ValueError(f"output folder {output} is not empty")
         base, tokenizer, _ = load_with_adapters(model, [adapter])
-        merged = lorakit.merge_and_unload(base)
+        merged: Any = lorakit.merge_and_unload(base)  # a transformers model: save_pretrained
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
         try:
@@ -45,24 +60,31 @@ def merge(
 
 @app.command("combine")
 def combine_(
-    adapter: Annotated[list[str], typer.Option(help="NAME=FOLDER of an adapter to combine (repeat the option)")],
     output: Annotated[Path, typer.Option(help="folder for the combined adapter")],
-    weights: Annotated[Optional[str], typer.Option(help="NAME=WEIGHT,... (default: 1 for each adapter)")] = None,
-    method: Annotated[str, typer.Option(help="cat (exact weighted sum), linear, svd or ties")] = "cat",
-    rank: Annotated[Optional[int], typer.Option(help="rank of the result for svd and ties (default: the largest input rank)")] = None,
-    density: Annotated[float, typer.Option(help="ties: fraction of each update's entries kept before the sign election")] = 0.2,
-    model: Annotated[Optional[str], typer.Option(help="base model (default: the one the first adapter names)")] = None,
+    adapter: NamingFolders = None,
+    named_adapter: NamedAdapters = None,
+    weights: Annotated[str | None, typer.Option(help="NAME=WEIGHT,... (default: 1 for each adapter)")] = None,
+    # --method is the older spelling (it means the fine-tuning method in train and estimate).
+    method: Annotated[
+        str, typer.Option("--combination", "--method", help="cat (exact weighted sum), linear, svd or ties")
+    ] = "cat",
+    rank: Annotated[
+        int | None, typer.Option(help="rank of the result for svd and ties (default: the largest input rank)")
+    ] = None,
+    density: Annotated[
+        float, typer.Option(help="ties: fraction of each update's entries kept before the sign election")
+    ] = 0.2,
+    model: ModelOfAdapter = None,
 ) -> None:
-    """Combine adapters into one (weighted): lorakit combine --adapter a=runs/a --adapter b=runs/b --weights a=0.7,b=0.3 --output mix"""
+    """Combine adapters into one (weighted):
+    lorakit combine --named-adapter a=runs/a --named-adapter b=runs/b --weights a=0.7,b=0.3 --output mix"""
     import lorakit
 
     try:
-        pairs = [item.split("=", 1) for item in adapter]
-        if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-            raise ValueError(f"--adapter takes NAME=FOLDER, got {adapter}")
-        names = [name for name, _ in pairs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"adapter names must differ, got {names}")
+        folders = named_folders(adapter or [], named_adapter or [])
+        if not folders:
+            raise ValueError("give the adapters to combine: --adapter FOLDER or --named-adapter NAME=FOLDER")
+        names = list(folders)
         mix = {name: 1.0 for name in names}
         for item in split_list(weights) or []:
             name, _, value = item.partition("=")
@@ -74,7 +96,7 @@ def combine_(
                 raise ValueError(f"--weights: {item!r} is not NAME=NUMBER") from None
         if output.exists() and any(output.iterdir()):
             raise ValueError(f"output folder {output} is not empty")
-        base, _, _ = load_with_adapters(model, [Path(folder) for _, folder in pairs], names=names)
+        base, _, _ = load_with_adapters(model, list(folders.values()), names=names)
         lorakit.combine(base, mix, method=method, name="combined", rank=rank, density=density)
         lorakit.save_adapter(base, output, name="combined")
         config = lorakit.adapter_config(base, "combined")
@@ -85,18 +107,20 @@ def combine_(
 
 
 @app.command()
-def info(adapter: Annotated[Path, typer.Argument(help="adapter folder")]) -> None:
+def info(adapter: AdapterArgument = None, adapter_option: AdapterOption = None) -> None:
     """An adapter folder's config, size, targets and parameter table."""
     import lorakit
+
     from ..io import WEIGHTS_NAME
 
     try:
-        config, tensors = lorakit.read_adapter(adapter)
+        folder = one_adapter(adapter, adapter_option)
+        config, tensors = lorakit.read_adapter(folder)
     except USER_ERRORS as err:
         fail(err)
-    weights = adapter / WEIGHTS_NAME
+    weights = folder / WEIGHTS_NAME
     size = weights.stat().st_size if weights.is_file() else 0
-    console.print(f"[bold]{adapter}[/]  {size / 1e6:.2f} MB, {sum(t.numel() for t in tensors.values()):,} parameters")
+    console.print(f"[bold]{folder}[/]  {size / 1e6:.2f} MB, {sum(t.numel() for t in tensors.values()):,} parameters")
     console.print(
         f"base model: {config.base_model_name_or_path or '?'}   task: {config.task_type or '?'}   "
         f"r={config.r} alpha={config.alpha} dropout={config.dropout} bias={config.bias}"

@@ -4,13 +4,13 @@ as rich tables on screen and analysis.json, analysis.md and PNGs in the output f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from .common import USER_ERRORS, app, console, fail
+from .common import USER_ERRORS, AdapterArgument, AdapterOption, ModelOfAdapter, app, console, fail, one_adapter
 
 
 def _table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
@@ -24,21 +24,33 @@ def _table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
 
 @app.command()
 def analyze(
-    adapter: Annotated[Path, typer.Argument(help="adapter folder")],
-    compare: Annotated[Optional[Path], typer.Option(help="a second adapter of the same base and modules: subspace similarity")] = None,
-    model: Annotated[Optional[str], typer.Option(help="base model (default: the one the adapter names)")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="folder for analysis.json, analysis.md and the PNGs (default: ADAPTER/analysis)")] = None,
-    factor: Annotated[str, typer.Option(help="A: compare input sides (right-singular vectors of A); B: output sides (left of B)")] = "A",
-    no_base: Annotated[bool, typer.Option("--no-base", help="skip what needs the base weights (‖W‖, projections)")] = False,
+    adapter: AdapterArgument = None,
+    adapter_option: AdapterOption = None,
+    compare: Annotated[
+        Path | None, typer.Option(help="a second adapter of the same base and modules: subspace similarity")
+    ] = None,
+    model: ModelOfAdapter = None,
+    output: Annotated[
+        Path | None, typer.Option(help="folder for analysis.json, analysis.md and the PNGs (default: ADAPTER/analysis)")
+    ] = None,
+    factor: Annotated[
+        str, typer.Option(help="A: compare input sides (right-singular vectors of A); B: output sides (left of B)")
+    ] = "A",
+    no_base: Annotated[
+        bool, typer.Option("--no-base", help="skip what needs the base weights (‖W‖, projections)")
+    ] = False,
     seed: Annotated[int, typer.Option(help="seed of the random directions in the ΔW vs W table")] = 0,
 ) -> None:
-    """Spectrum and effective rank of each ΔW, ΔW vs W (‖UᵀWVᵀ‖, amplification), and with --compare the subspace similarity φ(i, j)."""
+    """Spectrum and effective rank of each ΔW, ΔW vs W (‖UᵀWVᵀ‖, amplification), and with --compare the subspace
+    similarity φ(i, j)."""
     from ..analysis.report import analyze_adapter, check_output, comparison_table, layer_table, write_report
 
     try:
-        out = check_output(output if output is not None else adapter / "analysis")  # before the slow part
-        report = analyze_adapter(adapter, model=model, compare=compare, factor=factor, with_base=not no_base,
-                                 seed=seed, progress=True)
+        folder = one_adapter(adapter, adapter_option)
+        out = check_output(output if output is not None else folder / "analysis")  # before the slow part
+        report = analyze_adapter(
+            folder, model=model, compare=compare, factor=factor, with_base=not no_base, seed=seed, progress=True
+        )
         written = write_report(report, out)
     except USER_ERRORS as err:
         fail(err)

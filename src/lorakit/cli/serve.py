@@ -3,57 +3,53 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from .common import USER_ERRORS, app, console, fail
-
-
-def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """NAME=FOLDER entries (a bare FOLDER is named after its folder) as name → folder."""
-    adapters: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, folder = spec.partition("=")
-        if not sep:
-            name, folder = Path(spec).resolve().name.replace(".", "_"), spec
-        if not name or not folder:
-            raise ValueError(f"--adapter takes NAME=FOLDER, got {spec!r}")
-        if name in adapters:
-            raise ValueError(f"two adapters are named {name!r}")
-        adapters[name] = Path(folder)
-    return adapters
+from .common import USER_ERRORS, NamedAdapters, NamingFolders, RequiredModel, app, console, fail, named_folders
 
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="base model: a built-in name, a local folder or a hub id")],
-    adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=FOLDER of an adapter to serve (repeat)")] = None,
-    adapter_dir: Annotated[Optional[list[Path]], typer.Option(
-        help="a folder the admin API may load adapters from at run time (repeat; none: run-time loading is off)")] = None,
+    model: RequiredModel,
+    adapter: NamingFolders = None,
+    named_adapter: NamedAdapters = None,
+    adapter_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="a folder the admin API may load adapters from at run time (repeat; none: run-time loading is off)",
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for every interface)")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(envvar="LORAKIT_API_KEY",
-                                                   help="require 'Authorization: Bearer KEY' (all but /health)")] = None,
-    served_model_name: Annotated[Optional[str], typer.Option(help="the base model's id in the API")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LORAKIT_API_KEY", help="require 'Authorization: Bearer KEY' (all but /health)")
+    ] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="the base model's id in the API")] = None,
     max_batch_size: Annotated[int, typer.Option(help="sequences generated together")] = 32,
     max_queue: Annotated[int, typer.Option(help="waiting requests; more get HTTP 429")] = 256,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt accepted")] = 2048,
     batch_wait_ms: Annotated[float, typer.Option(help="how long a lone request waits for others to batch with")] = 10.0,
 ) -> None:
-    """Serve a model and its adapters over HTTP: lorakit serve --model smollm2-135m --adapter sql=out/sql"""
+    """Serve a model and its adapters over HTTP: lorakit serve --model smollm2-135m --named-adapter sql=out/sql"""
     import uvicorn
 
     from ..models import load_model
     from ..serve import ServeConfig, create_app
 
     try:
-        adapters = parse_adapters(adapter or [])
+        adapters = named_folders(adapter or [], named_adapter or [])
         config = ServeConfig(
-            model_name=served_model_name or model, max_batch_size=max_batch_size, max_queue=max_queue,
-            max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, batch_wait_ms=batch_wait_ms,
-            api_key=api_key, adapter_dirs=tuple(adapter_dir or ()),
+            model_name=served_model_name or model,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            max_tokens=max_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            batch_wait_ms=batch_wait_ms,
+            api_key=api_key,
+            adapter_dirs=tuple(adapter_dir or ()),
         )
         base, tokenizer = load_model(model, "causal-lm")
         server = create_app(base, tokenizer, config, adapters)

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from . import Estimate
+from .result import Estimate
 
 
 def human_bytes(n: int | None) -> str:

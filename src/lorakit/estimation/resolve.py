@@ -9,16 +9,40 @@ parameter shape exists, no memory is allocated and no weight is read, so a 70B c
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..models import BUILTIN_MODELS, TASKS, model_cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Source:
+    """A model reference resolved: its config, how estimates name it, and what a built-in model says."""
+
+    config: PretrainedConfig
+    label: str
+    task: str | None  # a built-in model's task
+    default_targets: list[str] | None  # a built-in model's LoRA target modules
+
+
+def resolve_source(model: str | PretrainedConfig | dict[str, Any]) -> Source:
+    config, task = load_config(model)
+    label = model if isinstance(model, str) else getattr(config, "name_or_path", "") or config.model_type
+    entry = BUILTIN_MODELS.get(model) if isinstance(model, str) else None
+    return Source(config, label, task, list(entry.target_modules) if entry else None)
 
 
 def load_config(model: str | PretrainedConfig | dict[str, Any]) -> tuple[PretrainedConfig, str | None]:
@@ -85,8 +109,6 @@ def _gguf_config(path: Path) -> PretrainedConfig:
 def default_task(config: PretrainedConfig) -> str:
     """causal-lm for decoders, seq-cls for encoders: from the config's `architectures` when it names a task
     head, else by whether transformers knows the architecture as a masked-LM encoder."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
     for arch in config.architectures or []:
         if arch.endswith(("ForCausalLM", "LMHeadModel")):
             return "causal-lm"
@@ -95,10 +117,8 @@ def default_task(config: PretrainedConfig) -> str:
     return "seq-cls" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "causal-lm"
 
 
-def build_on_meta(config: PretrainedConfig, task: str, dtype: torch.dtype, num_labels: int = 2) -> nn.Module:
+def build_on_meta(config: PretrainedConfig, task: str, dtype: torch.dtype, num_labels: int = 2) -> PreTrainedModel:
     """The model of `config` with its task head, on the meta device (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if task not in TASKS:
         raise ValueError(f"unknown task '{task}'; expected one of: {', '.join(TASKS)}")
     config = config.__class__.from_dict(config.to_dict())  # a copy: the caller's config stays untouched

@@ -1,10 +1,11 @@
 """Training steps played on the meta device: the memory timeline and the FLOPs, from the architecture.
 
 The model (built on `meta`, so it holds no data) runs the real transformers forward pass, backward pass,
-gradient clipping and optimizer step (after the optimizer state was created, as in any step but the first) on a batch of B × T meta tokens. Meta tensors carry shapes and
-dtypes but no storage, so this costs milliseconds per layer whatever the model size. Meanwhile
+gradient clipping and optimizer step (after the optimizer state was created, as in any step but the first)
+on a batch of B × T meta tokens. Meta tensors carry shapes and dtypes but no storage, so this costs
+milliseconds per layer whatever the model size. Meanwhile
 
-* `_LiveBytes` (a dispatch mode) sees every tensor an operation creates and, through a finalizer on its
+* `LiveBytes` (a dispatch mode) sees every tensor an operation creates and, through a finalizer on its
   storage, the moment the storage is freed: the live bytes over time, split into activations (anything
   the step creates: saved tensors and temporaries), gradients and optimizer state, and their peak;
 * the same mode adds up the FLOPs of every matmul, convolution and attention kernel with PyTorch's
@@ -26,6 +27,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +53,7 @@ class StepProfile:
     notes: list[str] = field(default_factory=list)
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):
     """Bytes of the storages created under this mode that are still alive, by kind, and their peak."""
 
     def __init__(self, preexisting: list[torch.Tensor]) -> None:
@@ -130,9 +132,9 @@ class _AttentionBackend:
     def __init__(self, device: str) -> None:
         self.device = device
         self.paths: set[str] = set()
-        self._original = None
+        self._original: Callable[..., torch.Tensor] | None = None
 
-    def __enter__(self) -> "_AttentionBackend":
+    def __enter__(self) -> _AttentionBackend:
         self._original = torch.nn.functional.scaled_dot_product_attention
         original = self._original
 
@@ -143,11 +145,14 @@ class _AttentionBackend:
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.nn.functional.scaled_dot_product_attention = self._original
+        if self._original is not None:
+            torch.nn.functional.scaled_dot_product_attention = self._original
 
     def _call(self, original, *args, **kwargs):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        params = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+        params: dict[str, Any] = {
+            "attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False,
+        }
         params.update(dict(zip(names, args)))
         params.update(kwargs)
         q, k, v = params["query"], params["key"], params["value"]
@@ -167,7 +172,7 @@ class _AttentionBackend:
         if self.device == "cuda":
             return True
 
-        def stand_in(t: torch.Tensor | None) -> torch.Tensor | None:
+        def stand_in(t: Any) -> Any:
             # A real CPU tensor of the same shape, dtype and last-dimension stride, backed by one row.
             if t is None or t.dim() == 0:
                 return t if t is None else torch.empty((), dtype=t.dtype)
@@ -203,7 +208,7 @@ def _flash_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None
 
 # PyTorch's FLOP formulas (those FlopCounterMode uses: matmuls, convolutions, attention kernels) plus
 # the CPU flash-attention kernel and in-place matmuls (lorakit.quant's backward). Counted inside
-# `_LiveBytes` rather than under FlopCounterMode, whose module hooks keep tensors alive longer.
+# `LiveBytes` rather than under FlopCounterMode, whose module hooks keep tensors alive longer.
 _FLOP_FORMULAS = {
     **flop_registry,
     **{op: shape_wrapper(f) for op, f in {
@@ -229,7 +234,7 @@ def simulate_training(
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
     weights = params + list(model.buffers())
-    tracker = _LiveBytes(weights)
+    tracker = LiveBytes(weights)
     attention = _AttentionBackend(device)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.mark(p.grad, GRADIENTS)) for p in trainable]
     try:

@@ -1,17 +1,24 @@
-"""`LoraLayer`: the behaviour shared by every adapted layer type.
+"""`LoraLayer`: the interface every adapted layer type implements, and the behaviour they share; `LoraVariant`:
+the strategy interface of an adapter's variant, implemented here by plain LoRA.
 
 A LoRA layer wraps the frozen `base_layer` and holds any number of named adapters. Its output is
 
-    base_layer(x) + Σ_{active, unmerged adapters a}  scaling_a · B_a(A_a(dropout_a(x)))
+    base_layer(x) + Σ_{active, unmerged adapters a}  adapter_output(a, x, base_layer(x))
 
-Subclasses (one per base-layer type) say how A and B are built and how B·A maps onto the base
-weight's layout; merging, unmerging, activation and the forward sum live here once.
+which for a plain adapter is scaling_a · B_a(A_a(dropout_a(x))). Subclasses (one per base-layer type) say how
+A and B are built, how B·A maps onto the base weight's layout and how the low-rank path runs; each adapter's
+variant (chosen once, when the adapter is added) says how A and B start, what the adapter adds to the output
+and what merging adds to the weight. Merging, unmerging, activation and the forward sum live here once.
+
+Layouts: a *matrix* is (out × in), the layout of `nn.Linear.weight` (in = in_channels·kh·kw for Conv2d, the
+vocabulary size for Embedding); the *base layout* is the shape and orientation of `base_layer.weight`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +26,60 @@ from torch import nn
 from ..config import WEIGHT_INITS
 
 
+class LoraVariant:
+    """Plain LoRA (also with rsLoRA's scaling or a gaussian A): ΔW = s·B·A, A random, B zero.
+
+    The strategy interface of a variant: a layer keeps one instance per adapter (`LoraLayer.variants`) and
+    asks it everything that depends on the variant. Subclasses (`layers/variants.py`) override what differs.
+    """
+
+    # Whether what merging adds depends on the unmerged base weight W0 (DoRA), not only on A and B.
+    needs_base_weight = False
+
+    def initialise(self, layer: LoraLayer, name: str, init: str) -> None:
+        """Give the freshly created A and B their starting values (before they move to the base dtype)."""
+        layer.reset_adapter(name, init)
+
+    def finish(self, layer: LoraLayer, name: str) -> None:
+        """Create what the variant keeps beside A and B, once A and B have their final dtype and device."""
+
+    def remove(self, layer: LoraLayer, name: str) -> None:
+        """Drop what `finish` created (A, B and the containers in `extra_containers` go with the adapter)."""
+
+    def factors(self, layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Semantics: (B (out × r'), A (r' × in)) with scaling·B·A = `layer.low_rank_delta(name)`."""
+        return layer.lora_b_weight(name).flatten(1), layer.lora_a_weight(name).flatten(1)
+
+    def product(self, layer: LoraLayer, name: str) -> torch.Tensor:
+        """Semantics: the unscaled update B·A relative to W0, an (out × in) matrix."""
+        b, a = self.factors(layer, name)
+        return b @ a
+
+    def correction(self, layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Semantics: the frozen term the output subtracts from s·B·A·x (PiSSA / OLoRA's s·B0·A0·x), or None."""
+        return None
+
+    def output(self, layer: LoraLayer, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Semantics: what the adapter adds to `base_out` (= base_layer(x)), shaped like `base_out`."""
+        return layer.low_rank_output(name, x)
+
+    def delta(self, layer: LoraLayer, name: str, base_matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """Semantics: what merging adds to the unmerged weight W0 (`base_matrix`, read from the layer when
+        None), an (out × in) matrix."""
+        return layer.low_rank_delta(name)
+
+    def merge(self, layer: LoraLayer, name: str, base_matrix: torch.Tensor) -> torch.Tensor:
+        """`delta`, for a merge: a variant that needs to remember something to unmerge records it here."""
+        return self.delta(layer, name, base_matrix)
+
+
+PLAIN = LoraVariant()  # stateless: one instance serves every plain adapter
+
+
 class LoraLayer(nn.Module):
-    """A frozen base layer plus named low-rank adapters. Construct with `wrap()` from `lorakit.layers`."""
+    """A frozen base layer plus named low-rank adapters. `lorakit.add_adapter` wraps a model's layers in the
+    class `lorakit.layers.lora_class_for(module)` names; a layer can also be built directly, `LoraLinear(base)`.
+    """
 
     # State-dict names of the per-adapter containers, as PEFT names them (see lorakit.io).
     adapter_containers: tuple[str, ...] = ("lora_A", "lora_B")
@@ -29,6 +88,12 @@ class LoraLayer(nn.Module):
     # Which variants the layer type implements (LoraConfig.use_dora, init "pissa" / "olora").
     supports_dora = False
     supports_weight_init = False
+    # True when the base weight is stored (in, out) rather than (out, in) (GPT-2's Conv1D; PEFT's name).
+    fan_in_fan_out = False
+
+    # Typed loosely on purpose: each subclass reads the attributes of its own base type (in_features, kernel_size,
+    # padding_idx, ...), which nn.Module's attribute typing would report as Tensor | Module.
+    base_layer: Any
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -36,6 +101,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.rank: dict[str, int] = {}
+        self.variants: dict[str, LoraVariant] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False  # set by lorakit.disable_adapters: the base layer's output alone
@@ -43,6 +109,7 @@ class LoraLayer(nn.Module):
     # -- to be provided by each base-layer type -------------------------------------------------
     @property
     def in_features(self) -> int:
+        """The input size of the (out × in) matrix view of the base weight."""
         raise NotImplementedError
 
     @property
@@ -50,32 +117,63 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
-        """Shape of A and B of a rank-r adapter, keyed by container name (A first)."""
+        """Semantics: the shapes of A and B of a rank-r adapter as stored, keyed by container name (A first)."""
         raise NotImplementedError
 
     def _create_adapter(self, name: str, r: int) -> None:
         """Create this adapter's A and B (untrained) in the containers named by `adapter_containers`."""
         raise NotImplementedError
 
-    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """B(A(dropout(x))) without scaling, in the base layer's output layout."""
+    def low_rank_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Semantics: scaling · B(A(dropout(x))), shaped like the base layer's output (plain LoRA's output)."""
         raise NotImplementedError
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling · B·A laid out like `base_layer.weight`."""
+    def to_matrix_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """Semantics: a tensor in the base weight's layout as the (out × in) matrix."""
         raise NotImplementedError
 
-    # -- adapters -----------------------------------------------------------------------------
+    def to_base_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Semantics: an (out × in) matrix in the base weight's layout; the inverse of `to_matrix_layout`."""
+        raise NotImplementedError
+
+    # -- an adapter's tensors and update ----------------------------------------------------------
     def adapter_tensor(self, container: str, name: str) -> torch.Tensor:
-        """The A or B tensor of adapter `name` (a module's weight or a bare parameter)."""
+        """The tensor adapter `name` keeps in `container` (a module's weight or a bare parameter), as stored."""
         value = getattr(self, container)[name]
-        return value.weight if isinstance(value, nn.Module) else value
+        if isinstance(value, nn.Module):
+            value = value.weight
+        return value
 
-    def _lora_a_weight(self, name: str) -> torch.Tensor:
+    def lora_a_weight(self, name: str) -> torch.Tensor:
+        """Semantics: A as stored, shape `adapter_shapes(r)[adapter_containers[0]]` (the live parameter)."""
         return self.adapter_tensor(self.adapter_containers[0], name)
 
-    def _lora_b_weight(self, name: str) -> torch.Tensor:
+    def lora_b_weight(self, name: str) -> torch.Tensor:
+        """Semantics: B as stored, shape `adapter_shapes(r)[adapter_containers[1]]` (the live parameter)."""
         return self.adapter_tensor(self.adapter_containers[1], name)
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Semantics: (B (out × r'), A (r' × in)) as matrices with scaling·B·A = `low_rank_delta(name)`: the
+        adapter as a plain LoRA of W0 (r' = 2r for PiSSA / OLoRA, whose frozen start is folded in)."""
+        return self.variants[name].factors(self, name)
+
+    def low_rank_delta(self, name: str) -> torch.Tensor:
+        """Semantics: scaling · B·A relative to W0, an (out × in) matrix (without DoRA's rescaling)."""
+        return self.variants[name].product(self, name) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """Semantics: what adapter `name` changes in the layer's function, as an update of the unmerged base
+        weight, in the base weight's layout: the low-rank update, or DoRA's m ⊙ (W0 + ΔW)/‖W0 + ΔW‖ − W0."""
+        return self.to_base_layout(self.variants[name].delta(self, name))
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """Semantics: the shape of DoRA's magnitude vector, one entry per output feature (`supports_dora`)."""
+        return (self.out_features,)
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Semantics: what adapter `name` adds to the base layer's output `base_out` (= base_layer(x)) for input
+        `x`, shaped like `base_out` (in the adapter's dtype)."""
+        return self.variants[name].output(self, name, x, base_out)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -106,6 +204,7 @@ class LoraLayer(nn.Module):
         """The containers that hold tensors of adapter `name` (A, B, and the DoRA magnitude if it has one)."""
         return self.adapter_containers + tuple(c for c in self.extra_containers if name in getattr(self, c))
 
+    # -- adapters -----------------------------------------------------------------------------
     def check_variant(self, init: str, use_dora: bool) -> None:
         """ValueError when this layer type cannot hold an adapter with these options."""
         kind = type(self.base_layer).__name__
@@ -117,6 +216,10 @@ class LoraLayer(nn.Module):
             raise ValueError(f"use_dora and init={init!r} need a floating-point base weight, "
                              f"not {self.base_layer.weight.dtype}")
 
+    def variant_for(self, init: str, use_dora: bool) -> LoraVariant:
+        """The variant of a new adapter with these options (already checked by `check_variant`)."""
+        return PLAIN
+
     def add_adapter(
         self, name: str, r: int, scaling: float, dropout: float, init: str, use_dora: bool = False
     ) -> None:
@@ -125,11 +228,13 @@ class LoraLayer(nn.Module):
         if r > self.max_rank():
             raise ValueError(f"r={r} exceeds min(in, out)={self.max_rank()} of this layer")
         self.check_variant(init, use_dora)
+        variant = self.variant_for(init, use_dora)
         self._create_adapter(name, r)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank[name] = r
         self.scaling[name] = scaling
-        self.reset_adapter(name, init)
+        self.variants[name] = variant
+        variant.initialise(self, name, init)
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         for container in self.adapter_containers:
@@ -138,14 +243,11 @@ class LoraLayer(nn.Module):
                 holder[name].to(device=weight.device, dtype=dtype)  # in place for modules
             else:  # a bare Parameter: Tensor.to returns a copy, so the moved copy takes its place
                 holder[name] = nn.Parameter(holder[name].detach().to(device=weight.device, dtype=dtype))
-        self._finish_adapter(name, init, use_dora)
-
-    def _finish_adapter(self, name: str, init: str, use_dora: bool) -> None:
-        """Hook for variants that need the adapter's final A and B (DoRA's magnitude, PiSSA's frozen copy)."""
+        variant.finish(self, name)
 
     def reset_adapter(self, name: str, init: str) -> None:
         """A random (kaiming-uniform as nn.Linear does, or N(0, 1/r²)), B zero: ΔW starts at exactly 0."""
-        a, b = self._lora_a_weight(name), self._lora_b_weight(name)
+        a, b = self.lora_a_weight(name), self.lora_b_weight(name)
         with torch.no_grad():
             if init == "gaussian":
                 nn.init.normal_(a, std=1.0 / self.rank[name])
@@ -153,12 +255,21 @@ class LoraLayer(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
 
+    def set_factors(self, name: str, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Overwrite adapter `name`'s B and A with the matrices `b` (out × r) and `a` (r × in), r its rank."""
+        shapes = self.adapter_shapes(self.rank[name])
+        with torch.no_grad():
+            for container, value in zip(self.adapter_containers, (a, b)):
+                target = self.adapter_tensor(container, name)
+                target.copy_(value.reshape(shapes[container]).to(target.dtype))
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
+        self.variants[name].remove(self, name)
         for container in (*self.containers_for(name), "lora_dropout"):
             del getattr(self, container)[name]
-        del self.scaling[name], self.rank[name]
+        del self.scaling[name], self.rank[name], self.variants[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -169,11 +280,19 @@ class LoraLayer(nn.Module):
                 getattr(self, container)[name].requires_grad_(trainable)
 
     # -- merging ------------------------------------------------------------------------------
+    def check_mergeable(self, names: list[str]) -> None:
+        """RuntimeError, before anything changes, when one of `names` is already merged (or named twice)."""
+        merged = set(self.merged_adapters)
+        for name in names:
+            if name in merged:
+                raise RuntimeError(f"adapter {name!r} is already merged")
+            merged.add(name)
+
     def merge(self, names: Iterable[str]) -> None:
+        names = list(names)
+        self.check_mergeable(names)
         base_weight = self.base_layer.weight
         for name in names:
-            if name in self.merged_adapters:
-                raise RuntimeError(f"adapter {name!r} is already merged")
             with torch.no_grad():
                 base_weight += self.delta_weight(name).to(base_weight.dtype)
             self.merged_adapters.append(name)
@@ -196,12 +315,8 @@ class LoraLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            result = result + self._adapter_output(name, x, base_out).to(result.dtype)
+            result = result + self.adapter_output(name, x, base_out).to(result.dtype)
         return result
-
-    def _adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """What adapter `name` adds to the base layer's output `base_out`: scaling · B(A(dropout(x)))."""
-        return self._lora_forward(name, x) * self.scaling[name]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.rank[n]}" for n in self.adapter_names)

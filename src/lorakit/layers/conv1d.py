@@ -13,6 +13,8 @@ from .linear import LoraLinear
 
 
 class LoraConv1D(LoraLinear):
+    fan_in_fan_out = True
+
     @property
     def in_features(self) -> int:
         return self.base_layer.weight.shape[0]
@@ -21,5 +23,8 @@ class LoraConv1D(LoraLinear):
     def out_features(self) -> int:
         return self.base_layer.weight.shape[1]
 
-    def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
+    def to_matrix_layout(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T
+
+    def to_base_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.T

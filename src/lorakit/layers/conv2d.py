@@ -1,10 +1,10 @@
 """LoRA on `nn.Conv2d`: A is a conv with the base kernel, stride and padding into r channels, B a 1×1
-conv from r channels to the output channels; their composition is again a conv with the base kernel."""
+conv from r channels to the output channels; their composition is again a conv with the base kernel, whose
+(out × in·kh·kw) matrix is B·A with B and A flattened (`lora_factors`)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import LoraLayer
@@ -39,12 +39,12 @@ class LoraConv2d(LoraLayer):
         )
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, bias=False)
 
-    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        lora_a = self.lora_A[name]
-        return self.lora_B[name](lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype))))
+    def to_matrix_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)  # (out, in, kh, kw) -> (out, in·kh·kw)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a = self._lora_a_weight(name)  # (r, in, kh, kw)
-        b = self._lora_b_weight(name)  # (out, r, 1, 1)
-        # Composing a conv with a following 1×1 conv mixes A's output channels by B: a channel contraction.
-        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling[name]
+    def to_base_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(self.base_layer.weight.shape)
+
+    def low_rank_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_a_weight(name).dtype)
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]

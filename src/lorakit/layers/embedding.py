@@ -44,13 +44,16 @@ class LoraEmbedding(LoraLayer):
             nn.init.normal_(self.lora_embedding_A[name], std=std)
             nn.init.zeros_(self.lora_embedding_B[name])
 
-    def _lora_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def to_matrix_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T  # the table is (vocab, dim): (in, out)
+
+    def to_base_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.T
+
+    def low_rank_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         codes = F.embedding(
             x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
             base.norm_type, base.scale_grad_by_freq, base.sparse,
         )
-        return codes @ self.lora_embedding_B[name].T
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+        return codes @ self.lora_embedding_B[name].T * self.scaling[name]

@@ -69,9 +69,7 @@ class LoraQuantLinear(LoraLinear):
         if not self._quantized():
             return super().merge(names)
         names = list(names)
-        for name in names:
-            if name in self.merged_adapters:
-                raise RuntimeError(f"adapter {name!r} is already merged")
+        self.check_mergeable(names)
         if not names:
             return
         with torch.no_grad():

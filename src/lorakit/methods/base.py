@@ -10,14 +10,17 @@ its hooks are instances of `MethodHook` holding a reference to the model's `Meth
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import LoraConfig
+from ..targets import HEAD_NAMES, head_names  # the heads every method trains in full; re-exported here
+
 STATE_ATTR = "_lorakit_method"
 MODULE_PREFIX = "lorakit_"
-HEAD_NAMES = ("classifier", "score")
 NONLINEARITIES = {"gelu": nn.functional.gelu, "relu": torch.relu, "tanh": torch.tanh}
 
 
@@ -25,11 +28,15 @@ NONLINEARITIES = {"gelu": nn.functional.gelu, "relu": torch.relu, "tanh": torch.
 class MethodOptions:
     """The options of every method (each method reads its own; the rest are ignored)."""
 
-    adapter_size: int = 64  # bottleneck width of each adapter
-    adapter_nonlinearity: str = "gelu"
-    adapter_norms: bool = False  # also train the layer norms of every transformer layer, as Houlsby et al. did
-    prefix_length: int = 10  # key/value positions added to every attention layer
-    prompt_length: int = 10  # soft-prompt embeddings prepended to the input
+    adapter_size: int = field(default=64, metadata={"help": "method adapter: bottleneck width of each adapter"})
+    adapter_nonlinearity: str = field(default="gelu", metadata={
+        "help": f"method adapter: the bottleneck's nonlinearity ({', '.join(NONLINEARITIES)})"})
+    adapter_norms: bool = field(default=False, metadata={
+        "help": "method adapter: also train the layer norms of every transformer layer (Houlsby et al.)"})
+    prefix_length: int = field(default=10, metadata={"help": "method prefix: key/value positions per attention layer"})
+    prompt_length: int = field(default=10, metadata={"help": "method prompt: soft-prompt embeddings before the input"})
+    # The LoRA method's adapter (lorakit.add_adapter's config); the other methods ignore it.
+    lora: LoraConfig | None = field(default=None, metadata={"help": "method lora: the adapter's LoraConfig"})
 
     def validate(self) -> None:
         for name in ("adapter_size", "prefix_length", "prompt_length"):
@@ -39,9 +46,12 @@ class MethodOptions:
         if self.adapter_nonlinearity not in NONLINEARITIES:
             raise ValueError(f"unknown adapter_nonlinearity {self.adapter_nonlinearity!r}; expected one of "
                              f"{', '.join(NONLINEARITIES)}")
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
 
-    def pick(self, names: tuple[str, ...]) -> dict:
-        return {k: v for k, v in asdict(self).items() if k in names}
+    def pick(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The named options as a dict (what a method folder records)."""
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclass
@@ -58,17 +68,26 @@ def method_state(model: nn.Module) -> MethodState | None:
     return getattr(model, STATE_ATTR, None)
 
 
-def head_names(model: nn.Module) -> list[str]:
-    """The model's classification head(s): they are new, so they train in full beside every method."""
-    return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+def refuse_second_method(model: nn.Module) -> None:
+    """One method at a time: ValueError when the model has a method of this package applied already."""
+    existing = method_state(model)
+    if existing is not None:
+        raise ValueError(f"the model already has the {existing.name!r} method; remove it first (remove_method)")
+
+
+def described(what: str, counts: tuple[int, int]) -> str:
+    """`what`, then how many of the parameters train: the log line of `FineTuningMethod.describe`."""
+    trainable, total = counts
+    return f"{what} — {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def text_config(model: nn.Module):
-    config = model.config
+def text_config(model: nn.Module) -> Any:
+    """The config of the model's text part (a multimodal model's text config, else the model's own)."""
+    config: Any = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -109,7 +128,7 @@ def remove_hooks(model: nn.Module) -> None:
 def remove_modules(model: nn.Module) -> None:
     """Delete every child module a method registered (names starting with `lorakit_`), at any depth."""
     for module in list(model.modules()):
-        for name in [n for n in module._modules if n.startswith(MODULE_PREFIX)]:
+        for name in [n for n, _ in module.named_children() if n.startswith(MODULE_PREFIX)]:
             delattr(module, name)
 
 
@@ -157,6 +176,6 @@ class PositionsFromMask(MethodHook):
 
 __all__ = [
     "HEAD_NAMES", "MODULE_PREFIX", "MethodHook", "MethodOptions", "MethodState", "PositionsFromMask",
-    "calling_kwargs", "float_dtype", "head_names", "mask_positions", "method_state", "remove_hooks",
-    "remove_modules", "sequence_length", "text_config", "transformer_blocks",
+    "calling_kwargs", "described", "float_dtype", "head_names", "mask_positions", "method_state",
+    "refuse_second_method", "remove_hooks", "remove_modules", "sequence_length", "text_config", "transformer_blocks",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import MethodOptions, MethodState, head_names
+from ..targets import head_names
+from .base import MethodOptions, MethodState
 
 OPTIONS: tuple[str, ...] = ()
 

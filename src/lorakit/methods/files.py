@@ -2,14 +2,16 @@
 adds: base model, task type) and `method_model.safetensors` (every trainable tensor under its parameter
 name: the method's own, a classification head's, or all of them for full fine-tuning).
 
-Writing replaces each file atomically; loading applies the method to a fresh base, checks every key and
-shape against the model, and only then copies the values (on any error the model is left as it was).
+This module reads and writes such folders and checks tensors against a model; which method a folder
+names is resolved by the registry. Writing replaces each file atomically; readers check everything
+before a caller changes the model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..io import unsharded
-from .base import MethodOptions, method_state
-from .registry import apply_method, implementation, remove_method
+from .base import MethodOptions
 
 CONFIG_NAME = "method_config.json"
 WEIGHTS_NAME = "method_model.safetensors"
@@ -36,19 +37,10 @@ def method_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: unsharded(p).detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_method(model: nn.Module, path: str | os.PathLike, *, write: bool = True, **config_extra: Any) -> Path:
-    """Write the applied method's trainable tensors and config to the folder `path` (created if needed).
-    `config_extra` adds fields to the config (e.g. base_model_name_or_path, task_type). Under FSDP every
-    rank must call this; pass `write=False` on all but one."""
-    out = Path(path)
-    state = method_state(model)
-    if state is None:
-        raise ValueError("the model has no method applied (LoRA adapters are saved with lorakit.save_adapter)")
-    tensors = method_tensors(model)
-    if not write:
-        return out
-    config = {"method": state.name, "options": state.options.pick(implementation(state.name).OPTIONS),
-              **{k: v for k, v in config_extra.items() if v is not None}}
+def write_folder(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Write `config` and `tensors` to `folder` (created if needed), each file replaced atomically."""
+    out = Path(folder)
+    # Serialised before any file is replaced: a config that cannot be written must not leave new weights behind.
     text = json.dumps(config, indent=2, sort_keys=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -56,10 +48,10 @@ def save_method(model: nn.Module, path: str | os.PathLike, *, write: bool = True
     return out
 
 
-def read_method(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A method folder's config (validated) and tensors."""
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A method folder's config: a JSON object whose `options`, if any, is an object."""
     folder = Path(path)
-    config_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    config_file = folder / CONFIG_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"no method folder at {folder}")
     if not config_file.is_file():
@@ -70,8 +62,18 @@ def read_method(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
         raise ValueError(f"{config_file} is not valid JSON: {err}") from None
     if not isinstance(config, dict) or not isinstance(config.get("options", {}), dict):
         raise ValueError(f"{config_file} must hold an object with 'method' and 'options'")
-    implementation(str(config.get("method")))  # a clear error for an unknown method
-    _options(config, config_file)
+    return config
+
+
+def read_folder(path: str | os.PathLike, check_method: Callable[[str], object]) -> tuple[dict[str, Any],
+                                                                                      dict[str, torch.Tensor]]:
+    """A method folder's config (validated) and tensors. `check_method(name)` raises ValueError for a
+    method name the caller cannot load; it runs before the options and weights are read."""
+    folder = Path(path)
+    config = read_config(folder)
+    check_method(str(config.get("method")))
+    saved_options(config, folder / CONFIG_NAME)
+    weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}")
     try:
@@ -83,7 +85,8 @@ def read_method(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torc
     return config, tensors
 
 
-def _options(config: dict[str, Any], where: Path | str) -> MethodOptions:
+def saved_options(config: dict[str, Any], where: str | os.PathLike) -> MethodOptions:
+    """The options a folder's config records, on top of the defaults, validated."""
     try:
         options = MethodOptions(**config.get("options", {}))
         options.validate()
@@ -92,7 +95,8 @@ def _options(config: dict[str, Any], where: Path | str) -> MethodOptions:
     return options
 
 
-def _check_fit(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path | str) -> None:
+def check_fit(model: nn.Module, tensors: dict[str, torch.Tensor], folder: str | os.PathLike) -> None:
+    """The tensors are exactly the model's trainable parameters, shape for shape (else ValueError)."""
     expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -106,32 +110,8 @@ def _check_fit(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path 
 
 
 @torch.no_grad()
-def _copy_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def copy_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the tensors into the model's trainable parameters of the same names (after `check_fit`)."""
     for name, param in model.named_parameters():
         if param.requires_grad:
             param.copy_(tensors[name].to(param.dtype))
-
-
-def load_method(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Apply the folder's method to `model` (a fresh base) and load its tensors. Returns the folder's config."""
-    config, tensors = read_method(path)
-    apply_method(model, config["method"], _options(config, path))
-    try:
-        _check_fit(model, tensors, path)
-    except ValueError:
-        remove_method(model)
-        raise
-    _copy_in(model, tensors)
-    return config
-
-
-def restore_method(model: nn.Module, path: str | os.PathLike) -> None:
-    """Copy a folder's tensors into the same method already applied to `model` (resuming a run)."""
-    config, tensors = read_method(path)
-    state = method_state(model)
-    options = _options(config, path)
-    names = implementation(config["method"]).OPTIONS  # the file records the method's own options only
-    if state is None or state.name != config["method"] or state.options.pick(names) != options.pick(names):
-        raise ValueError(f"{path} holds {config['method']!r} with other options than the model's method")
-    _check_fit(model, tensors, path)
-    _copy_in(model, tensors)

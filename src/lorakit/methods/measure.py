@@ -50,7 +50,7 @@ class PeakRss:
         while not self._stop.wait(self.interval):
             self.peak_mb = max(self.peak_mb, self._rss_mb())
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         release_free_memory()
         self.start_mb = self.peak_mb = self._rss_mb()
         self._thread.start()

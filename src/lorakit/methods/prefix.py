@@ -22,6 +22,7 @@ found activations of real words a better start than random vectors); no reparame
 from __future__ import annotations
 
 import sys
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,8 +85,9 @@ def _eager(module: nn.Module):
 
 def _prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs):
-    prefix: Prefix = module.lorakit_prefix
-    inner = ALL_ATTENTION_FUNCTIONS.get_interface(module.config.original._attn_implementation, _eager(module))
+    prefix = cast(Prefix, module.lorakit_prefix)
+    config: Any = module.config
+    inner = ALL_ATTENTION_FUNCTIONS.get_interface(config.original._attn_implementation, _eager(module))
     if prefix.captured is not None:
         prefix.captured = [key[0].detach(), value[0].detach()]
     elif prefix.state.enabled:
@@ -122,7 +124,7 @@ def _kv_shape(model: nn.Module, module: nn.Module) -> tuple[int, int]:
 def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
     modules = attention_modules(model)
     for module in modules:
-        implementation = module.config._attn_implementation
+        implementation = cast(Any, module.config)._attn_implementation
         if implementation not in SUPPORTED or _eager(module) is None:
             raise ValueError(f"prefix tuning works with sdpa or eager attention; {type(module).__name__} uses "
                              f"{implementation!r} (load the model with attn_implementation='sdpa')")
@@ -131,10 +133,10 @@ def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
         heads, head_dim = _kv_shape(model, module)
         device = next(module.parameters()).device
         module.lorakit_prefix = Prefix(heads, options.prefix_length, head_dim, dtype, device, state)
-        module.config = _ConfigView(module.config)
+        module.__dict__["config"] = _ConfigView(module.config)  # a plain attribute, as `remove` finds it
     # On the backbone, which lorakit's fused causal-LM loss calls directly.
     getattr(model, "base_model", model).register_forward_pre_hook(PositionsFromMask(state), with_kwargs=True)
-    _initialise(model, [m.lorakit_prefix for m in modules], options.prefix_length)
+    _initialise(model, [cast(Prefix, m.lorakit_prefix) for m in modules], options.prefix_length)
 
 
 @torch.no_grad()
@@ -151,6 +153,8 @@ def _initialise(model: nn.Module, prefixes: list[Prefix], length: int) -> None:
     try:
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
         for prefix in prefixes:
+            if not prefix.captured:  # the layer's attention did not run: nothing to start from
+                raise RuntimeError("prefix tuning: an attention layer did not run on the initialisation tokens")
             prefix.key.copy_(prefix.captured[0])
             prefix.value.copy_(prefix.captured[1])
     finally:

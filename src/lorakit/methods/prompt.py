@@ -18,8 +18,11 @@ vocabulary initialisation).
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .base import MethodHook, MethodOptions, MethodState, calling_kwargs, mask_positions, sequence_length
 
@@ -33,7 +36,7 @@ class SoftPrompt(nn.Module):
 
 
 def _cached(kwargs: dict) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache: Any = kwargs.get("cache", kwargs.get("past_key_values"))
     return cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
 
 
@@ -99,8 +102,12 @@ class _CutHidden(MethodHook):
         return output
 
 
+def added_positions(options: MethodOptions) -> int:
+    return options.prompt_length
+
+
 def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
-    embedding = model.get_input_embeddings()
+    embedding = cast(PreTrainedModel, model).get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(f"prompt tuning needs an nn.Embedding input layer; {type(model).__name__} has "
                          f"{type(embedding).__name__}")

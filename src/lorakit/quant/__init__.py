@@ -9,24 +9,29 @@ on top.
 `quantize` replaces frozen `nn.Linear` layers; `add_adapter` then wraps the quantized layers in
 `LoraQuantLinear`. `dequantize` turns them back into plain `nn.Linear`; `save_quantized` /
 `load_quantized` store the quantized base as safetensors. Pure PyTorch: CPU and GPU alike.
+
+This package owns the model-level operations (`quantize`, `dequantize`, the report); the layer and its
+storage formats are `linear`, `nf4` and `int8`, the file format `files`. It depends on no adapter code:
+`lorakit.layers` builds on `QuantLinear`, so anything here importing the adapter side would import itself.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..targets import HEAD_NAMES, name_matches, output_head, own_weight, weight_owners
 from .files import load_quantized, save_quantized
-from .linear import METHODS, QuantLinear, make_codec
+from .linear import METHODS, QuantLinear, is_quantized, make_codec, quantized_layers
 
 logger = logging.getLogger(__name__)
 
-# Classification heads are trained in full (modules_to_save) beside an adapter: they must stay float.
-_HEAD_NAMES = ("classifier", "score")
+# Where an adapter keeps the module it wraps: a LoRA layer's `base_layer`, a `modules_to_save` wrapper's
+# `original_module` (PEFT's names, as in the state-dict keys `files` leaves out).
+_WRAPPED_NAMES = ("base_layer", "original_module")
 
 
 @dataclass
@@ -58,53 +63,31 @@ class QuantizeReport:
         return self.summary()
 
 
-def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
-    """Every QuantLinear of the model (also those inside LoRA wrappers, as `<path>.base_layer`)."""
-    for path, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            yield path, module
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(True for _ in quantized_layers(model))
-
-
-def _matches(names: list[str], path: str) -> bool:
-    return any(path == name or path.endswith(f".{name}") for name in names)
-
-
 def _output_head_path(model: nn.Module) -> str | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    try:
-        head = getter() if getter else None
-    except (AttributeError, NotImplementedError):
+    head = output_head(model)
+    if head is None:
         return None
-    return next((p for p, m in model.named_modules() if head is not None and m is head), None)
+    return next((p for p, m in model.named_modules() if m is head), None)
 
 
-def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
-    """id of each weight Parameter → the paths of every module holding it (more than one: tied)."""
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        weight = module._parameters.get("weight")
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(path)
-    return owners
+def _adapted_modules(model: nn.Module) -> list[str]:
+    """Paths of the modules an adapter already wraps (quantizing must come before adding adapters)."""
+    return [path.rsplit(".", 1)[0] for path, _ in model.named_modules() if name_matches(list(_WRAPPED_NAMES), path)]
 
 
 def _plan(model: nn.Module, skip: list[str]) -> tuple[list[str], dict[str, str]]:
     """Paths to quantize, and every other weight-bearing (≥ 2-D weight) module with the reason it is kept."""
-    owners = _weight_owners(model)
+    owners = weight_owners(model)
     chosen: list[str] = []
     skipped: dict[str, str] = {}
     for path, module in model.named_modules():
-        weight = module._parameters.get("weight") if path else None
+        weight = own_weight(module) if path else None
         if weight is None or weight.dim() < 2:
             continue
         if type(module) is not nn.Linear:
             # Subclasses of nn.Linear may compute differently (or read .weight in place): not touched.
             skipped[path] = f"{type(module).__name__} is not a supported layer type (only nn.Linear is quantized)"
-        elif _matches(skip, path):
+        elif name_matches(skip, path):
             skipped[path] = "in skip list"
         elif len(owners.get(id(weight), [])) > 1:
             others = [p for p in owners[id(weight)] if p != path]
@@ -127,19 +110,18 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
     another module (a tied embedding) is never quantized; other layer types are left with a listed reason.
     Quantizing twice, or after adapters were added, is refused.
     """
-    from ..inject import adapter_names  # here, not at import time: lorakit.layers imports this package
-
     method = method.lower() if isinstance(method, str) else method
     make_codec(method, block_size, double_quant)  # validates method and block size
     if is_quantized(model):
         raise ValueError("the model is already quantized; quantizing twice would compound the rounding error "
                          "(call lorakit.quant.dequantize(model) first to change the format)")
-    if adapter_names(model):
-        raise ValueError("quantize the base model before adding adapters (the model already has "
-                         f"{adapter_names(model)})")
+    adapted = _adapted_modules(model)
+    if adapted:
+        raise ValueError("quantize the base model before adding adapters (the model already has adapters on "
+                         f"{adapted[:5]})")
     if skip is None:
         head = _output_head_path(model)
-        skip = [*([head] if head else []), *_HEAD_NAMES]
+        skip = [*([head] if head else []), *HEAD_NAMES]
     chosen, skipped = _plan(model, list(skip))
     if not chosen:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize"

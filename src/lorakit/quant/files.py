@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_write
+from .linear import QuantLinear, codec_from_spec, is_quantized, quantized_layers
 
 _LAYERS_KEY = "lorakit.quantized_layers"
 _ALIASES_KEY = "lorakit.aliases"
@@ -46,8 +47,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the (quantized) base model's tensors and the quantization layout to one safetensors file."""
-    from . import quantized_layers
-
     layers = {}
     for layer_path, layer in quantized_layers(model):
         owner = layer_path.removesuffix(".base_layer")
@@ -85,52 +84,14 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a file written by `save_quantized` into a float model of the same architecture (e.g. built
     with `from_config`): the listed linear layers become empty QuantLinear layers, then every tensor is
     loaded. Raises ValueError, with the model unchanged, if the file does not fit it. Returns the model."""
-    from . import is_quantized, quantized_layers
-    from .linear import QuantLinear, codec_from_spec
-
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"quantized model file not found: {file}")
     if is_quantized(model):
         raise ValueError("the model is already quantized; load into a float model")
-    try:
-        with safe_open(str(file), "pt") as handle:
-            metadata = handle.metadata() or {}
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
-    if _LAYERS_KEY not in metadata:
-        raise ValueError(f"{file} holds no lorakit quantization layout (not written by save_quantized)")
-    layers = json.loads(metadata[_LAYERS_KEY])
-    aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
-
-    # Validate everything first: the expected keys and shapes of the model once its layers are quantized.
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    builders = {}
+    layers, aliases, shapes = _read_layout(file)
+    _check_fits(model, file, layers, aliases, shapes)
     for layer_path, spec in layers.items():
-        try:
-            module = model.get_submodule(layer_path)
-        except AttributeError:
-            raise ValueError(f"{file}: layer {layer_path!r} does not exist in {type(model).__name__}") from None
-        if not isinstance(module, nn.Linear) or (module.in_features, module.out_features) != (
-                spec["in_features"], spec["out_features"]):
-            raise ValueError(f"{file}: layer {layer_path!r} is a {spec['in_features']}→{spec['out_features']} linear "
-                             f"layer in the file but {module} in the model")
-        codec = codec_from_spec(spec)
-        expected.pop(f"{layer_path}.weight", None)
-        for name, tensor in codec.empty(spec["out_features"], spec["in_features"], "meta").items():
-            expected[f"{layer_path}.{name}"] = tuple(tensor.shape)
-        builders[layer_path] = spec
-    available = {**shapes, **{alias: shapes.get(target) for alias, target in aliases.items()}}
-    missing = sorted(set(expected) - set(available))
-    unexpected = sorted(set(available) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{file} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, shape in expected.items():
-        if available[key] != shape:
-            raise ValueError(f"{file}: {key} has shape {available[key]} in the file but {shape} in the model")
-
-    for layer_path, spec in builders.items():
         linear = model.get_submodule(layer_path)
         layer = QuantLinear(spec["in_features"], spec["out_features"], spec["method"], bias=spec["bias"],
                             dtype=getattr(torch, spec["dtype"]), device=linear.weight.device,
@@ -144,6 +105,45 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if layer.bias is not None:
             layer.bias.requires_grad_(False)  # a quantized base is frozen, bias included
     return model
+
+
+def _read_layout(file: Path) -> tuple[dict[str, dict], dict[str, str], dict[str, tuple]]:
+    """The file's quantized layers (path → spec), its aliases (tied key → stored key) and every tensor's shape."""
+    try:
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata() or {}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+    if _LAYERS_KEY not in metadata:
+        raise ValueError(f"{file} holds no lorakit quantization layout (not written by save_quantized)")
+    return json.loads(metadata[_LAYERS_KEY]), json.loads(metadata.get(_ALIASES_KEY, "{}")), shapes
+
+
+def _check_fits(model: nn.Module, file: Path, layers: dict[str, dict], aliases: dict[str, str],
+                shapes: dict[str, tuple]) -> None:
+    """Raise ValueError unless the file holds exactly the keys and shapes of `model` once its layers are quantized."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for layer_path, spec in layers.items():
+        try:
+            module = model.get_submodule(layer_path)
+        except AttributeError:
+            raise ValueError(f"{file}: layer {layer_path!r} does not exist in {type(model).__name__}") from None
+        if not isinstance(module, nn.Linear) or (module.in_features, module.out_features) != (
+                spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{file}: layer {layer_path!r} is a {spec['in_features']}→{spec['out_features']} linear "
+                             f"layer in the file but {module} in the model")
+        expected.pop(f"{layer_path}.weight", None)
+        empty = codec_from_spec(spec).empty(spec["out_features"], spec["in_features"], "meta")
+        expected.update({f"{layer_path}.{name}": tuple(tensor.shape) for name, tensor in empty.items()})
+    available = {**shapes, **{alias: shapes.get(target) for alias, target in aliases.items()}}
+    missing = sorted(set(expected) - set(available))
+    unexpected = sorted(set(available) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{file} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, shape in expected.items():
+        if available[key] != shape:
+            raise ValueError(f"{file}: {key} has shape {available[key]} in the file but {shape} in the model")
 
 
 __all__ = ["load_quantized", "save_quantized"]

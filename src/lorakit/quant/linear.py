@@ -1,4 +1,5 @@
-"""`QuantLinear`: a frozen linear layer whose weight is stored quantized (NF4 or 8-bit).
+"""`QuantLinear`: a frozen linear layer whose weight is stored quantized (NF4 or 8-bit), its codecs by
+method name, and the QuantLinear layers of a model (`quantized_layers`).
 
 The quantized weight lives in buffers, not Parameters: it is not trained, gets no gradient and no
 optimizer state, yet moves with `.to(device)` and is part of `state_dict()` (so a plain safetensors save
@@ -13,6 +14,8 @@ back-propagates through every layer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -197,4 +200,15 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {spec}"
 
 
-__all__ = ["METHODS", "QuantLinear", "codec_from_spec", "make_codec"]
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """Every QuantLinear of the model (also those inside LoRA wrappers, as `<path>.base_layer`)."""
+    for path, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield path, module
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(True for _ in quantized_layers(model))
+
+
+__all__ = ["METHODS", "QuantLinear", "codec_from_spec", "is_quantized", "make_codec", "quantized_layers"]

@@ -4,11 +4,15 @@ Requests name an adapter in their `model` field (the base model's own name selec
 adapters run in one batch: the base model's matrix products once for the whole batch, each adapter's low-rank
 part on its own rows (`lorakit.adapter_rows`). Modules:
 
-- config.py: `ServeConfig`, the limits;          - app.py: the HTTP routes (`create_app`);
+- app.py: assembles the server (`create_app`);   - context.py: the objects that requests share;
+- completions.py: the OpenAI routes;             - streaming.py: answers as server-sent events;
+- monitoring.py: /health and /metrics;           - admin.py: loading and unloading adapters at run time;
+- limits.py: API key, body size, token budget;   - errors.py: error answers and their status codes;
+- config.py: `ServeConfig`, the limits;          - protocol.py: OpenAI request and response shapes;
 - registry.py: adapters, allowed folders, in-use; - scheduler.py: queue and continuous batching;
 - engine.py: prefill / decode steps and sampling; - kvcache.py: the KV cache, one row per sequence;
 - generation.py: a request's sequences on the event loop; text.py: tokens to streamed text, stop strings;
-- protocol.py: OpenAI request and response shapes; metrics.py: Prometheus text.
+- metrics.py: Prometheus text.
 """
 
 from .app import create_app

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..inject import adapter_names
+from ..state import adapter_names
 from ..mixed import adapter_rows
 from .kvcache import RowCache
 
@@ -122,7 +122,7 @@ class Engine:
 
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int]]:
         tokens = choose_tokens(logits, sequences)
-        for seq, token in zip(sequences, tokens):
+        for seq, token in zip(sequences, tokens, strict=True):
             seq.generated.append(token)
             if token == self.eos_token_id and not seq.sampling.ignore_eos:
                 seq.finish_reason = "stop"
@@ -130,7 +130,7 @@ class Engine:
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 self.remove(seq)
-        return list(zip(sequences, tokens))
+        return list(zip(sequences, tokens, strict=True))
 
     def remove(self, sequence: Sequence) -> None:
         """Take a sequence out of the batch (finished, or cancelled by its client)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterable, Mapping
 
 
 def _label(value: str) -> str:
@@ -63,8 +64,8 @@ class Metrics:
                 lines.append(f"# TYPE {name} {kind}")
                 lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
 
-            def per_model(values: dict[str, float], names=None) -> list[tuple[str, float]]:
-                return [(f'{{model="{_label(m)}"}}', values.get(m, 0)) for m in sorted(set(names or ()) | set(values))]
+            def per_model(values: Mapping[str, float], names: Iterable[str] = ()) -> list[tuple[str, float]]:
+                return [(f'{{model="{_label(m)}"}}', values.get(m, 0)) for m in sorted(set(names) | set(values))]
 
             family("lorakit_requests_total", "counter", "Finished requests by model and outcome.",
                    [(f'{{model="{_label(m)}",outcome="{o}"}}', n) for (m, o), n in sorted(self._requests.items())])

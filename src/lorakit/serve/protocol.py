@@ -50,7 +50,8 @@ class RequestBase(BaseModel):
             ("frequency_penalty", self.frequency_penalty != 0), ("logit_bias", bool(self.logit_bias)),
             ("best_of", extra.get("best_of") not in (None, 1)),
             ("response_format", extra.get("response_format") not in (None, {"type": "text"})),
-            *((name, bool(extra.get(name))) for name in ("suffix", "tools", "functions", "tool_choice", "top_logprobs")),
+            *((name, bool(extra.get(name)))
+              for name in ("suffix", "tools", "functions", "tool_choice", "top_logprobs")),
         ]
         for name, refused in checks:
             if refused:

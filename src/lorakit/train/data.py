@@ -1,9 +1,10 @@
-"""Data sets for training and evaluation: reading them, turning them into examples, and tokenizing them.
+"""Data sets for training and evaluation: reading them and turning their rows into examples.
 
 Sources are the built-in samples shipped in lorakit/samples (`e2e`, `sst2`, `mrpc`; `<name>-full` reads the
 complete originals), local jsonl/json/csv/tsv files, and `hf:<id>` data sets through `datasets.load_dataset`.
-Generation tasks give `Example`s, classification tasks `ClassExample`s. The same prompt formatting serves
-training (`encode_causal`) and generation (`encode_prompt`), so the model sees identical prompts in both.
+Generation tasks give `Example`s, classification tasks `ClassExample`s (their types: `train/examples.py`).
+Tokenizing them is `train/encoding.py`; this module re-exports both, so `lorakit.train.data` is the one
+import for everything about data.
 """
 
 from __future__ import annotations
@@ -15,14 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
-from torch.nn.utils.rnn import pad_sequence
-from transformers import PreTrainedTokenizerBase
-
-GENERATION, CLASSIFICATION = "causal-lm", "seq-cls"
-IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
+from .encoding import Collator, encode_causal, encode_classification, encode_prompt, format_prompt
+from .examples import CLASSIFICATION, GENERATION, IGNORE_INDEX, ClassExample, DataError, DataSplit, Example
 
 INPUT_FIELDS = ("input", "text", "sentence", "prompt", "instruction", "sentence1")
 TARGET_FIELDS = ("target", "output", "label", "response", "completion")
@@ -32,43 +29,6 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 E2E_INSTRUCTION = (
     "Describe this restaurant in one or two sentences, using every attribute of the meaning representation: "
 )
-
-
-class DataError(ValueError):
-    """A data set that cannot be read or used; the message is one line, fit to show a user."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """A generation example; references holds every reference text of the same input (the target among them)."""
-
-    prompt: str
-    target: str
-    references: list[str]
-
-
-class ClassExample(NamedTuple):
-    """A classification example: a text, an optional second text, and a label id."""
-
-    text: str
-    text_pair: str | None
-    label: int
-
-
-@dataclass(frozen=True)
-class DataSplit:
-    """One split of a data set, with its task and, for classification, the label names (index = label id)."""
-
-    task: str
-    examples: list[Example] | list[ClassExample]
-    label_names: tuple[str, ...] = ()
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-    def __len__(self) -> int:
-        return len(self.examples)
 
 
 # ---------------------------------------------------------------- built-in data sets
@@ -184,8 +144,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8-sig", newline="") as f:
         if suffix in (".csv", ".tsv"):
             # TSV convention: fields hold no tabs or newlines, so quotes are plain text.
-            options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
-            records = list(csv.DictReader(f, **options))
+            tsv = suffix == ".tsv"
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.DictReader(f)
+            records = list(reader)
         elif suffix == ".json":
             records = _parse_json(f.read(), str(path))
         else:
@@ -311,7 +272,7 @@ def records_to_split(
         elif alpaca:
             extra = record.get("input") or ""
             inputs.append(_value(record, "instruction", number, source) + (f"\n\n{extra}" if extra else ""))
-        else:
+        elif text is not None:
             inputs.append(_value(record, text, number, source))
         pairs.append(_value(record, pair, number, source) if pair else None)
         targets.append(_value(record, target, number, source))
@@ -370,67 +331,31 @@ def _label_ids(values: list[str], label_names: Sequence[str] | None, source: str
     return ids, names
 
 
-# ---------------------------------------------------------------- tokenization
-
-
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The complete model input for a prompt, special tokens written out, to be tokenized with
-    add_special_tokens=False: the chat template's user turn and assistant header when the tokenizer
-    has a template, else BOS (if the tokenizer has one), the prompt and a newline."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + prompt + "\n"
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of the formatted prompt: what generation feeds the model, and the masked part of a training row."""
-    return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-
-
-def encode_causal(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> dict[str, list[int]]:
-    """input_ids, attention_mask and labels for one generation example; the loss covers the target and a
-    final EOS only. The prompt is never cut: a prompt without room for the target is an error."""
-    prompt_ids = encode_prompt(tokenizer, example.prompt)
-    if len(prompt_ids) >= max_length:
-        raise DataError(
-            f"prompt is {len(prompt_ids)} tokens, which leaves no room for the target within max_length "
-            f"{max_length}; raise max_length or shorten the prompt"
-        )
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token to end the target with")
-    target_ids = tokenizer(example.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    target_ids = target_ids[: max_length - len(prompt_ids)]
-    input_ids = prompt_ids + target_ids
-    return {
-        "input_ids": input_ids,
-        "attention_mask": [1] * len(input_ids),
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
-    }
-
-
-def encode_classification(
-    tokenizer: PreTrainedTokenizerBase, example: ClassExample, max_length: int
-) -> dict[str, Any]:
-    """Tokenizer outputs (truncated to max_length) plus the integer label for one classification example."""
-    encoded = tokenizer(example.text, example.text_pair, truncation=True, max_length=max_length)
-    return {**encoded, "labels": example.label}
-
-
-class Collator:
-    """Pads a list of encoded examples to the longest in the batch (on the right) and returns tensors:
-    input_ids with the pad id, token labels with -100, every other sequence with 0."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = {}
-        for key in features[0]:
-            values = [feature[key] for feature in features]
-            if not isinstance(values[0], (list, tuple)):
-                batch[key] = torch.tensor(values)  # one label per example
-                continue
-            pad = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
-            batch[key] = pad_sequence([torch.tensor(v) for v in values], batch_first=True, padding_value=pad)
-        return batch
+__all__ = [
+    "BUILTIN_DATASETS",
+    "CLASSIFICATION",
+    "E2E_INSTRUCTION",
+    "GENERATION",
+    "IGNORE_INDEX",
+    "INPUT_FIELDS",
+    "LOCAL_SUFFIXES",
+    "PAIR_FIELDS",
+    "TARGET_FIELDS",
+    "ClassExample",
+    "Collator",
+    "DataError",
+    "DataSplit",
+    "Example",
+    "e2e_prompt",
+    "encode_causal",
+    "encode_classification",
+    "encode_prompt",
+    "format_prompt",
+    "full_data_dir",
+    "load_builtin",
+    "load_data",
+    "read_hub_records",
+    "read_records",
+    "records_to_split",
+    "sample_dir",
+]

@@ -85,7 +85,10 @@ class Parallel:
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks: members of the longest nn.ModuleList (model.layers, encoder.layer, h, ...)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    if not lists:
+        return []
+    longest: nn.ModuleList = max(lists, key=len)
+    return list(longest)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -101,8 +104,10 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         for index, entry in raw["state"].items()
     }
     # Each group keeps the names of its parameters (LoRA+ has two groups with different learning rates).
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "param_names": [names[i] for i in group["params"]]}
-              for group in raw["param_groups"]]
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "param_names": [names[i] for i in group["params"]]}
+        for group in raw["param_groups"]
+    ]
     return {"state": state, "param_groups": groups, "names": names}
 
 
@@ -116,25 +121,28 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
         if name not in saved["state"]:
             continue
         param = params[name]
-        state[index] = {k: _like(v, param) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in saved["state"][name].items()}
+        state[index] = {
+            k: _like(v, param) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in saved["state"][name].items()
+        }
     position = {name: index for index, name in enumerate(names)}
-    groups = [{**{k: v for k, v in group.items() if k != "param_names"},
-               "params": [position[n] for n in group.get("param_names", saved["names"])]}
-              for group in saved["param_groups"]]
+    groups = [
+        {
+            **{k: v for k, v in group.items() if k != "param_names"},
+            "params": [position[n] for n in group.get("param_names", saved["names"])],
+        }
+        for group in saved["param_groups"]
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A full tensor placed like `param` (sharded the same way when `param` is an FSDP DTensor)."""
     if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import DTensor, distribute_tensor  # only sharded runs need it
 
+        assert isinstance(param, DTensor)
         return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
     return value.to(device=param.device, dtype=param.dtype)
-
-
-def _trainable_names(model: nn.Module) -> list[str]:
-    return [name for name, p in unwrap(model).named_parameters() if p.requires_grad]
 
 
 def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

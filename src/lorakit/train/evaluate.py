@@ -8,17 +8,18 @@ FSDP-sharded model needs (each forward is a collective).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import math
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..generate import generate_texts
-from .data import CLASSIFICATION, IGNORE_INDEX, DataSplit, format_prompt
 from .distributed import Parallel
+from .encoding import format_prompt
+from .examples import CLASSIFICATION, IGNORE_INDEX, ClassExample, DataSplit, Example
 from .metrics import classification_metrics, generation_metrics
 
 
@@ -37,7 +38,11 @@ def _gather_in_order(values: list, real: int, parallel: Parallel) -> list:
 
 @torch.no_grad()
 def mean_loss(
-    model: nn.Module, features: Sequence[dict], collate: Callable, batch_size: int = 16, parallel: Parallel | None = None
+    model: nn.Module,
+    features: Sequence[dict],
+    collate: Callable,
+    batch_size: int = 16,
+    parallel: Parallel | None = None,
 ) -> float:
     """Mean loss over all target tokens of `features` (for classification: over examples)."""
     parallel = parallel or Parallel()
@@ -51,7 +56,9 @@ def mean_loss(
         logits = model(**batch).logits.float()
         if labels.dim() == 2:  # causal LM: token t predicts token t + 1
             labels = labels[:, 1:]
-            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            losses = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
             per_example, terms = losses.sum(1), (labels != IGNORE_INDEX).sum(1)
         else:
             per_example, terms = F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
@@ -59,8 +66,8 @@ def mean_loss(
         total += float(per_example[keep].sum())
         count += int(terms[keep].sum())
     model.train(was_training)
-    total, count = parallel.sum(total, count)
-    return total / max(count, 1)
+    loss_sum, term_count = parallel.sum(total, count)
+    return loss_sum / max(term_count, 1)
 
 
 @torch.no_grad()
@@ -72,8 +79,12 @@ def predict_labels(model: nn.Module, tokenizer, examples: Sequence, max_length: 
         chunk = examples[start : start + batch_size]
         pairs = [e.text_pair for e in chunk]
         enc = tokenizer(
-            [e.text for e in chunk], pairs if any(p is not None for p in pairs) else None,
-            truncation=True, max_length=max_length, padding=True, return_tensors="pt",
+            [e.text for e in chunk],
+            pairs if any(p is not None for p in pairs) else None,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
         )
         predictions += model(**enc).logits.argmax(-1).tolist()
     model.train(was_training)
@@ -94,12 +105,19 @@ def evaluate_split(
     parallel = parallel or Parallel()
     examples, real = _share(split.examples, parallel)
     if split.task == CLASSIFICATION:
-        mine = predict_labels(model, tokenizer, examples, max_length, batch_size)
-        predictions = _gather_in_order(mine, real, parallel)
-        metrics = classification_metrics(predictions, [e.label for e in split.examples], split.num_labels)
-        return metrics, predictions
+        labels = predict_labels(model, tokenizer, examples, max_length, batch_size)
+        predictions = _gather_in_order(labels, real, parallel)
+        references = [e.label for e in cast(list[ClassExample], split.examples)]
+        return classification_metrics(predictions, references, split.num_labels), predictions
     prompts = [format_prompt(tokenizer, e.prompt) for e in examples]
-    mine = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size,
-                          progress=progress and parallel.is_main, synced=parallel.mode == "fsdp")
-    texts = _gather_in_order(mine, real, parallel)
-    return generation_metrics(texts, [e.references for e in split.examples]), texts
+    generated = generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        progress=progress and parallel.is_main,
+        synced=parallel.mode == "fsdp",
+    )
+    texts = _gather_in_order(generated, real, parallel)
+    return generation_metrics(texts, [e.references for e in cast(list[Example], split.examples)]), texts

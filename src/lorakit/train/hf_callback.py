@@ -9,6 +9,7 @@ adapter folder (PEFT layout, a few MB) into every checkpoint directory and at th
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
@@ -17,7 +18,9 @@ from ..io import save_adapter
 
 
 class AdapterCheckpointCallback(TrainerCallback):
-    def __init__(self, model: nn.Module, adapter_name: str = "default", subfolder: str = "adapter", **adapter_meta) -> None:
+    def __init__(
+        self, model: nn.Module, adapter_name: str = "default", subfolder: str = "adapter", **adapter_meta: Any
+    ) -> None:
         self.model = model
         self.adapter_name = adapter_name
         self.subfolder = subfolder
@@ -31,5 +34,6 @@ class AdapterCheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            save_adapter(self.model, os.path.join(args.output_dir, self.subfolder), self.adapter_name, **self.adapter_meta)
+            folder = os.path.join(args.output_dir, self.subfolder)
+            save_adapter(self.model, folder, self.adapter_name, **self.adapter_meta)
         return control

@@ -19,6 +19,7 @@ model's own forward); everywhere else `causal_lm_loss` returns `model(**batch).l
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,14 +35,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Σ_i [logsumexp(h_i·Wᵀ + b) − (h_i·Wᵀ + b)[t_i]] over rows i, computed `chunk` rows at a time."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 models still get float32 softmax
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
         total = hidden.new_zeros((), dtype=acc)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
@@ -67,7 +73,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * grad_total if present else None for present in ctx.present]
         if grads[1] is not None:
@@ -77,8 +83,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy of `targets` (N) under logits hidden (N × d) · weightᵀ (+ bias), never holding more than
     `chunk` rows of logits (default: 2**24 logits)."""
     chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
@@ -90,11 +101,16 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     from torch.distributed.fsdp import FSDPModule
 
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or isinstance(model, FSDPModule):
+    if (
+        config is None
+        or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES
+        or isinstance(model, FSDPModule)
+    ):
         return None
     if any(getattr(config, key, None) not in (None, 1.0) for key in ("final_logit_softcapping", "logit_scale")):
         return None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     backbone = getattr(model, "base_model", None)
     if type(head) is not nn.Linear or backbone is None or backbone is model:
         return None

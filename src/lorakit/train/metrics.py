@@ -19,6 +19,7 @@ scikit-learn, all on a 0-100 scale. Nothing here downloads anything.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from nltk.translate.nist_score import corpus_nist
 from rouge_score.rouge_scorer import RougeScorer
@@ -43,7 +44,7 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[
     refs = [[r.lower() for r in group] for group in references]
     # sacrebleu reads one stream per reference position; None stands for "this item has fewer references".
     width = max(len(group) for group in refs)
-    streams = [[group[i] if i < len(group) else None for group in refs] for i in range(width)]
+    streams: list[list[Any]] = [[group[i] if i < len(group) else None for group in refs] for i in range(width)]
 
     return {
         "bleu": BLEU(smooth_method="none").corpus_score(hyps, streams).score,

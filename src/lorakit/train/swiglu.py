@@ -13,6 +13,7 @@ training loop does both around training.
 from __future__ import annotations
 
 import types
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +28,12 @@ class SiluMul(torch.autograd.Function):
     """silu(gate) · up, saving gate and up only."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
         return F.silu(gate) * up
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         gate, up = ctx.saved_tensors
         sigmoid = torch.sigmoid(gate)
         silu = gate * sigmoid
@@ -41,7 +42,15 @@ class SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
-def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+class _GatedMLP(Protocol):
+    """What the fused forward reads from a gated MLP module (LlamaMLP and its relatives)."""
+
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+
+
+def _fused_forward(self: _GatedMLP, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 

@@ -75,8 +75,8 @@ def test_base_layer_runs_once_and_plain_adapters_are_gathered(mixed_llama, batch
     batch_sizes = []
     q_proj.base_layer.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
     per_adapter = []
-    original = q_proj._adapter_output
-    monkeypatch.setattr(q_proj, "_adapter_output",
+    original = q_proj.adapter_output
+    monkeypatch.setattr(q_proj, "adapter_output",
                         lambda name, x, base_out: per_adapter.append(name) or original(name, x, base_out))
     with torch.no_grad(), lorakit.adapter_rows(mixed_llama, ROWS):
         mixed_llama(batch)

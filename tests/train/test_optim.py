@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import fill_
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import lorakit
-from support.files import interrupting_collator, random_token_rows
 from lorakit.train import run as run_module
 from lorakit.train.data import Collator
 from lorakit.train.loop import LoopSettings, latest_checkpoint, train_adapter
 from lorakit.train.optim import is_lora_b, loraplus_param_groups, param_groups
+from support.files import interrupting_collator, random_token_rows
+from support.models import fill_
 
 
 def _model(seed: int = 0, **config) -> LlamaForCausalLM:

@@ -1,0 +1,124 @@
+"""Checkpoints of a training run: `<output>/checkpoints/step-N`, each holding the trained tensors (the
+adapter folder, or the method's) and `trainer_state.pt` with the optimizer, scheduler and RNG states and
+the metrics history, which is everything an exact resume needs.
+
+A checkpoint is written to a temporary folder and renamed, so it is complete or absent; only the last
+`keep` are kept. Under several processes every rank takes part (FSDP shards are gathered) and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..inject import adapter_names, delete_adapter
+from ..io import load_adapter, save_adapter
+from ..methods import method_state, restore_method, save_method
+from .distributed import Parallel, load_optimizer_state, optimizer_state, unwrap
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint of the highest step under `output_dir`, if any."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    complete = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()] if folder.is_dir() else []
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint restores besides the trained tensors."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0  # optimizer steps finished
+    # The RNG state at the start of step `step`: what a resume must restore, also when Ctrl-C lands in
+    # the middle of a step whose dropout masks were already drawn.
+    rng_state: torch.Tensor = field(default_factory=torch.get_rng_state)
+    history: list[dict[str, Any]] = field(default_factory=list)  # every metrics entry so far
+
+
+@dataclass
+class Checkpointer:
+    """Writes, restores and prunes the checkpoints of the run in `output`."""
+
+    output: Path
+    adapter_name: str = "default"
+    adapter_meta: dict[str, Any] = field(default_factory=dict)  # extra fields of the saved config
+    keep: int = 2
+    parallel: Parallel = field(default_factory=Parallel)
+
+    @property
+    def folder(self) -> Path:
+        return self.output / CHECKPOINT_DIR
+
+    def save_trained(self, model: nn.Module, folder: Path) -> None:
+        """The trained tensors: the method's folder when a method of lorakit.methods is applied, else the
+        LoRA adapter. Every rank calls it; rank 0 writes."""
+        write = self.parallel.is_main
+        if method_state(model) is not None:
+            save_method(model, folder, write=write, **self.adapter_meta)
+        else:
+            save_adapter(model, folder, self.adapter_name, write=write, **self.adapter_meta)
+
+    def restore_trained(self, model: nn.Module, folder: Path) -> None:
+        """Put the trained tensors of `folder` into the model, before its optimizer is built."""
+        if method_state(model) is not None:
+            restore_method(model, folder)  # in place: the same parameters, the checkpoint's values
+            return
+        # The adapter is loaded anew, so the optimizer must be built on its new parameters.
+        if self.adapter_name in adapter_names(model):
+            delete_adapter(model, self.adapter_name)
+        load_adapter(model, folder, self.adapter_name)
+
+    def restore_state(self, folder: Path, model: nn.Module, state: TrainingState) -> None:
+        """Load the optimizer, scheduler and RNG states, step and history of checkpoint `folder`."""
+        saved = torch.load(folder / STATE_FILE, weights_only=False)
+        load_optimizer_state(model, state.optimizer, saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.rng_state = saved["torch_rng"]
+        state.step, state.history = saved["step"], saved["history"]
+
+    def save(self, trained: nn.Module, state: TrainingState) -> Path:
+        """Write `checkpoints/step-N` for the state's step. Every rank must call it; only rank 0 writes."""
+        model = unwrap(trained)
+        final = self.folder / f"step-{state.step:06d}"
+        tmp = self.folder / f".tmp-step-{state.step:06d}"
+        if self.parallel.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.save_trained(model, tmp)
+        saved = {
+            "step": state.step,
+            "optimizer": optimizer_state(model, state.optimizer),
+            "scheduler": state.scheduler.state_dict(),
+            "torch_rng": state.rng_state,
+            "history": state.history,
+        }
+        if self.parallel.is_main:
+            torch.save(saved, tmp / STATE_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a checkpoint folder is complete or absent
+            self._prune(final)
+        self.parallel.barrier()
+        return final
+
+    def save_interrupted(self, model: nn.Module, state: TrainingState) -> None:
+        """The checkpoint written on Ctrl-C. The other processes are being interrupted too, at other points,
+        so only a replicated model can be saved without them (FSDP's shards would need every process)."""
+        if self.parallel.mode != "fsdp" and self.parallel.is_main:
+            replace(self, parallel=Parallel()).save(model, state)
+
+    def _prune(self, newest: Path) -> None:
+        older = sorted((p for p in self.folder.glob("step-*") if p != newest), key=lambda p: p.name)
+        for stale in older[: max(0, len(older) - (self.keep - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)

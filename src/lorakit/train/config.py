@@ -1,0 +1,387 @@
+"""The options of a training job (`lorakit train`, its `--config` files and the run's train_config.yaml),
+as nested sections: `dataset`, `base` (model and task), `tuning` (the method, with LoRA's options in
+`tuning.lora`), `loop` (`LoopSettings`) and `run` (output folder, resume, processes).
+
+Every option is a dataclass field whose metadata carries its help ("help") and, where they differ from
+the name, its command-line spellings ("flags"); its default lives in the field, once. Option names are
+unique across sections, so a flat mapping (`r: 4`) and a nested one (`tuning: {lora: {r: 4}}`) read the
+same, and `RunConfig` also answers flat attribute names (`cfg.r`) and flat keywords (`RunConfig(r=4)`).
+The command line is generated from these fields (`lorakit.cli.options`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Union, cast, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ..config import LoraConfig
+from ..methods import METHODS, MethodOptions
+from ..models import BUILTIN_MODELS
+from .data import BUILTIN_DATASETS, CLASSIFICATION, GENERATION
+from .loop import LoopSettings
+
+DEFAULT_MODEL = {GENERATION: "smollm2-135m", CLASSIFICATION: "minilm-l6"}
+MODEL_HELP = "base model: a built-in name (smollm2-135m, minilm-l6, ...), a local folder or .gguf file, or a hub id"
+# Options that may differ between a run and its resumption.
+RESUME_FREE = {
+    "resume",
+    "overwrite",
+    "progress",
+    "tensorboard",
+    "eval_every",
+    "save_every",
+    "log_every",
+    "keep_checkpoints",
+    "distributed",
+    "dist_timeout",
+}
+
+
+class RunError(ValueError):
+    """A training job that cannot start as configured; the message is one line for the user."""
+
+
+def option(default: Any, help: str, **more: Any) -> Any:
+    """A field holding an option: its default, its help, and optionally "flags" or "default_text" (what the help
+    shows for a default that is computed later)."""
+    return field(default=default, metadata={"help": help, **more})
+
+
+def borrowed(owner: type, name: str, **changes: Any) -> Any:
+    """`owner`'s field `name` as an option: its default and metadata, so they are stated once. `changes` replace
+    the default (say why in the help) or metadata entries."""
+    source = next(f for f in dataclasses.fields(owner) if f.name == name)
+    default = changes.pop("default", source.default)
+    return field(default=default, metadata={**source.metadata, **changes})
+
+
+@dataclass
+class DataSection:
+    """Which data, how it is cut, and how much of it is used."""
+
+    data: str = option("e2e", "built-in (e2e, sst2, mrpc, or <name>-full), a .jsonl/.json/.csv/.tsv file, or hf:<id>")
+    input_field: str | None = option(None, "field holding the input text")
+    target_field: str | None = option(None, "field holding the target text or label")
+    pair_field: str | None = option(None, "second text field for sentence-pair classification")
+    template: str | None = option(None, "prompt template with {field} placeholders")
+    max_length: int = option(256, "maximum tokens per example")
+    max_train_examples: int | None = option(None, "use only the first N training examples")
+    eval_examples: int | None = option(50, "examples scored before and after training (none: the whole split)")
+    val_examples: int = option(64, "held-out examples for the validation loss")
+    max_new_tokens: int = option(64, "generation length when scoring")
+
+
+@dataclass
+class ModelSection:
+    """The base model and the task it is trained for."""
+
+    model: str | None = option(None, MODEL_HELP, default_text="smollm2-135m for causal-lm, minilm-l6 for seq-cls")
+    task: str | None = option(None, f"{GENERATION} or {CLASSIFICATION}", default_text="from the data or model")
+
+
+@dataclass
+class LoraSection:
+    """What builds the `LoraConfig` of `--method lora` (the rest of it follows from the model)."""
+
+    target_modules: list[str] | str | None = borrowed(
+        LoraConfig, "target_modules", default_text="the built-in model's, else all-linear"
+    )
+    quantize: str | None = option(
+        None, "QLoRA: quantize the frozen base's linear layers: nf4 (4-bit, double-quantized), int8 or int8-asym"
+    )
+    r: int = borrowed(LoraConfig, "r")
+    alpha: float = borrowed(LoraConfig, "alpha")
+    # LoraConfig's own default is PEFT's 0; training on small data sets is better regularised.
+    dropout: float = borrowed(
+        LoraConfig,
+        "dropout",
+        default=0.05,
+        help="dropout on the LoRA input (a LoraConfig built in code defaults to 0, as PEFT's)",
+    )
+    init: str = borrowed(LoraConfig, "init")
+    use_rslora: bool = borrowed(LoraConfig, "use_rslora")
+    use_dora: bool = borrowed(LoraConfig, "use_dora")
+
+    def lora_config(self, model_meta: dict[str, Any]) -> LoraConfig:
+        """The adapter's config; the LoRA method adds the model's classification heads as modules_to_save."""
+        return LoraConfig(
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            init=self.init,
+            target_modules=self.target_modules or "all-linear",
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            **model_meta,
+        )
+
+
+@dataclass
+class MethodSection:
+    """The fine-tuning method and the options of each (a method reads its own)."""
+
+    method: str = option("lora", f"fine-tuning method: {', '.join(METHODS)} (head: linear probing)")
+    adapter_size: int = borrowed(MethodOptions, "adapter_size")
+    adapter_nonlinearity: str = borrowed(MethodOptions, "adapter_nonlinearity")
+    adapter_norms: bool = borrowed(MethodOptions, "adapter_norms")
+    prefix_length: int = borrowed(MethodOptions, "prefix_length")
+    prompt_length: int = borrowed(MethodOptions, "prompt_length")
+    lora: LoraSection = field(default_factory=LoraSection)
+
+    def method_options(self, lora: LoraConfig) -> MethodOptions:
+        """What `FineTuningMethod.apply` reads (each method its own fields)."""
+        return MethodOptions(
+            adapter_size=self.adapter_size,
+            adapter_nonlinearity=self.adapter_nonlinearity,
+            adapter_norms=self.adapter_norms,
+            prefix_length=self.prefix_length,
+            prompt_length=self.prompt_length,
+            lora=lora,
+        )
+
+
+@dataclass
+class RunSection:
+    """Where the run goes and how it runs: output folder, resumption, processes."""
+
+    output: str | None = option(None, "output folder", default_text="runs/<data>-<model>")
+    resume: bool = option(False, "continue from the last checkpoint in --output")
+    overwrite: bool = option(False, "replace a run already in --output")
+    distributed: str | None = option(None, "ddp or fsdp, under torchrun (several processes alone mean ddp)")
+    dist_timeout: float = option(600.0, "seconds a process waits for the others before failing")
+
+
+def recipe_loop() -> LoopSettings:
+    """The loop settings `lorakit train` starts from: LoopSettings' own, with the higher learning rate LoRA
+    takes and a validation loss every 25 steps."""
+    return LoopSettings(lr=1e-3, eval_every=25)
+
+
+class Leaf(NamedTuple):
+    """One option of a (nested) config: its field, type hint, current value and section path."""
+
+    field: dataclasses.Field
+    hint: Any
+    value: Any
+    path: tuple[str, ...]
+
+
+def leaves(config: Any, path: tuple[str, ...] = ()) -> Iterator[Leaf]:
+    """Every option of a config instance, depth first; a field holding a dataclass is a section."""
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(value, (*path, f.name))
+        else:
+            yield Leaf(f, hints[f.name], value, path)
+
+
+def plain_type(hint: Any) -> Any:
+    """`int` for `int | None`; the hint itself when it is not optional."""
+    if get_origin(hint) in (Union, type(int | None)):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """The value when it fits the option's type (a YAML "1e-3", which YAML 1.1 reads as text, becomes a
+    number); else a one-line error."""
+    kind = plain_type(hint)
+    if value is None:
+        if type(None) not in get_args(hint):
+            raise RunError(f"option {name} needs a value")
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    fits = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }.get(kind, lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)))
+    if not fits(value):
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(
+            kind, "a list of names or a regex"
+        )
+        raise RunError(f"option {name} must be {expected}, got {value!r}")
+    return value
+
+
+@dataclass(init=False)
+class RunConfig:
+    """Every option of a training job, in sections. `RunConfig(r=4, data="sst2")` and `cfg.r` work by the
+    options' (unique) names; `RunConfig(tuning=MethodSection(...))` by section."""
+
+    dataset: DataSection = field(default_factory=DataSection)
+    base: ModelSection = field(default_factory=ModelSection)
+    tuning: MethodSection = field(default_factory=MethodSection)
+    loop: LoopSettings = field(default_factory=recipe_loop)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __init__(
+        self,
+        dataset: DataSection | None = None,
+        base: ModelSection | None = None,
+        tuning: MethodSection | None = None,
+        loop: LoopSettings | None = None,
+        run: RunSection | None = None,
+        **options: Any,
+    ) -> None:
+        given = {"dataset": dataset, "base": base, "tuning": tuning, "loop": loop, "run": run}
+        for f in dataclasses.fields(self):
+            default = cast(Callable[[], Any], f.default_factory)
+            setattr(self, f.name, given[f.name] if given[f.name] is not None else default())
+        if options:
+            updated = self.updated(options)
+            for f in dataclasses.fields(self):
+                setattr(self, f.name, getattr(updated, f.name))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not sections: the flat view of the options.
+        if name not in OPTIONS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        section: Any = self
+        for part in OPTIONS[name].path:
+            section = getattr(section, part)
+        return getattr(section, name)
+
+    @classmethod
+    def from_sources(cls, file: str | os.PathLike | None = None, **overrides: Any) -> RunConfig:
+        """Defaults, then the YAML file's keys (flat or in sections), then the overrides that are not None."""
+        config = cls() if file is None else cls().updated(read_yaml(Path(file)))
+        return config.updated({k: v for k, v in overrides.items() if v is not None})
+
+    def updated(self, values: Mapping[str, Any]) -> RunConfig:
+        """A copy with `values` set: flat option names, or sections holding them."""
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, changes in nest(values).items():
+            sections[name] = _replaced(sections[name], changes)
+        return RunConfig(**sections)
+
+    def to_dict(self, nested: bool = False) -> dict[str, Any]:
+        """The options by name (as train_config.yaml holds them), or in their sections."""
+        if nested:
+            return dataclasses.asdict(self)
+        return {leaf.field.name: _copy(leaf.value) for leaf in leaves(self)}
+
+    def resolved(self) -> RunConfig:
+        """Fill every default that depends on other options."""
+        task = self.task
+        if task is None:
+            builtin_data = BUILTIN_DATASETS.get(self.data.removesuffix("-full"))
+            builtin_model = BUILTIN_MODELS.get(self.model or "")
+            task = builtin_data.task if builtin_data else (builtin_model.task if builtin_model else GENERATION)
+        if task not in (GENERATION, CLASSIFICATION):
+            raise RunError(f"unknown task {task!r}; expected {GENERATION} or {CLASSIFICATION}")
+        model = self.model or DEFAULT_MODEL[task]
+        builtin = BUILTIN_MODELS.get(model)
+        targets = self.target_modules or (list(builtin.target_modules) if builtin else None)
+        name = f"{Path(self.data).stem}-{Path(model).name}"
+        return self.updated(
+            {"task": task, "model": model, "target_modules": targets, "output": self.output or str(Path("runs") / name)}
+        )
+
+    def changed_since(self, previous: Mapping[str, Any]) -> list[str]:
+        """The options (other than RESUME_FREE) that differ from a previous run's saved options, flat or in
+        sections; an option the file lacks (written before it existed) had its default."""
+        before = {**RunConfig().to_dict(), **flatten(previous)}
+        return sorted(k for k, v in self.to_dict().items() if k not in RESUME_FREE and before[k] != v)
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _replaced(section: Any, changes: dict[str, Any]) -> Any:
+    """`section` with `changes` set, nested sections replaced in turn (never mutated: configs share them)."""
+    values = {}
+    for name, value in changes.items():
+        current = getattr(section, name)
+        values[name] = _replaced(current, value) if dataclasses.is_dataclass(current) else value
+    return dataclasses.replace(section, **values)
+
+
+class OptionPlace(NamedTuple):
+    path: tuple[str, ...]  # the sections that hold the option, outermost first
+    hint: Any
+
+
+def _places(cls: type, path: tuple[str, ...] = ()) -> dict[str, OptionPlace]:
+    places: dict[str, OptionPlace] = {}
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        section = isinstance(hint, type) and dataclasses.is_dataclass(hint)
+        found = _places(hint, (*path, f.name)) if section else {f.name: OptionPlace(path, hint)}
+        clash = set(found) & set(places)
+        if clash:  # flat keys would be ambiguous
+            raise TypeError(f"option name(s) {sorted(clash)} appear in two sections")
+        places.update(found)
+    return places
+
+
+OPTIONS: dict[str, OptionPlace] = _places(RunConfig)
+SECTION_PATHS = {place.path[:i] for place in OPTIONS.values() for i in range(1, len(place.path) + 1)}
+SECTION_NAMES = {path[-1] for path in SECTION_PATHS}
+
+
+def nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat option names and sections as one mapping of checked values, nested as `RunConfig` is. Unknown
+    names are refused, all of them in one line."""
+    nested: dict[str, Any] = {}
+    unknown: list[str] = []
+    _nest_into(nested, values, (), unknown)
+    if unknown:
+        raise RunError(f"unknown option(s) {', '.join(sorted(unknown))}")
+    return nested
+
+
+def _nest_into(nested: dict[str, Any], values: Mapping[str, Any], path: tuple[str, ...], unknown: list[str]) -> None:
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        place = OPTIONS.get(key)
+        if (*path, key) in SECTION_PATHS and isinstance(value, Mapping):
+            _nest_into(nested, value, (*path, key), unknown)
+        elif place is not None and place.path[: len(path)] == path:
+            target = nested
+            for part in place.path:
+                target = target.setdefault(part, {})
+            target[key] = _checked(key, value, place.hint)
+        else:
+            unknown.append(".".join((*path, key)))
+
+
+def flatten(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config's options by name, whether it holds them flat or in sections (unchecked: an old file may
+    hold what this version no longer has)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTION_NAMES and isinstance(value, Mapping):
+            flat.update(flatten(value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping of options; a missing file, bad YAML or another type is a one-line RunError."""
+    if not path.is_file():
+        raise RunError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RunError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise RunError(f"{path} must hold a mapping of option names to values")
+    return loaded

@@ -1,0 +1,44 @@
+"""The training loop's settings (`LoopSettings`): learning rate and schedule, batch shape, how long to
+train, and how often to log, evaluate and checkpoint. `lorakit.train.loop` re-exports it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoopSettings:
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training data"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides --epochs)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps with a rising learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    loraplus_ratio: float | None = field(
+        default=None, metadata={"help": "LoRA+: train B with lr × this ratio, e.g. 16 (none: one rate)"}
+    )
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the gradient norm (none: no clipping)"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and dropout"})
+    log_every: int = field(default=5, metadata={"help": "steps between metrics-log lines"})
+    eval_every: int | None = field(
+        default=None, metadata={"help": "steps between validation-loss evaluations (none: only at the end)"}
+    )
+    save_every: int | None = field(default=50, metadata={"help": "steps between checkpoints (none: no checkpoints)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (older ones are deleted)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    tensorboard: bool = field(
+        default=False, metadata={"help": "also log to <output>/tensorboard (needs the tensorboard package)"}
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "micro-batches of similar lengths (less padding, same examples per epoch); "
+            "off: plain shuffled order"
+        },
+    )
+
+    def total_steps(self, num_examples: int) -> int:
+        steps_per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))
+        return self.max_steps if self.max_steps is not None else steps_per_epoch * self.epochs

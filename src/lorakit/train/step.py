@@ -1,0 +1,109 @@
+"""One optimizer step: forward and backward over the step's micro-batches (each process its share),
+gradient clipping, then the AdamW and schedule update; and the loss and token counts since the last log.
+
+Each optimizer step minimises the mean over all loss terms (target tokens) of its examples, however they
+are split into micro-batches and processes: each micro-batch's mean loss is weighted by its share.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import Parallel
+from .examples import IGNORE_INDEX
+from .loss import causal_lm_loss
+from .optim import param_groups
+from .settings import LoopSettings
+
+
+def build_optimizer(
+    model: nn.Module, settings: LoopSettings, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW on the trainable parameters, and a linear warm-up then linear decay to 0 at `total_steps`."""
+    groups = param_groups(model, settings.lr, settings.weight_decay, settings.loraplus_ratio)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = max(1, int(settings.warmup_ratio * total_steps)) if settings.warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loss_items(feature: dict) -> int:
+    """How many terms the example adds to the loss: its target tokens after the causal shift, or 1."""
+    labels = feature["labels"]
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX) if isinstance(labels, list) else 1
+
+
+@dataclass
+class LossWindow:
+    """Loss, loss terms and tokens of this process since the last logged step."""
+
+    loss: float = 0.0  # sum of micro-batch mean losses, each times its loss terms
+    items: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    total_tokens: int = 0  # tokens of every process in the windows closed so far
+
+    def close(self, step: int, lr: float, parallel: Parallel) -> dict[str, Any]:
+        """The metrics entry of the window (summed over processes); a new window starts."""
+        loss_sum, item_sum, token_sum = parallel.sum(self.loss, self.items, self.tokens)
+        self.total_tokens += int(token_sum)
+        now = time.perf_counter()
+        entry = {
+            "step": step,
+            "loss": loss_sum / max(item_sum, 1),
+            "lr": lr,
+            "tokens_per_s": token_sum / max(now - self.start, 1e-9),
+        }
+        self.loss, self.items, self.tokens, self.start = 0.0, 0, 0, now
+        return entry
+
+
+@dataclass
+class Stepper:
+    """Runs optimizer steps over `features` and counts what they process in `window`."""
+
+    trained: nn.Module  # what forward/backward run on (DDP/FSDP-wrapped under several processes)
+    features: Sequence[dict[str, Any]]
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    parallel: Parallel
+    max_grad_norm: float | None
+    window: LossWindow = field(default_factory=LossWindow)
+
+    def step(
+        self,
+        batches: list[list[int]],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> None:
+        """One optimizer step over `batches`, the example indices of each of its micro-batches."""
+        step_items = sum(loss_items(self.features[i]) for indices in batches for i in indices)
+        for indices in batches:
+            self._backward(indices, step_items)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _backward(self, indices: list[int], step_items: int) -> None:
+        # Loss and batch are locals so that they are freed before the next forward pass.
+        part, real = self.parallel.local_part(indices)
+        batch = self.collate([self.features[i] for i in part])
+        local_items = sum(loss_items(self.features[i]) for i in part) if real else 0
+        loss = causal_lm_loss(self.trained, batch)
+        # DDP and FSDP average gradients over processes; the factor `world` turns that into the sum.
+        (loss * (local_items / max(step_items, 1) * self.parallel.world)).backward()
+        self.window.loss += loss.item() * local_items
+        self.window.items += local_items
+        self.window.tokens += int(batch["attention_mask"].sum()) if real else 0
