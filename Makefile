@@ -13,8 +13,8 @@ test: setup
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"
 
-# Lint src, tests and bench; format and types on src (configured in pyproject.toml).
+# Lint and format check on src, tests, bench and scripts; types on src (configured in pyproject.toml).
 lint: setup
 	.venv/bin/ruff check src tests bench scripts
-	.venv/bin/ruff format --check src
+	.venv/bin/ruff format --check src tests bench scripts
 	.venv/bin/mypy src

@@ -89,16 +89,25 @@ def cpu_flags() -> list[str]:
 
 def machine() -> dict[str, Any]:
     """The machine a result was measured on: CPU, cores, flags, platform, torch and its threads, the load now."""
-    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load_average": load_average()}
+    return {
+        "cpu": cpu_name(),
+        "cpus": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
+    }
 
 
 def machine_line(meta: dict[str, Any]) -> str:
     """The results footer's sentence on the machine, its load and the run's time (meta: cpu, torch, load_before,
     load_after, minutes, cpu_minutes)."""
-    return (f"Machine: {meta['cpu']}, 2 cores shared with other engineers' jobs; torch {meta['torch']}, 1 thread. "
-            f"Load average (1/5/15 min) before / after: {' '.join(map(str, meta['load_before']))} / "
-            f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min.")
+    return (
+        f"Machine: {meta['cpu']}, 2 cores shared with other engineers' jobs; torch {meta['torch']}, 1 thread. "
+        f"Load average (1/5/15 min) before / after: {' '.join(map(str, meta['load_before']))} / "
+        f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min."
+    )
 
 
 # -- one measurement in a fresh process ---------------------------------------------------------------------
@@ -114,10 +123,12 @@ def report(result: dict[str, Any]) -> None:
 def run_child(script: str | Path, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `python script *args` in a fresh process (its own memory peak, nothing left over from this one) with
     os.environ plus `env`, and return what it passed to `report`."""
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not results:
-        raise ChildFailed(f"{Path(script).name} {' '.join(args)} failed (exit {proc.returncode}):\n"
-                          f"{proc.stderr[-3000:]}")
-    return json.loads(results[-1][len(RESULT_PREFIX):])
+        raise ChildFailed(
+            f"{Path(script).name} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(results[-1][len(RESULT_PREFIX) :])

@@ -51,8 +51,12 @@ from common import (
 )
 
 CONFIGS = [
-    ("smollm2-135m", "full"), ("smollm2-135m", "lora"), ("smollm2-135m", "qlora"),
-    ("minilm-l6", "full"), ("minilm-l6", "lora"), ("minilm-l6", "qlora"),
+    ("smollm2-135m", "full"),
+    ("smollm2-135m", "lora"),
+    ("smollm2-135m", "qlora"),
+    ("minilm-l6", "full"),
+    ("minilm-l6", "lora"),
+    ("minilm-l6", "qlora"),
 ]
 RESULTS = Path(__file__).parent / "results"
 
@@ -72,17 +76,21 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int) -> d
         source = model_cache_dir(model_name) if entry.is_gguf else entry.locate()
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(entry.locate()), num_labels=2,
-                                                                   dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(entry.locate()), num_labels=2, dtype=torch.float32
+        )
     own_weights(model)
     release_and_reset_peak()
     if method == "qlora":
         lorakit.quantize(model, "nf4")
     if method in ("lora", "qlora"):
         heads = head_names(model) if entry.task == "seq-cls" else None
-        lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05,
-                                                      target_modules=list(entry.target_modules),
-                                                      modules_to_save=heads))
+        lorakit.add_adapter(
+            model,
+            lorakit.LoraConfig(
+                r=8, alpha=16, dropout=0.05, target_modules=list(entry.target_modules), modules_to_save=heads
+            ),
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     vocab = model.config.vocab_size
@@ -102,9 +110,14 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int) -> d
     seconds = (time.perf_counter() - begin) / 3
     peak = status_bytes("VmHWM")
     return {
-        "model": model_name, "method": method, "batch_size": batch_size, "max_length": max_length,
-        "measured_bytes": peak - baseline, "loaded_bytes": loaded - baseline,
-        "seconds_per_step": seconds, "threads": torch.get_num_threads(),
+        "model": model_name,
+        "method": method,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "measured_bytes": peak - baseline,
+        "loaded_bytes": loaded - baseline,
+        "seconds_per_step": seconds,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -114,8 +127,10 @@ def estimated(model_name: str, method: str, batch_size: int, max_length: int) ->
 
 
 def _header() -> None:
-    print(f"{'model':14s} {'method':6s} {'estimate':>9s} {'measured':>9s} {'error':>7s}   "
-          f"{'no slack':>9s} {'measured':>9s} {'error':>7s}")
+    print(
+        f"{'model':14s} {'method':6s} {'estimate':>9s} {'measured':>9s} {'error':>7s}   "
+        f"{'no slack':>9s} {'measured':>9s} {'error':>7s}"
+    )
     print(f"{'':21s} {'(total)':>9s} {'(malloc)':>9s} {'':7s}   {'':9s} {'(mmap)':>9s}   MB")
 
 
@@ -125,10 +140,13 @@ def _compare(row: dict, est: dict) -> dict:
     row["estimate"] = est
     row["error"] = est["total_bytes"] / row["default"]["measured_bytes"] - 1
     row["error_without_slack"] = without_slack / row["mmap"]["measured_bytes"] - 1
-    print(f"{row['model']:14s} {row['method']:6s} {est['total_bytes'] / 1e6:9.0f} "
-          f"{row['default']['measured_bytes'] / 1e6:9.0f} {100 * row['error']:+6.1f}%   "
-          f"{without_slack / 1e6:9.0f} {row['mmap']['measured_bytes'] / 1e6:9.0f} "
-          f"{100 * row['error_without_slack']:+6.1f}%", flush=True)
+    print(
+        f"{row['model']:14s} {row['method']:6s} {est['total_bytes'] / 1e6:9.0f} "
+        f"{row['default']['measured_bytes'] / 1e6:9.0f} {100 * row['error']:+6.1f}%   "
+        f"{without_slack / 1e6:9.0f} {row['mmap']['measured_bytes'] / 1e6:9.0f} "
+        f"{100 * row['error_without_slack']:+6.1f}%",
+        flush=True,
+    )
     return row
 
 
@@ -138,8 +156,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--only", nargs=2, metavar=("MODEL", "METHOD"), help="measure one configuration (JSON)")
     parser.add_argument("--configs", nargs="*", help="model:method pairs (default: all)")
-    parser.add_argument("--report", action="store_true",
-                        help="re-estimate and print the table for the saved measurements")
+    parser.add_argument(
+        "--report", action="store_true", help="re-estimate and print the table for the saved measurements"
+    )
     args = parser.parse_args()
     if args.only:
         report(measure(*args.only, args.batch_size, args.max_length))
@@ -159,9 +178,19 @@ def main() -> None:
         row = {"model": model_name, "method": method}
         try:
             for variant, env in (("default", {}), ("mmap", MMAP_THRESHOLD_ENV)):
-                row[variant] = run_child(__file__, ["--only", model_name, method, "--batch-size", str(args.batch_size),
-                                                    "--max-length", str(args.max_length)],
-                                         env={"TOKENIZERS_PARALLELISM": "false", **env})
+                row[variant] = run_child(
+                    __file__,
+                    [
+                        "--only",
+                        model_name,
+                        method,
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--max-length",
+                        str(args.max_length),
+                    ],
+                    env={"TOKENIZERS_PARALLELISM": "false", **env},
+                )
         except ChildFailed as err:
             print(f"{model_name} {method}: measurement failed\n{err}", file=sys.stderr)
             continue
@@ -170,8 +199,12 @@ def main() -> None:
     print(measured_at)
     out = _results_file(args.batch_size, args.max_length)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"uptime": measured_at, "batch_size": args.batch_size, "max_length": args.max_length,
-                               "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"uptime": measured_at, "batch_size": args.batch_size, "max_length": args.max_length, "rows": rows},
+            indent=2,
+        )
+    )
     print(f"written to {out}")
 
 

@@ -50,8 +50,12 @@ def weight_memory() -> dict:
     model, _ = load_model(MODEL)
     tied = model.get_input_embeddings().weight
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight is not tied]
-    codecs = {"int8": Int8Codec(), "int8-asym": Int8Codec(zero_point=True),
-              "nf4": NF4Codec(double_quant=False), "nf4+dq": NF4Codec(double_quant=True)}
+    codecs = {
+        "int8": Int8Codec(),
+        "int8-asym": Int8Codec(zero_point=True),
+        "nf4": NF4Codec(double_quant=False),
+        "nf4+dq": NF4Codec(double_quant=True),
+    }
     params = sum(m.weight.numel() for m in linears)
     table = {"fp32": sum(m.weight.untyped_storage().nbytes() for m in linears)}
     for name, codec in codecs.items():
@@ -59,8 +63,15 @@ def weight_memory() -> dict:
         for module in linears:
             stored = codec.encode(module.weight)
             table[name] += sum(t.untyped_storage().nbytes() for t in stored.values())
-    rows = {name: {"bytes": b, "mib": round(b / 2**20, 2), "ratio_to_fp32": round(b / table["fp32"], 4),
-                   "bits_per_param": round(8 * b / params, 3)} for name, b in table.items()}
+    rows = {
+        name: {
+            "bytes": b,
+            "mib": round(b / 2**20, 2),
+            "ratio_to_fp32": round(b / table["fp32"], 4),
+            "bits_per_param": round(8 * b / params, 3),
+        }
+        for name, b in table.items()
+    }
     return {"layers": len(linears), "parameters": params, "formats": rows}
 
 
@@ -76,8 +87,12 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
     if mode != "lora":
         began = time.perf_counter()
         report = lorakit.quantize(model, mode)
-        quant = {"seconds": round(time.perf_counter() - began, 2), "summary": report.summary(),
-                 "float_bytes": report.float_bytes, "quantized_bytes": report.quantized_bytes}
+        quant = {
+            "seconds": round(time.perf_counter() - began, 2),
+            "summary": report.summary(),
+            "float_bytes": report.float_bytes,
+            "quantized_bytes": report.quantized_bytes,
+        }
     torch.manual_seed(0)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
     trainable, total = lorakit.trainable_parameters(model)
@@ -96,7 +111,7 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
     model.train()
     losses, times = [], []
     for step in range(steps):
-        batch = collate(features[step * batch_size:(step + 1) * batch_size])
+        batch = collate(features[step * batch_size : (step + 1) * batch_size])
         began = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
@@ -129,8 +144,18 @@ def train_worker(mode: str, steps: int, batch_size: int, max_length: int, eval_e
 
 # -- driver ---------------------------------------------------------------------------------------
 def _run_worker(mode: str, args: argparse.Namespace) -> dict:
-    arguments = ["--worker", mode, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
-                 str(args.max_length), "--eval-examples", str(args.eval_examples)]
+    arguments = [
+        "--worker",
+        mode,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--eval-examples",
+        str(args.eval_examples),
+    ]
     env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {}
     try:
         return run_child(__file__, arguments, env)
@@ -145,23 +170,29 @@ def _print_tables(result: dict) -> None:
     for name, row in memory["formats"].items():
         print(f"{name:<10}{row['mib']:>10.2f}{row['ratio_to_fp32']:>10.3f}{row['bits_per_param']:>12.3f}")
     runs = result["training"]
-    print(f"\nTraining: LoRA r=8 on q,k,v,o, {result['settings']['steps']} steps, batch "
-          f"{result['settings']['batch_size']} × ≤{result['settings']['max_length']} tokens")
-    rows = [("base weights", lambda r: "fp32" if r["mode"] == "lora" else r["mode"]),
-            ("trainable params", lambda r: f"{r['trainable_parameters']:,}"),
-            ("RSS after setup (MB)", lambda r: r["rss_after_setup_mb"]),
-            ("peak RSS training (MB)", lambda r: r["peak_rss_training_mb"]),
-            ("peak RSS process (MB)", lambda r: r["peak_rss_process_mb"]),
-            ("median step (s)", lambda r: f"{r['step_time_median_s']:.2f}"),
-            ("train loss step 1", lambda r: f"{r['train_losses'][0]:.4f}"),
-            ("train loss last 5", lambda r: f"{r['train_loss_last5']:.4f}"),
-            ("eval loss before", lambda r: f"{r['eval_loss_before']:.4f}"),
-            ("eval loss after", lambda r: f"{r['eval_loss_after']:.4f}")]
+    print(
+        f"\nTraining: LoRA r=8 on q,k,v,o, {result['settings']['steps']} steps, batch "
+        f"{result['settings']['batch_size']} × ≤{result['settings']['max_length']} tokens"
+    )
+    rows = [
+        ("base weights", lambda r: "fp32" if r["mode"] == "lora" else r["mode"]),
+        ("trainable params", lambda r: f"{r['trainable_parameters']:,}"),
+        ("RSS after setup (MB)", lambda r: r["rss_after_setup_mb"]),
+        ("peak RSS training (MB)", lambda r: r["peak_rss_training_mb"]),
+        ("peak RSS process (MB)", lambda r: r["peak_rss_process_mb"]),
+        ("median step (s)", lambda r: f"{r['step_time_median_s']:.2f}"),
+        ("train loss step 1", lambda r: f"{r['train_losses'][0]:.4f}"),
+        ("train loss last 5", lambda r: f"{r['train_loss_last5']:.4f}"),
+        ("eval loss before", lambda r: f"{r['eval_loss_before']:.4f}"),
+        ("eval loss after", lambda r: f"{r['eval_loss_after']:.4f}"),
+    ]
     print(f"{'':<24}" + "".join(f"{r['mode']:>14}" for r in runs))
     for label, cell in rows:
         print(f"{label:<24}" + "".join(f"{cell(r)!s:>14}" for r in runs))
-    print(f"\nload average before {result['load_average_before']}, after {result['load_average_after']}"
-          + (" — above the 2 cores: step times are noisy" if result["noisy"] else ""))
+    print(
+        f"\nload average before {result['load_average_before']}, after {result['load_average_after']}"
+        + (" — above the 2 cores: step times are noisy" if result["noisy"] else "")
+    )
 
 
 def main() -> None:
@@ -171,8 +202,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-examples", type=int, default=16)
     parser.add_argument("--modes", default="lora,nf4", help="comma-separated: lora (fp32 base), nf4, int8, int8-asym")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
-                        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the training processes, e.g. 131072")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the training processes, e.g. 131072",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -187,10 +222,15 @@ def main() -> None:
     load_after = load_average()
     result = {
         "model": MODEL,
-        "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                     "eval_examples": args.eval_examples, "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
-                                                                   "target_modules": TARGETS}, "lr": 1e-3,
-                     "malloc_mmap_threshold": args.malloc_mmap_threshold},
+        "settings": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "eval_examples": args.eval_examples,
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": TARGETS},
+            "lr": 1e-3,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        },
         "weight_memory": memory,
         "training": runs,
         "load_average_before": load_before,

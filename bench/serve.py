@@ -59,8 +59,9 @@ def make_adapters(model, count: int, folder: Path) -> dict[str, Path]:
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if f".{name}." in param_name or param_name.endswith(f".{name}"):
-                    param.copy_(torch.randn(param.shape, generator=generator) * (0.02 if "lora_B" in param_name
-                                                                                 else 0.05))
+                    param.copy_(
+                        torch.randn(param.shape, generator=generator) * (0.02 if "lora_B" in param_name else 0.05)
+                    )
         folders[name] = lorakit.save_adapter(model, folder / name, name=name)
         lorakit.delete_adapter(model, name)
     return folders
@@ -91,8 +92,12 @@ class Lorakit:
 
         engine = Engine(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.batch)
         with self.registry.lock:  # the scheduler is idle; keep it so
-            engine.add([Sequence(prompts[i][:16], f"a{i % k}", Sampling(steps + 2, ignore_eos=True))
-                        for i in range(self.batch)])
+            engine.add(
+                [
+                    Sequence(prompts[i][:16], f"a{i % k}", Sampling(steps + 2, ignore_eos=True))
+                    for i in range(self.batch)
+                ]
+            )
             return _median_ms(engine.step, steps)
 
     def submit(self, ids: list[int], adapter: str, on_done: Callable[[], None]) -> None:
@@ -149,12 +154,19 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], tokens: int, **extra
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
     with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       **extra)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **extra,
+        )
 
 
 class Merge(_Batcher):
@@ -200,8 +212,13 @@ class Peft(_Batcher):
             return [queue.popleft() for _ in range(min(len(queue), args.batch_size))]
 
         def run(batch: list) -> None:
-            hf_generate(peft_model, tokenizer, [ids for ids, _, _ in batch], args.tokens,
-                        adapter_names=[adapter for _, adapter, _ in batch])
+            hf_generate(
+                peft_model,
+                tokenizer,
+                [ids for ids, _, _ in batch],
+                args.tokens,
+                adapter_names=[adapter for _, adapter, _ in batch],
+            )
 
         self.peft_model, self.tokenizer, self.batch = peft_model, tokenizer, args.batch_size
         super().__init__(args, pick, run)
@@ -211,8 +228,11 @@ class Peft(_Batcher):
         names = [f"a{i % k}" for i in range(self.batch)]
         ids = torch.tensor([prompts[i][:16] for i in range(self.batch)])  # same length: no padding needed
         # transformers renamed the cache argument (past_key_values → cache) within 5.x
-        cache_arg = "cache" if "cache" in inspect.signature(type(self.peft_model.base_model.model).forward).parameters \
+        cache_arg = (
+            "cache"
+            if "cache" in inspect.signature(type(self.peft_model.base_model.model).forward).parameters
             else "past_key_values"
+        )
         with torch.inference_mode():
             out = self.peft_model(input_ids=ids, use_cache=True, adapter_names=names)
             cache, last = getattr(out, cache_arg), out.logits[:, -1:].argmax(-1)
@@ -221,8 +241,9 @@ class Peft(_Batcher):
             def step() -> None:
                 nonlocal last
                 mask = torch.ones(self.batch, position[0] + 1, dtype=torch.long)
-                result = self.peft_model(input_ids=last, attention_mask=mask, use_cache=True, adapter_names=names,
-                                         **{cache_arg: cache})
+                result = self.peft_model(
+                    input_ids=last, attention_mask=mask, use_cache=True, adapter_names=names, **{cache_arg: cache}
+                )
                 last = result.logits[:, -1:].argmax(-1)
                 position[0] += 1
 
@@ -240,8 +261,12 @@ class Http:
 
         from lorakit.serve import ServeConfig, create_app
 
-        app = create_app(model, tokenizer, ServeConfig(MODEL, max_batch_size=args.batch_size, max_queue=10_000,
-                                                       batch_wait_ms=args.wait_ms), folders)
+        app = create_app(
+            model,
+            tokenizer,
+            ServeConfig(MODEL, max_batch_size=args.batch_size, max_queue=10_000, batch_wait_ms=args.wait_ms),
+            folders,
+        )
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -253,8 +278,13 @@ class Http:
 
     def submit(self, ids: list[int], adapter: str, on_done: Callable[[], None]) -> None:
         def ask() -> None:
-            self.client.completions.create(model=adapter, prompt=self.tokenizer.decode(ids), temperature=0,
-                                           max_tokens=self.tokens, extra_body={"ignore_eos": True})
+            self.client.completions.create(
+                model=adapter,
+                prompt=self.tokenizer.decode(ids),
+                temperature=0,
+                max_tokens=self.tokens,
+                extra_body={"ignore_eos": True},
+            )
             on_done()
 
         threading.Thread(target=ask, daemon=True).start()
@@ -302,8 +332,11 @@ def run_load(system, requests: list[tuple[list[int], str]], concurrency: int, pr
         thread.join()
     seconds = time.perf_counter() - start
     latencies.sort()
-    return {"seconds": round(seconds, 2), "p50_s": round(statistics.median(latencies), 3),
-            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3)}
+    return {
+        "seconds": round(seconds, 2),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+    }
 
 
 def main() -> None:
@@ -315,11 +348,19 @@ def main() -> None:
     parser.add_argument("--wait-ms", type=float, default=10.0)
     parser.add_argument("--adapters", default="1,8,32", help="distinct adapters in the load (at most 32)")
     parser.add_argument("--systems", default="lorakit,merge,peft")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: stable numbers on a shared machine; its core count on a free one)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: stable numbers on a shared machine; its core count on a free one)",
+    )
     parser.add_argument("--http", action="store_true", help="also measure lorakit through HTTP + openai client")
-    parser.add_argument("--decode-steps", type=int, default=8,
-                        help="decode steps timed per adapter count (lorakit and peft: one full-batch step)")
+    parser.add_argument(
+        "--decode-steps",
+        type=int,
+        default=8,
+        help="decode steps timed per adapter count (lorakit and peft: one full-batch step)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -335,8 +376,9 @@ def main() -> None:
     chosen = [systems[s] for s in args.systems.split(",")] + ([Http] if args.http else [])
     load_before = load_average()
     model, tokenizer = load_model(MODEL, "causal-lm")
-    prompts = [tokenizer(e.prompt, add_special_tokens=False).input_ids
-               for e in load_builtin("e2e", "validation").examples]
+    prompts = [
+        tokenizer(e.prompt, add_special_tokens=False).input_ids for e in load_builtin("e2e", "validation").examples
+    ]
     rows, steps = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_adapters(model, max(counts), Path(tmp))
@@ -354,12 +396,27 @@ def main() -> None:
                 with tqdm(total=len(requests), desc=f"{system.name} k={k}", unit="req", file=sys.stderr) as bar:
                     result = run_load(system, requests, args.concurrency, bar)
                 tokens = args.requests * args.tokens
-                rows.append({"system": system.name, "adapters": k, "requests": args.requests, "tokens": tokens,
-                             **result, "tokens_per_s": round(tokens / result["seconds"], 1), "load_average": load})
+                rows.append(
+                    {
+                        "system": system.name,
+                        "adapters": k,
+                        "requests": args.requests,
+                        "tokens": tokens,
+                        **result,
+                        "tokens_per_s": round(tokens / result["seconds"], 1),
+                        "load_average": load,
+                    }
+                )
             for system in running:
                 if hasattr(system, "decode_ms") and args.decode_steps:
-                    steps.append({"system": system.name, "adapters": k, "batch": args.batch_size,
-                                  "decode_step_ms": system.decode_ms(prompts, k, args.decode_steps)})
+                    steps.append(
+                        {
+                            "system": system.name,
+                            "adapters": k,
+                            "batch": args.batch_size,
+                            "decode_step_ms": system.decode_ms(prompts, k, args.decode_steps),
+                        }
+                    )
         for system in running:
             system.close()
     load_after = load_average()
@@ -375,25 +432,38 @@ def main() -> None:
         ratios[f"lorakit {top} adapters / peft {top} adapters"] = round(rate("lorakit", top) / rate("peft", top), 2)
     prompt_lengths = [len(prompts[i % len(prompts)]) for i in range(args.requests)]
     report = {
-        "model": MODEL, "adapters": "r=8, alpha=16 on q,k,v,o, random A and B", "device": "cpu",
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "load_average_before": load_before, "load_average_after": load_after,
-        "settings": {k: v for k, v in vars(args).items() if k != "output"} | {
-            "mean_prompt_tokens": round(statistics.mean(prompt_lengths), 1)},
-        "results": rows, "decode_steps": steps, "ratios": ratios,
+        "model": MODEL,
+        "adapters": "r=8, alpha=16 on q,k,v,o, random A and B",
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "settings": {k: v for k, v in vars(args).items() if k != "output"}
+        | {"mean_prompt_tokens": round(statistics.mean(prompt_lengths), 1)},
+        "results": rows,
+        "decode_steps": steps,
+        "ratios": ratios,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.output, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
 
-    print(f"\n{args.requests} requests x {args.tokens} new tokens, {args.concurrency} in flight, batch <= "
-          f"{args.batch_size}; load average {load_before} -> {load_after} on {os.cpu_count()} CPUs")
+    print(
+        f"\n{args.requests} requests x {args.tokens} new tokens, {args.concurrency} in flight, batch <= "
+        f"{args.batch_size}; load average {load_before} -> {load_after} on {os.cpu_count()} CPUs"
+    )
     print(f"{'system':<14}{'adapters':>9}{'tokens/s':>10}{'p50 s':>8}{'p99 s':>8}{'wall s':>8}{'load':>7}")
-    for r in sorted(rows, key=lambda r: (list(systems).index(r["system"]) if r["system"] in systems else 9,
-                                         r["adapters"])):
-        print(f"{r['system']:<14}{r['adapters']:>9}{r['tokens_per_s']:>10}{r['p50_s']:>8}{r['p99_s']:>8}"
-              f"{r['seconds']:>8}{r['load_average']:>7}")
-    print(f"\none decode step, {args.batch_size} rows: " + ", ".join(
-        f"{s['system']} k={s['adapters']} {s['decode_step_ms']} ms" for s in steps))
+    for r in sorted(
+        rows, key=lambda r: (list(systems).index(r["system"]) if r["system"] in systems else 9, r["adapters"])
+    ):
+        print(
+            f"{r['system']:<14}{r['adapters']:>9}{r['tokens_per_s']:>10}{r['p50_s']:>8}{r['p99_s']:>8}"
+            f"{r['seconds']:>8}{r['load_average']:>7}"
+        )
+    print(
+        f"\none decode step, {args.batch_size} rows: "
+        + ", ".join(f"{s['system']} k={s['adapters']} {s['decode_step_ms']} ms" for s in steps)
+    )
     for name, value in ratios.items():
         print(f"{name}: {value}")
     print(f"written to {args.output}")

@@ -65,8 +65,9 @@ def build(setup: str):
     elif setup == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
         loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
     else:
         loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
@@ -99,8 +100,7 @@ def memory_child(setup: str, length: int) -> dict:
     before = status_mb("VmRSS")
     for _ in range(3):
         step(batch)
-    return {"setup": setup, "length": length, "peak_above_loaded_mb": status_mb("VmHWM") - before,
-            "loaded_mb": before}
+    return {"setup": setup, "length": length, "peak_above_loaded_mb": status_mb("VmHWM") - before, "loaded_mb": before}
 
 
 def _in_child(part: str, *args: str) -> dict:
@@ -124,8 +124,11 @@ def bench_steps(rounds: dict[int, int]) -> dict:
         out["lengths"][length] = {
             s: {"step_s": statistics.median(times[s]), "step_times": times[s], "peak_mb": memory[s]} for s in SETUPS
         }
-        print(f"  {BATCH}×{length}: " + ", ".join(f"{s} {statistics.median(times[s]):.2f}s {memory[s]:.0f}MB"
-                                                  for s in SETUPS), flush=True)
+        print(
+            f"  {BATCH}×{length}: "
+            + ", ".join(f"{s} {statistics.median(times[s]):.2f}s {memory[s]:.0f}MB" for s in SETUPS),
+            flush=True,
+        )
     return out
 
 
@@ -159,6 +162,7 @@ def e2e_child(setup: str, steps: int) -> dict:
             batch = collate(features)
             tokens[0] += int(batch["attention_mask"].sum())
             return batch
+
         return wrapped
 
     begin = time.perf_counter()
@@ -181,24 +185,44 @@ def e2e_child(setup: str, steps: int) -> dict:
         from lorakit.train.data import format_prompt
 
         train, val = _e2e_data(tokenizer, steps)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
         texts = [format_prompt(tokenizer, ex.prompt) + ex.target + tokenizer.eos_token for ex in train]
         data = datasets.Dataset.from_dict({"text": texts}).map(
-            lambda row: tokenizer(row["text"], padding=True, truncation=True, max_length=256,
-                                  add_special_tokens=False), remove_columns=["text"])
+            lambda row: tokenizer(row["text"], padding=True, truncation=True, max_length=256, add_special_tokens=False),
+            remove_columns=["text"],
+        )
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         with tempfile.TemporaryDirectory() as out:
-            args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=steps,
-                                     learning_rate=1e-3, warmup_steps=max(1, int(0.05 * steps)),
-                                     lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[],
-                                     use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+            args = TrainingArguments(
+                output_dir=out,
+                per_device_train_batch_size=8,
+                max_steps=steps,
+                learning_rate=1e-3,
+                warmup_steps=max(1, int(0.05 * steps)),
+                lr_scheduler_type="linear",
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                use_cpu=True,
+                disable_tqdm=True,
+                seed=0,
+                dataloader_num_workers=0,
+            )
             trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting(collator))
             history = trainer.train() and trainer.state.log_history
         final_loss = [h["loss"] for h in history if "loss" in h][-1]
     wall = time.perf_counter() - begin
-    return {"setup": setup, "steps": steps, "wall_s": wall, "tokens": tokens[0], "tokens_per_s": tokens[0] / wall,
-            "final_train_loss": final_loss, "heldout_target_loss": _heldout_loss(model, tokenizer, val)}
+    return {
+        "setup": setup,
+        "steps": steps,
+        "wall_s": wall,
+        "tokens": tokens[0],
+        "tokens_per_s": tokens[0] / wall,
+        "final_train_loss": final_loss,
+        "heldout_target_loss": _heldout_loss(model, tokenizer, val),
+    }
 
 
 # -- inference -----------------------------------------------------------------------------------
@@ -235,8 +259,12 @@ def bench_inference(rounds: int) -> dict:
             begin = time.perf_counter()
             model(**batch)
             times[name].append(time.perf_counter() - begin)
-    prompts = ["name[The Eagle], eatType[coffee shop], food[French]", "name[Alimentum], area[city centre]",
-               "name[Zizzi], priceRange[cheap], customer rating[5 out of 5]", "name[Cotto], near[The Bakers]"]
+    prompts = [
+        "name[The Eagle], eatType[coffee shop], food[French]",
+        "name[Alimentum], area[city centre]",
+        "name[Zizzi], priceRange[cheap], customer rating[5 out of 5]",
+        "name[Cotto], near[The Bakers]",
+    ]
     gen = {}
     for name, model in models.items():
         generate_texts(model, tokenizer, prompts, 4)  # warm-up
@@ -246,38 +274,54 @@ def bench_inference(rounds: int) -> dict:
         new_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         gen[name] = {"seconds": seconds, "tokens_per_s": new_tokens / seconds}
     base_ms = statistics.median(times["base"]) * 1e3
-    return {name: {"forward_ms": statistics.median(t) * 1e3,
-                   "overhead_vs_base": statistics.median(t) * 1e3 / base_ms - 1,
-                   "generate_tokens_per_s": gen[name]["tokens_per_s"]} for name, t in times.items()}
+    return {
+        name: {
+            "forward_ms": statistics.median(t) * 1e3,
+            "overhead_vs_base": statistics.median(t) * 1e3 / base_ms - 1,
+            "generate_tokens_per_s": gen[name]["tokens_per_s"],
+        }
+        for name, t in times.items()
+    }
 
 
 # -- report --------------------------------------------------------------------------------------
 def _table(results: dict) -> str:
     lines = []
     if "steps" in results:
-        lines += ["| batch | setup | step (median) | ×PEFT | ×full | peak above model | ×PEFT |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| batch | setup | step (median) | ×PEFT | ×full | peak above model | ×PEFT |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for length, row in results["steps"]["lengths"].items():
             for setup in SETUPS:
                 r = row[setup]
-                lines.append(f"| {BATCH}×{length} | {setup} | {r['step_s']:.2f} s | "
-                             f"{r['step_s'] / row['peft']['step_s']:.2f} | "
-                             f"{r['step_s'] / row['full']['step_s']:.2f} | {r['peak_mb']:.0f} MB | "
-                             f"{r['peak_mb'] / row['peft']['peak_mb']:.2f} |")
+                lines.append(
+                    f"| {BATCH}×{length} | {setup} | {r['step_s']:.2f} s | "
+                    f"{r['step_s'] / row['peft']['step_s']:.2f} | "
+                    f"{r['step_s'] / row['full']['step_s']:.2f} | {r['peak_mb']:.0f} MB | "
+                    f"{r['peak_mb'] / row['peft']['peak_mb']:.2f} |"
+                )
     if "e2e" in results:
         e = results["e2e"]
-        lines += ["", "| E2E end to end | tokens/s | wall | final train loss | held-out target loss |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| E2E end to end | tokens/s | wall | final train loss | held-out target loss |",
+            "|---|---|---|---|---|",
+        ]
         for setup in ("lorakit", "peft+trainer"):
             r = e[setup]
-            lines.append(f"| {setup} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} s | {r['final_train_loss']:.3f} | "
-                         f"{r['heldout_target_loss']:.3f} |")
+            lines.append(
+                f"| {setup} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} s | {r['final_train_loss']:.3f} | "
+                f"{r['heldout_target_loss']:.3f} |"
+            )
         lines.append(f"| ratio | {e['lorakit']['tokens_per_s'] / e['peft+trainer']['tokens_per_s']:.2f}× | | | |")
     if "inference" in results:
         lines += ["", "| inference 4×128 | forward | overhead vs base | generate tokens/s |", "|---|---|---|---|"]
         for name, r in results["inference"].items():
-            lines.append(f"| {name} | {r['forward_ms']:.0f} ms | {100 * r['overhead_vs_base']:+.1f} % | "
-                         f"{r['generate_tokens_per_s']:.1f} |")
+            lines.append(
+                f"| {name} | {r['forward_ms']:.0f} ms | {100 * r['overhead_vs_base']:+.1f} % | "
+                f"{r['generate_tokens_per_s']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -296,15 +340,19 @@ def main() -> None:
 
     parts = args.parts.split(",")
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results.update(machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                   uptime_before=uptime())
+    results.update(
+        machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        uptime_before=uptime(),
+    )
     if "step" in parts:
         print("training steps", flush=True)
         results["steps"] = bench_steps({128: args.rounds, 512: max(3, args.rounds // 3)})
     if "e2e" in parts:
         print("end to end on E2E", flush=True)
-        results["e2e"] = {"lorakit": _in_child("e2e", "lorakit", str(args.e2e_steps)),
-                          "peft+trainer": _in_child("e2e", "peft", str(args.e2e_steps))}
+        results["e2e"] = {
+            "lorakit": _in_child("e2e", "lorakit", str(args.e2e_steps)),
+            "peft+trainer": _in_child("e2e", "peft", str(args.e2e_steps)),
+        }
     if "infer" in parts:
         print("inference", flush=True)
         results["inference"] = bench_inference(args.infer_rounds)

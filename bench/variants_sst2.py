@@ -60,25 +60,42 @@ def run_one(variant: str, seed: int, args, train_split, dev_split) -> dict:
     fields, ratio = VARIANTS[variant]
     torch.manual_seed(seed)
     model, tokenizer = load_model("minilm-l6", "seq-cls", num_labels=2)
-    config = lorakit.LoraConfig(alpha=16, dropout=0.05, target_modules=TARGETS, modules_to_save=["classifier"],
-                                **fields)
+    config = lorakit.LoraConfig(
+        alpha=16, dropout=0.05, target_modules=TARGETS, modules_to_save=["classifier"], **fields
+    )
     started = time.perf_counter()
     lorakit.add_adapter(model, config)
     setup_s = time.perf_counter() - started  # PiSSA's SVDs happen here
     trainable, _ = lorakit.trainable_parameters(model)
     features = [encode_classification(tokenizer, e, args.max_length) for e in train_split.examples]
-    settings = LoopSettings(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.05,
-                            seed=seed, loraplus_ratio=ratio, save_every=None, progress=False, log_every=10)
+    settings = LoopSettings(
+        lr=args.lr,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        warmup_ratio=0.05,
+        seed=seed,
+        loraplus_ratio=ratio,
+        save_every=None,
+        progress=False,
+        log_every=10,
+    )
     load_before = load_average()[0]
     with tempfile.TemporaryDirectory() as out:
         result = train_adapter(model, features, Collator(tokenizer.pad_token_id), settings, out)
     model.eval()
     metrics, _ = evaluate_split(model, tokenizer, dev_split, args.max_length, batch_size=32)
     return {
-        "variant": variant, "seed": seed, "accuracy": round(metrics["accuracy"], 2), "f1": round(metrics["f1"], 2),
-        "mcc": round(metrics["mcc"], 2), "final_train_loss": round(result.final_loss, 4), "steps": result.steps,
-        "train_s": round(result.wall_time_s, 2), "s_per_step": round(result.wall_time_s / result.steps, 4),
-        "setup_s": round(setup_s, 3), "trainable_parameters": trainable,
+        "variant": variant,
+        "seed": seed,
+        "accuracy": round(metrics["accuracy"], 2),
+        "f1": round(metrics["f1"], 2),
+        "mcc": round(metrics["mcc"], 2),
+        "final_train_loss": round(result.final_loss, 4),
+        "steps": result.steps,
+        "train_s": round(result.wall_time_s, 2),
+        "s_per_step": round(result.wall_time_s / result.steps, 4),
+        "setup_s": round(setup_s, 3),
+        "trainable_parameters": trainable,
         "load_average": [load_before, load_average()[0]],
     }
 
@@ -94,11 +111,18 @@ def dora_cost(repetitions: int = 20, seed: int = 0) -> dict:
     batch = tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64)
     labels = torch.zeros(16, dtype=torch.long)
     models = {}
-    for name, dora, dropout in (("LoRA r=8", False, 0.05), ("DoRA r=8", True, 0.05),
-                                ("DoRA r=8, no dropout", True, 0.0)):
+    for name, dora, dropout in (
+        ("LoRA r=8", False, 0.05),
+        ("DoRA r=8", True, 0.05),
+        ("DoRA r=8, no dropout", True, 0.0),
+    ):
         model = copy.deepcopy(base)
-        lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=TARGETS,
-                                                      use_dora=dora, modules_to_save=["classifier"]))
+        lorakit.add_adapter(
+            model,
+            lorakit.LoraConfig(
+                r=8, alpha=16, dropout=dropout, target_modules=TARGETS, use_dora=dora, modules_to_save=["classifier"]
+            ),
+        )
         models[name] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     train: dict[str, list[float]] = {n: [] for n in models}
     infer: dict[str, list[float]] = {n: [] for n in ["LoRA r=8", "DoRA r=8", "DoRA r=8 merged"]}
@@ -137,15 +161,20 @@ def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
         mine = [r for r in runs if r["variant"] == variant]
         acc = [r["accuracy"] for r in mine]
         step = [r["s_per_step"] for r in mine]
-        rows.append({
-            "variant": variant, "trainable_parameters": mine[0]["trainable_parameters"],
-            "accuracy_mean": round(statistics.mean(acc), 2),
-            "accuracy_std": round(statistics.stdev(acc), 2) if len(acc) > 1 else 0.0,
-            "accuracies": acc, "train_s_mean": round(statistics.mean(r["train_s"] for r in mine), 1),
-            "s_per_step_mean": round(statistics.mean(step), 3), "steps_s": step,
-            "step_time_vs_first": round(statistics.mean(step) / statistics.mean(base), 2),
-            "setup_s_mean": round(statistics.mean(r["setup_s"] for r in mine), 2),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "trainable_parameters": mine[0]["trainable_parameters"],
+                "accuracy_mean": round(statistics.mean(acc), 2),
+                "accuracy_std": round(statistics.stdev(acc), 2) if len(acc) > 1 else 0.0,
+                "accuracies": acc,
+                "train_s_mean": round(statistics.mean(r["train_s"] for r in mine), 1),
+                "s_per_step_mean": round(statistics.mean(step), 3),
+                "steps_s": step,
+                "step_time_vs_first": round(statistics.mean(step) / statistics.mean(base), 2),
+                "setup_s_mean": round(statistics.mean(r["setup_s"] for r in mine), 2),
+            }
+        )
     return rows
 
 
@@ -217,8 +246,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--no-r64", action="store_true", help="skip the plain LoRA r=64 reference")
     parser.add_argument("--output", type=Path, default=RESULTS / "variants_sst2.json")
-    parser.add_argument("--cost-only", action="store_true",
-                        help="keep the runs in --output, measure DoRA's cost again and rewrite the tables")
+    parser.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="keep the runs in --output, measure DoRA's cost again and rewrite the tables",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.cost_only:
@@ -243,12 +275,21 @@ def main() -> None:
         for variant in variants:
             run = run_one(variant, seed, args, train_split, dev_split)
             runs.append(run)
-            print(f"seed {seed} {variant:22s} acc {run['accuracy']:.2f}  {run['s_per_step']:.3f} s/step  "
-                  f"load {run['load_average']}", flush=True)
+            print(
+                f"seed {seed} {variant:22s} acc {run['accuracy']:.2f}  {run['s_per_step']:.3f} s/step  "
+                f"load {run['load_average']}",
+                flush=True,
+            )
     meta = {
         "command": " ".join(["nice -n 5" if os.nice(0) > 0 else "", ".venv/bin/python", *sys.argv]).strip(),
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
-        "seeds": args.seeds, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_length": args.max_length,
+        "seeds": args.seeds,
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
         "uptime_before": " ".join(map(str, uptime_before)),
         "uptime_after": " ".join(map(str, load_average())),
         "total_min": (time.perf_counter() - begin) / 60,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 
 import pytest
+
 from support.architecture import (
     SOURCE,
     file_lengths,

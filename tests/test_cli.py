@@ -43,9 +43,31 @@ def gen_data(tmp_path_factory) -> Path:
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "--model", str(model), "--data", str(data), "--input-field", "mr", "--target-field", "text",
-        "--target-modules", "q_proj,v_proj", "--r", "2", "--batch-size", "4", "--max-steps", "6",
-        "--eval-examples", "2", "--lr", "0.01", "--output", str(out), "--quiet", *extra,
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--input-field",
+        "mr",
+        "--target-field",
+        "text",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--r",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "6",
+        "--eval-examples",
+        "2",
+        "--lr",
+        "0.01",
+        "--output",
+        str(out),
+        "--quiet",
+        *extra,
     ]
 
 
@@ -58,8 +80,16 @@ def test_train_writes_adapter_logs_and_scores(llama_dir, gen_data, tmp_path):
     out = tmp_path / "run"
     result, output = invoke(train_args(llama_dir, gen_data, out, "--save-every", "3"))
     assert result.exit_code == 0, output
-    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "metrics.jsonl",
-                 "loss.png", "results.json", "predictions_before.jsonl", "predictions_after.jsonl"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "train_config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "results.json",
+        "predictions_before.jsonl",
+        "predictions_after.jsonl",
+    ):
         assert (out / name).is_file(), name
     config = yaml.safe_load((out / "train_config.yaml").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"] and config["task"] == "causal-lm"
@@ -77,8 +107,21 @@ def test_train_eval_generate_merge_reload(llama_dir, gen_data, tmp_path):
     out = tmp_path / "run"
     assert invoke(train_args(llama_dir, gen_data, out))[0].exit_code == 0
 
-    result, output = invoke(["eval", "--model", str(llama_dir), "--adapter", str(out), "--data", str(gen_data),
-                             "--limit", "3", "--output", str(tmp_path / "eval.json")])
+    result, output = invoke(
+        [
+            "eval",
+            "--model",
+            str(llama_dir),
+            "--adapter",
+            str(out),
+            "--data",
+            str(gen_data),
+            "--limit",
+            "3",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert result.exit_code == 0, output
     assert set(json.loads((tmp_path / "eval.json").read_text())["metrics"]) == {"bleu", "nist", "chrf", "rouge_l"}
 
@@ -88,8 +131,13 @@ def test_train_eval_generate_merge_reload(llama_dir, gen_data, tmp_path):
     lorakit.load_adapter(model, out)
     model.eval()
     prompt = PAIRS[0][0]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )["input_ids"]
     new = []
     with torch.no_grad():
         for _ in range(8):
@@ -99,7 +147,9 @@ def test_train_eval_generate_merge_reload(llama_dir, gen_data, tmp_path):
             new.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     expected = tokenizer.decode(new, skip_special_tokens=True).strip()
-    result, output = invoke(["generate", "--model", str(llama_dir), "--adapter", str(out), "--max-new-tokens", "8", prompt])
+    result, output = invoke(
+        ["generate", "--model", str(llama_dir), "--adapter", str(out), "--max-new-tokens", "8", prompt]
+    )
     assert result.exit_code == 0, output
     assert result.stdout.strip() == expected
 
@@ -143,9 +193,26 @@ def test_seq_cls_trains_head_and_adapter(tmp_path):
     data = tmp_path / "reviews.tsv"
     data.write_text("\n".join(rows) + "\n")
     out = tmp_path / "cls"
-    result, output = invoke(["train", "--model", str(bert), "--data", str(data), "--task", "seq-cls",
-                             "--target-modules", "query,value", "--max-steps", "3", "--batch-size", "4",
-                             "--output", str(out), "--quiet"])
+    result, output = invoke(
+        [
+            "train",
+            "--model",
+            str(bert),
+            "--data",
+            str(data),
+            "--task",
+            "seq-cls",
+            "--target-modules",
+            "query,value",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert result.exit_code == 0, output
     results = json.loads((out / "results.json").read_text())
     assert set(results["after"]) == {"accuracy", "f1", "mcc"}

@@ -47,8 +47,16 @@ def test_train_help_shows_every_field_with_its_default():
 
 def test_estimate_shares_the_training_defaults():
     train, estimate = help_text("train"), help_text("estimate")
-    for flag in ("--prefix-length", "--prompt-length", "--adapter-size", "--lora-rank", "--alpha", "--dropout",
-                 "--batch-size", "--max-length"):
+    for flag in (
+        "--prefix-length",
+        "--prompt-length",
+        "--adapter-size",
+        "--lora-rank",
+        "--alpha",
+        "--dropout",
+        "--batch-size",
+        "--max-length",
+    ):
         assert default_shown(estimate, flag) == default_shown(train, flag), flag
     assert default_shown(estimate, "--prefix-length") == "10"
 
@@ -56,8 +64,11 @@ def test_estimate_shares_the_training_defaults():
 def test_model_has_one_help_text():
     first = None
     for command in ("train", "estimate", "eval", "generate", "merge", "combine", "analyze", "serve"):
-        line = next(line for line in help_text(command).splitlines()
-                    if line.strip().removeprefix("*").strip().startswith("--model"))
+        line = next(
+            line
+            for line in help_text(command).splitlines()
+            if line.strip().removeprefix("*").strip().startswith("--model")
+        )
         text = line.split("--model", 1)[1].split("[", 1)[0].split(";")[0].strip()
         text = text.removeprefix("<str>").removeprefix("TEXT").strip()
         first = first or text
@@ -98,11 +109,13 @@ def test_train_reads_a_nested_config_file_and_flags_override_it(seen, tmp_path):
 
 def test_estimate_old_compare_spelling(tmp_path):
     path = tmp_path / "tiny.json"
-    path.write_text(json.dumps({"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 2, "n_positions": 32,
-                                "vocab_size": 50}))
+    path.write_text(
+        json.dumps({"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 2, "n_positions": 32, "vocab_size": 50})
+    )
     for flag in ("--compare", "--all-methods"):
-        result = runner.invoke(app, ["estimate", "--model", str(path), flag, "--json", "--batch-size", "2",
-                                     "--max-length", "8"])
+        result = runner.invoke(
+            app, ["estimate", "--model", str(path), flag, "--json", "--batch-size", "2", "--max-length", "8"]
+        )
         assert result.exit_code == 0, result.output
         assert [e["method"] for e in json.loads(result.output)][:2] == ["full", "lora"]
 
@@ -122,8 +135,9 @@ def test_adapter_is_a_folder_and_named_adapters_have_their_own_option(tmp_path):
 
 @pytest.mark.parametrize("flag", ["--combination", "--method"])
 def test_combine_reads_both_spellings(tmp_path, flag):
-    result = runner.invoke(app, ["combine", "--adapter", f"a={tmp_path / 'missing'}", flag, "ties",
-                                 "--output", str(tmp_path / "out")])
+    result = runner.invoke(
+        app, ["combine", "--adapter", f"a={tmp_path / 'missing'}", flag, "ties", "--output", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and "No such option" not in result.output
     assert "missing" in result.output
 

@@ -10,8 +10,6 @@ import math
 
 import pytest
 import torch
-from support.files import save_tiny_llama
-from support.models import Holder, randomize_lora
 from peft import PeftModel
 from torch import nn
 from typer.testing import CliRunner
@@ -20,6 +18,8 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.inject import lora_layers
 from lorakit.models import load_model
+from support.files import save_tiny_llama
+from support.models import Holder, randomize_lora
 
 
 def _two_adapters(model: nn.Module, configs: dict[str, LoraConfig]) -> nn.Module:
@@ -55,7 +55,9 @@ def test_cat_is_exactly_the_weighted_sum(base_copy, input_ids):
     weights = {"a": 0.7, "b": -0.3}
     lorakit.combine(model, weights, method="cat", name="mix", activate=True)
     for _, layer in lora_layers(model):
-        torch.testing.assert_close(layer.delta_weight("mix").double(), _weighted_delta(layer, weights), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            layer.delta_weight("mix").double(), _weighted_delta(layer, weights), rtol=0, atol=1e-6
+        )
     expected = _folded(base_copy("llama"), model, weights)(input_ids).logits
     torch.testing.assert_close(model(input_ids).logits, expected, rtol=0, atol=1e-5)
     # Weights 1 and 1: the same function as both adapters active at once.
@@ -68,11 +70,17 @@ def test_cat_is_exactly_the_weighted_sum(base_copy, input_ids):
     assert config.r == 8 and config.rank_pattern[r"model\.embed_tokens"] == 2  # 2 + (3 + 3 for PiSSA's B0·A0)
 
 
-@pytest.mark.parametrize(("base_name", "targets"), [("gpt2", ["c_attn", "c_fc"]), ("convnet", ["conv1", "conv2", "head"])])
+@pytest.mark.parametrize(
+    ("base_name", "targets"), [("gpt2", ["c_attn", "c_fc"]), ("convnet", ["conv1", "conv2", "head"])]
+)
 def test_cat_on_conv1d_and_conv2d(base_name, targets, base_copy, input_ids, images):
-    model = _two_adapters(base_copy(base_name), {
-        "a": LoraConfig(r=2, alpha=3, target_modules=targets), "b": LoraConfig(r=1, alpha=2, target_modules=targets[:2]),
-    })
+    model = _two_adapters(
+        base_copy(base_name),
+        {
+            "a": LoraConfig(r=2, alpha=3, target_modules=targets),
+            "b": LoraConfig(r=1, alpha=2, target_modules=targets[:2]),
+        },
+    )
     weights = {"a": 1.5, "b": 0.5}
     lorakit.combine(model, weights, method="cat", name="mix", activate=True)
     x = images if base_name == "convnet" else input_ids
@@ -108,9 +116,13 @@ def test_svd_is_the_best_rank_k_approximation(base_copy):
 
 
 def test_linear_mixes_the_factors_like_peft(base_copy, unchanged):
-    model = _two_adapters(base_copy("llama"), {
-        "a": LoraConfig(r=2, alpha=4, target_modules=["q_proj"]), "b": LoraConfig(r=2, alpha=3, target_modules=["q_proj"]),
-    })
+    model = _two_adapters(
+        base_copy("llama"),
+        {
+            "a": LoraConfig(r=2, alpha=4, target_modules=["q_proj"]),
+            "b": LoraConfig(r=2, alpha=3, target_modules=["q_proj"]),
+        },
+    )
     weights = {"a": 0.6, "b": -0.4}
     lorakit.combine(model, weights, method="linear", name="mix")
     lorakit.combine(model, {"b": -0.4}, method="linear", name="single")
@@ -121,8 +133,9 @@ def test_linear_mixes_the_factors_like_peft(base_copy, unchanged):
             a_sum = a_sum + math.copysign(math.sqrt(abs(scale)), scale) * layer.lora_A[n].weight.double()
             b_sum = b_sum + math.sqrt(abs(scale)) * layer.lora_B[n].weight.double()
         torch.testing.assert_close(layer.delta_weight("mix").double(), b_sum @ a_sum, rtol=0, atol=1e-6)
-        torch.testing.assert_close(layer.delta_weight("single").double(), -0.4 * layer.delta_weight("b").double(),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            layer.delta_weight("single").double(), -0.4 * layer.delta_weight("b").double(), rtol=0, atol=1e-6
+        )
     lorakit.add_adapter(model, LoraConfig(r=3, target_modules=["q_proj"]), "c")
     with unchanged(model), pytest.raises(ValueError, match="needs equal ranks"):
         lorakit.combine(model, {"a": 1, "c": 1}, method="linear", name="bad")
@@ -148,26 +161,43 @@ def _ties_reference(deltas: list[torch.Tensor], weights: list[float], density: f
 
 
 def test_ties_matches_the_formula(base_copy):
-    model = _two_adapters(base_copy("llama"), {
-        "a": LoraConfig(r=2, alpha=4, target_modules=["q_proj", "o_proj"]),
-        "b": LoraConfig(r=4, alpha=4, target_modules=["q_proj"]),
-    })
+    model = _two_adapters(
+        base_copy("llama"),
+        {
+            "a": LoraConfig(r=2, alpha=4, target_modules=["q_proj", "o_proj"]),
+            "b": LoraConfig(r=4, alpha=4, target_modules=["q_proj"]),
+        },
+    )
     weights = {"a": 0.8, "b": -0.5}
     lorakit.combine(model, weights, method="ties", name="t", rank=16, density=0.25)
     for _, layer in lora_layers(model):
         present = [n for n in weights if n in layer.scaling]
-        expected = _ties_reference([layer.delta_weight(n).double() for n in present], [weights[n] for n in present], 0.25)
+        expected = _ties_reference(
+            [layer.delta_weight(n).double() for n in present], [weights[n] for n in present], 0.25
+        )
         torch.testing.assert_close(layer.delta_weight("t").double(), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("method", "peft_method", "weights", "extra"), [
-    ("cat", "cat", {"a": 0.7, "b": -0.3}, {}),
-    ("svd", "svd", {"a": 0.7, "b": -0.3}, {"rank": 3}),
-    ("ties", "ties_svd", {"a": 1.0, "b": 1.0}, {"rank": 16, "density": 0.5}),  # equal weights: PEFT elects the same signs
-])
-def test_same_outputs_as_pefts_add_weighted_adapter(method, peft_method, weights, extra, base_copy, input_ids, tmp_path):
-    configs = {"a": LoraConfig(r=2, alpha=4, target_modules=["q_proj", "o_proj"]),
-               "b": LoraConfig(r=3, alpha=5, target_modules=["q_proj", "o_proj"], use_rslora=True)}
+@pytest.mark.parametrize(
+    ("method", "peft_method", "weights", "extra"),
+    [
+        ("cat", "cat", {"a": 0.7, "b": -0.3}, {}),
+        ("svd", "svd", {"a": 0.7, "b": -0.3}, {"rank": 3}),
+        (
+            "ties",
+            "ties_svd",
+            {"a": 1.0, "b": 1.0},
+            {"rank": 16, "density": 0.5},
+        ),  # equal weights: PEFT elects the same signs
+    ],
+)
+def test_same_outputs_as_pefts_add_weighted_adapter(
+    method, peft_method, weights, extra, base_copy, input_ids, tmp_path
+):
+    configs = {
+        "a": LoraConfig(r=2, alpha=4, target_modules=["q_proj", "o_proj"]),
+        "b": LoraConfig(r=3, alpha=5, target_modules=["q_proj", "o_proj"], use_rslora=True),
+    }
     model = _two_adapters(base_copy("llama"), configs)
     for name in configs:
         lorakit.save_adapter(model, tmp_path / name, name=name)
@@ -176,8 +206,14 @@ def test_same_outputs_as_pefts_add_weighted_adapter(method, peft_method, weights
 
     peft_model = PeftModel.from_pretrained(base_copy("llama"), tmp_path / "a", adapter_name="a")
     peft_model.load_adapter(tmp_path / "b", adapter_name="b")
-    peft_model.add_weighted_adapter(["a", "b"], list(weights.values()), "mix", combination_type=peft_method,
-                                    svd_rank=extra.get("rank"), density=extra.get("density"))
+    peft_model.add_weighted_adapter(
+        ["a", "b"],
+        list(weights.values()),
+        "mix",
+        combination_type=peft_method,
+        svd_rank=extra.get("rank"),
+        density=extra.get("density"),
+    )
     peft_model.set_adapter("mix")
     torch.testing.assert_close(ours, peft_model.eval()(input_ids).logits, rtol=0, atol=1e-5)
 
@@ -226,15 +262,18 @@ def test_dora_combines_through_its_whole_update():
     torch.testing.assert_close(holder(x), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (dict(weights={"zz": 1}), "no adapter named 'zz'"),
-    (dict(weights={}), "non-empty"),
-    (dict(weights={"a": float("nan")}), "finite"),
-    (dict(weights={"a": 1}, method="mean"), "method must be one of"),
-    (dict(weights={"a": 1}, name="a"), "already exists"),
-    (dict(weights={"a": 1}, rank=4), "rank applies to the svd and ties"),
-    (dict(weights={"a": 1}, method="ties", density=0), "density"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (dict(weights={"zz": 1}), "no adapter named 'zz'"),
+        (dict(weights={}), "non-empty"),
+        (dict(weights={"a": float("nan")}), "finite"),
+        (dict(weights={"a": 1}, method="mean"), "method must be one of"),
+        (dict(weights={"a": 1}, name="a"), "already exists"),
+        (dict(weights={"a": 1}, rank=4), "rank applies to the svd and ties"),
+        (dict(weights={"a": 1}, method="ties", density=0), "density"),
+    ],
+)
 def test_bad_calls_are_refused_and_change_nothing(call, message, base_copy, unchanged):
     model = _two_adapters(base_copy("llama"), LLAMA)
     with unchanged(model), pytest.raises((ValueError, KeyError), match=message):
@@ -254,8 +293,13 @@ def test_cli_combine_writes_the_same_adapter_as_the_api(tmp_path):
     base_dir = save_tiny_llama(tmp_path / "base")
     model, _ = load_model(str(base_dir), "causal-lm")
     reference = copy.deepcopy(model)
-    _two_adapters(model, {"a": LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=str(base_dir)),
-                          "b": LoraConfig(r=2, target_modules=["q_proj", "v_proj"])})
+    _two_adapters(
+        model,
+        {
+            "a": LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=str(base_dir)),
+            "b": LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+        },
+    )
     for name in "ab":
         lorakit.save_adapter(model, tmp_path / name, name=name)
     lorakit.combine(model, {"a": 0.7, "b": 0.3}, method="cat", name="mix", activate=True)
@@ -265,8 +309,19 @@ def test_cli_combine_writes_the_same_adapter_as_the_api(tmp_path):
     from lorakit.cli import app
 
     runner = CliRunner()
-    args = ["combine", "--adapter", f"a={tmp_path / 'a'}", "--adapter", f"b={tmp_path / 'b'}", "--weights", "a=0.7,b=0.3",
-            "--method", "cat", "--output", str(tmp_path / "mix")]
+    args = [
+        "combine",
+        "--adapter",
+        f"a={tmp_path / 'a'}",
+        "--adapter",
+        f"b={tmp_path / 'b'}",
+        "--weights",
+        "a=0.7,b=0.3",
+        "--method",
+        "cat",
+        "--output",
+        str(tmp_path / "mix"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     lorakit.load_adapter(reference, tmp_path / "mix")

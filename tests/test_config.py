@@ -69,8 +69,11 @@ def test_regex_and_all_linear_targets_are_accepted():
 
 def test_rank_and_alpha_patterns_match_the_end_of_the_path_at_a_dot():
     config = LoraConfig(
-        r=8, alpha=16, target_modules=["q_proj", "v_proj"],
-        rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 4}, alpha_pattern={"v_proj": 2},
+        r=8,
+        alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 4},
+        alpha_pattern={"v_proj": 2},
     )
     assert config.rank_for("model.layers.0.self_attn.q_proj") == 2
     assert config.rank_for("model.layers.0.self_attn.v_proj") == 8
@@ -97,10 +100,22 @@ def test_peft_dict_uses_peft_names():
 
 def test_peft_dict_round_trip():
     config = LoraConfig(
-        r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"], exclude_modules=["lm_head"],
-        layers_to_transform=[1], layers_pattern="layers", rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3},
-        bias="all", modules_to_save=["score"], init="gaussian", fan_in_fan_out=False, use_rslora=True,
-        task_type="CAUSAL_LM", base_model_name_or_path="tiny",
+        r=4,
+        alpha=8,
+        dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=["lm_head"],
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        bias="all",
+        modules_to_save=["score"],
+        init="gaussian",
+        fan_in_fan_out=False,
+        use_rslora=True,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="tiny",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -109,9 +124,17 @@ def test_peft_dict_round_trip():
 
 def test_config_written_by_peft_reads_without_warnings(tmp_path):
     peft_config = peft.LoraConfig(
-        r=4, lora_alpha=12, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], bias="lora_only",
-        rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}, init_lora_weights="gaussian", use_rslora=True,
-        modules_to_save=["score"], task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=12,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "v_proj"],
+        bias="lora_only",
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"q_proj": 3},
+        init_lora_weights="gaussian",
+        use_rslora=True,
+        modules_to_save=["score"],
+        task_type="CAUSAL_LM",
     )
     peft_config.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -18,11 +18,27 @@ from lorakit.estimation.simulate import ACTIVATIONS, GRADIENTS, OPTIMIZER, LiveB
 from lorakit.methods import MethodOptions
 
 TINY = {
-    "llama": dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64),
-    "bert": dict(model_type="bert", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                 num_attention_heads=2, max_position_embeddings=64),
+    "bert": dict(
+        model_type="bert",
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    ),
 }
 TASKS = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "seq-cls"}
 FAST = dict(batch_size=2, max_length=8)
@@ -101,8 +117,10 @@ def test_adapter_prefix_prompt_bitfit_counts(kind):
     real = _real(kind)
     head = sum(p.numel() for n in _head(real) for p in getattr(real, n).parameters())
 
-    assert estimate(config, "adapter", adapter_size=4, **FAST).trainable_parameters == \
-        layers * 2 * (2 * d * 4 + 4 + d) + head
+    assert (
+        estimate(config, "adapter", adapter_size=4, **FAST).trainable_parameters
+        == layers * 2 * (2 * d * 4 + 4 + d) + head
+    )
     assert estimate(config, "prefix", prefix_length=5, **FAST).trainable_parameters == layers * 2 * 5 * kv_width + head
     assert estimate(config, "prompt", prompt_length=3, **FAST).trainable_parameters == 3 * d + head
     heads = tuple(_head(real))
@@ -132,8 +150,12 @@ def test_a_quantized_base_is_loras_only_as_in_training():
     with pytest.raises(ValueError, match="adapter method does not train on a quantized base"):
         estimate(_config("llama"), "adapter", quantize="nf4", simulate=False, **FAST)
     results = compare(_config("llama"), ["full", "lora", "qlora", "adapter"], quantize="int8", simulate=False, **FAST)
-    assert [(e.method, e.quantize) for e in results] == [("full", None), ("lora", "int8"), ("qlora", "int8"),
-                                                         ("adapter", None)]
+    assert [(e.method, e.quantize) for e in results] == [
+        ("full", None),
+        ("lora", "int8"),
+        ("qlora", "int8"),
+        ("adapter", None),
+    ]
 
 
 def test_adapter_file_size_is_the_written_file(tmp_path):
@@ -145,15 +167,22 @@ def test_adapter_file_size_is_the_written_file(tmp_path):
 
 
 # -- the simulated step against a real one -------------------------------------------------------
-@pytest.mark.parametrize("kind,method,checkpointing", [
-    ("llama", "full", False), ("llama", "lora", False), ("bert", "lora", False), ("gpt2", "full", False),
-    ("llama", "lora", True),
-])
+@pytest.mark.parametrize(
+    "kind,method,checkpointing",
+    [
+        ("llama", "full", False),
+        ("llama", "lora", False),
+        ("bert", "lora", False),
+        ("gpt2", "full", False),
+        ("llama", "lora", True),
+    ],
+)
 def test_meta_simulation_matches_a_real_cpu_step_tensor_for_tensor(kind, method, checkpointing):
     """The same step run on real CPU tensors, with the same live-bytes tracker: identical peak."""
     batch, length = 2, 16
-    est = estimate(_config(kind), method, batch_size=batch, max_length=length, r=4, dropout=0.0,
-                   grad_checkpointing=checkpointing)
+    est = estimate(
+        _config(kind), method, batch_size=batch, max_length=length, r=4, dropout=0.0, grad_checkpointing=checkpointing
+    )
     real = _real(kind)
     if method == "lora":
         config = lorakit.LoraConfig(r=4, target_modules="all-linear", modules_to_save=_head(real) or None)
@@ -206,8 +235,14 @@ def test_quantization_shrinks_frozen_weights_and_options_are_checked():
     assert bf16.trainable_weight_bytes == 2 * bf16.total_parameters
     sgd = estimate(_config("llama"), "full", optimizer="sgd", simulate=False, **FAST)
     assert sgd.static_bytes - sgd.frozen_weight_bytes == 3 * sgd.trainable_weight_bytes  # weights, grads, momentum
-    for bad in (dict(method="full", quantize="nf4"), dict(dtype="float8"), dict(optimizer="lion"),
-                dict(method="dora"), dict(quantize="nf3"), dict(batch_size=0)):
+    for bad in (
+        dict(method="full", quantize="nf4"),
+        dict(dtype="float8"),
+        dict(optimizer="lion"),
+        dict(method="dora"),
+        dict(quantize="nf3"),
+        dict(batch_size=0),
+    ):
         with pytest.raises(ValueError):
             estimate(_config("llama"), **{"method": "lora", **bad}, simulate=False)
 
@@ -222,8 +257,16 @@ def test_gradient_checkpointing_lowers_activations():
 
 
 # -- the seeds' worked numbers --------------------------------------------------------------------
-GPT3 = dict(model_type="opt", vocab_size=50272, hidden_size=12288, num_hidden_layers=96, num_attention_heads=96,
-            ffn_dim=49152, max_position_embeddings=2048, word_embed_proj_dim=12288)
+GPT3 = dict(
+    model_type="opt",
+    vocab_size=50272,
+    hidden_size=12288,
+    num_hidden_layers=96,
+    num_attention_heads=96,
+    ffn_dim=49152,
+    max_position_embeddings=2048,
+    word_embed_proj_dim=12288,
+)
 
 
 @pytest.mark.parametrize("r,expected", [(1, 4_718_592), (8, 37_748_736)])
@@ -280,8 +323,25 @@ def config_file(tmp_path) -> Path:
 
 
 def test_cli_json(config_file):
-    result = CliRunner().invoke(app, ["estimate", "--model", str(config_file), "--method", "lora", "--r", "4",
-                                      "--target-modules", "c_attn", "--batch-size", "2", "--max-length", "8", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "estimate",
+            "--model",
+            str(config_file),
+            "--method",
+            "lora",
+            "--r",
+            "4",
+            "--target-modules",
+            "c_attn",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "8",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["trainable_parameters"] == 2 * 4 * (16 + 48)
@@ -290,14 +350,39 @@ def test_cli_json(config_file):
 
 
 def test_cli_compare_table(config_file):
-    result = CliRunner().invoke(app, ["estimate", "--model", str(config_file), "--compare", "--batch-size", "2",
-                                      "--max-length", "8", "--tflops", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "estimate",
+            "--model",
+            str(config_file),
+            "--compare",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "8",
+            "--tflops",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for word in ("full", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit", "peak training memory",
-                 "optimizer state", "FLOPs per step", "time per step"):
+    for word in (
+        "full",
+        "lora",
+        "qlora",
+        "adapter",
+        "prefix",
+        "prompt",
+        "bitfit",
+        "peak training memory",
+        "optimizer state",
+        "FLOPs per step",
+        "time per step",
+    ):
         assert word in result.output
-    compared = CliRunner().invoke(app, ["estimate", "--model", str(config_file), "--compare", "--json",
-                                        "--batch-size", "2", "--max-length", "8"])
+    compared = CliRunner().invoke(
+        app, ["estimate", "--model", str(config_file), "--compare", "--json", "--batch-size", "2", "--max-length", "8"]
+    )
     assert [e["method"] for e in json.loads(compared.output)][:2] == ["full", "lora"]
 
 

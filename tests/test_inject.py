@@ -7,6 +7,13 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.layers import LoraLayer
+from lorakit.saved_module import TrainableCopy
 from support.models import (
     Holder,
     fill_,
@@ -16,17 +23,15 @@ from support.models import (
     randomize_trainable,
     wrapper_count,
 )
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-import lorakit
-from lorakit import LoraConfig
-from lorakit.layers import LoraLayer
-from lorakit.saved_module import TrainableCopy
 
 LLAMA_LINEARS = [
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
 ]
 
 
@@ -204,8 +209,11 @@ def test_modules_to_save_matching_nothing_is_an_error(bert, unchanged):
 # -- rank and alpha patterns ----------------------------------------------------------------------
 def test_rank_and_alpha_patterns_set_shape_and_scaling(llama):
     config = LoraConfig(
-        r=4, alpha=8, target_modules=["q_proj", "v_proj"],
-        rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+        r=4,
+        alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2},
     )
     lorakit.add_adapter(llama, config)
     expected = {  # path: (rank, alpha / rank)
@@ -363,7 +371,7 @@ def test_disable_adapters_restores_the_adapters_after_an_exception(llama, input_
     lorakit.merge(llama)
     adapted = llama(input_ids).logits
     with pytest.raises(ZeroDivisionError), lorakit.disable_adapters(llama):
-        1 / 0
+        _ = 1 / 0
     assert llama.model.layers[0].self_attn.q_proj.merged_adapters == ["default"]
     assert not any(m.disabled for m in llama.modules() if isinstance(m, LoraLayer))
     assert max_relative_error(llama(input_ids).logits, adapted) <= 1e-5

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from support.models import make_bert, make_llama, randomize_lora, randomize_trainable
 from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit import AdapterFileError, LoraConfig
 from lorakit import io as lorakit_io
+from support.models import make_bert, make_llama, randomize_lora, randomize_trainable
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -53,8 +53,13 @@ def test_round_trip_gives_identical_outputs(saved, base_copy, input_ids):
 
 def test_round_trip_with_bias_and_rank_patterns(llama_bias, base_copy, input_ids, tmp_path):
     config = LoraConfig(
-        r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], bias="lora_only",
-        rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3}, use_rslora=True,
+        r=4,
+        alpha=8,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        bias="lora_only",
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"o_proj": 3},
+        use_rslora=True,
     )
     trained = _save(llama_bias, tmp_path, config)
     model = base_copy("llama_bias")
@@ -106,8 +111,12 @@ def test_only_the_named_adapter_is_saved(llama, tmp_path):
 def test_the_file_holds_only_adapter_tensors_under_peft_keys(saved):
     folder, trained = saved
     tensors = load_file(folder / WEIGHTS)
-    expected = {f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{m}.weight"
-                for i in (0, 1) for p in ("q_proj", "v_proj") for m in "AB"}
+    expected = {
+        f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{m}.weight"
+        for i in (0, 1)
+        for p in ("q_proj", "v_proj")
+        for m in "AB"
+    }
     expected |= {f"base_model.model.model.embed_tokens.lora_embedding_{m}" for m in "AB"}
     assert set(tensors) == expected
     assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (8, 2)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import randomize_lora
 from peft import PeftModel
-from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 import lorakit
 from lorakit import LoraConfig
+from support.models import randomize_lora
+from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 ADAPTERS = {
     "a": LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -76,8 +76,9 @@ def test_base_layer_runs_once_and_plain_adapters_are_gathered(mixed_llama, batch
     q_proj.base_layer.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
     per_adapter = []
     original = q_proj.adapter_output
-    monkeypatch.setattr(q_proj, "adapter_output",
-                        lambda name, x, base_out: per_adapter.append(name) or original(name, x, base_out))
+    monkeypatch.setattr(
+        q_proj, "adapter_output", lambda name, x, base_out: per_adapter.append(name) or original(name, x, base_out)
+    )
     with torch.no_grad(), lorakit.adapter_rows(mixed_llama, ROWS):
         mixed_llama(batch)
     assert batch_sizes == [len(ROWS)]  # the base GEMM once, for the whole batch

@@ -9,23 +9,31 @@ import json
 import peft
 import pytest
 import torch
-from support.models import randomize_trainable
 from peft import PeftModel, get_peft_model
 
 import lorakit
 from lorakit import LoraConfig
+from support.models import randomize_trainable
 
 CASES = {
     # name: base model, lorakit config, the same adapter as PEFT config
     "llama": (
         "llama_bias",
         LoraConfig(
-            r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], bias="lora_only",
-            rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3},
+            r=4,
+            alpha=8,
+            target_modules=["q_proj", "v_proj", "embed_tokens"],
+            bias="lora_only",
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3},
         ),
         dict(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], bias="lora_only",
-            rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3},
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "embed_tokens"],
+            bias="lora_only",
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3},
         ),
     ),
     "llama-rslora": (
@@ -47,7 +55,11 @@ CASES = {
         "bert",
         LoraConfig(r=2, alpha=4, target_modules=["query", "value"], bias="all", modules_to_save=["classifier"]),
         dict(
-            r=2, lora_alpha=4, target_modules=["query", "value"], bias="all", modules_to_save=["classifier"],
+            r=2,
+            lora_alpha=4,
+            target_modules=["query", "value"],
+            bias="all",
+            modules_to_save=["classifier"],
             task_type="SEQ_CLS",
         ),
     ),
@@ -106,7 +118,8 @@ def test_peft_adapter_loads_in_lorakit(case, base_copy, input_ids, images, tmp_p
 
 def test_peft_gaussian_init_and_adapter_name_survive(base_copy, input_ids, tmp_path):
     peft_model = get_peft_model(
-        base_copy("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian"),
+        base_copy("llama"),
+        peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian"),
         adapter_name="mine",
     )
     randomize_trainable(peft_model)

@@ -23,8 +23,23 @@ runner = CliRunner()
 
 def test_smollm2_e2e_short_finetune_learns_and_merges(tmp_path):
     out = tmp_path / "e2e"
-    result = runner.invoke(app, ["train", "--max-steps", "12", "--batch-size", "4", "--eval-examples", "4",
-                                 "--max-new-tokens", "32", "--output", str(out), "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--max-steps",
+            "12",
+            "--batch-size",
+            "4",
+            "--eval-examples",
+            "4",
+            "--max-new-tokens",
+            "32",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (out / "adapter_model.safetensors").stat().st_size < 5_000_000
     config = json.loads((out / "adapter_config.json").read_text())
@@ -52,8 +67,25 @@ def test_smollm2_e2e_short_finetune_learns_and_merges(tmp_path):
 
 def test_minilm_sst2_learns(tmp_path):
     out = tmp_path / "sst2"
-    result = runner.invoke(app, ["train", "--data", "sst2", "--max-steps", "60", "--batch-size", "16",
-                                 "--lr", "2e-3", "--eval-examples", "300", "--output", str(out), "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            "sst2",
+            "--max-steps",
+            "60",
+            "--batch-size",
+            "16",
+            "--lr",
+            "2e-3",
+            "--eval-examples",
+            "300",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     # An untrained head is at chance; 60 steps of LoRA + head lift SST-2 dev accuracy well above it.

@@ -41,21 +41,24 @@ class TinyLM(nn.Module):
 
 
 # -- suffix lists and regular expressions ---------------------------------------------------------
-@pytest.mark.parametrize(("spec", "path", "expected"), [
-    (["q_proj"], "q_proj", True),
-    (["q_proj"], "layers.0.attn.q_proj", True),
-    (["q_proj"], "layers.0.attn.xq_proj", False),  # a suffix of the name, not a path component
-    (["q_proj"], "layers.0.attn.q_proj.base_layer", False),
-    (["attn.q_proj"], "layers.0.attn.q_proj", True),  # several components at the end of the path
-    (["attn.q_proj"], "layers.0.self_attn.q_proj", False),
-    (["k_proj", "v_proj"], "layers.1.attn.v_proj", True),
-    ([], "layers.0.attn.q_proj", False),
-    ("q_proj", "layers.0.attn.q_proj", False),  # a string is a regex over the whole path
-    (r".*\.q_proj", "layers.0.attn.q_proj", True),
-    (r"layers\.0\..*_proj", "layers.0.attn.v_proj", True),
-    (r"layers\.0\..*_proj", "layers.10.attn.v_proj", False),
-    (r"layers\.[01]\.attn\.(q|v)_proj", "layers.1.attn.k_proj", False),
-])
+@pytest.mark.parametrize(
+    ("spec", "path", "expected"),
+    [
+        (["q_proj"], "q_proj", True),
+        (["q_proj"], "layers.0.attn.q_proj", True),
+        (["q_proj"], "layers.0.attn.xq_proj", False),  # a suffix of the name, not a path component
+        (["q_proj"], "layers.0.attn.q_proj.base_layer", False),
+        (["attn.q_proj"], "layers.0.attn.q_proj", True),  # several components at the end of the path
+        (["attn.q_proj"], "layers.0.self_attn.q_proj", False),
+        (["k_proj", "v_proj"], "layers.1.attn.v_proj", True),
+        ([], "layers.0.attn.q_proj", False),
+        ("q_proj", "layers.0.attn.q_proj", False),  # a string is a regex over the whole path
+        (r".*\.q_proj", "layers.0.attn.q_proj", True),
+        (r"layers\.0\..*_proj", "layers.0.attn.v_proj", True),
+        (r"layers\.0\..*_proj", "layers.10.attn.v_proj", False),
+        (r"layers\.[01]\.attn\.(q|v)_proj", "layers.1.attn.k_proj", False),
+    ],
+)
 def test_name_matches(spec, path, expected):
     assert name_matches(spec, path) is expected
 
@@ -80,19 +83,22 @@ def test_layers_to_transform_uses_the_layer_index():
 
 
 # -- layer index ----------------------------------------------------------------------------------
-@pytest.mark.parametrize(("path", "pattern", "expected"), [
-    ("model.layers.3.mlp.up_proj", None, 3),
-    ("model.layers.3.mlp.up_proj", "layers", 3),
-    ("model.layers.3.mlp.up_proj", ["h", "layers"], 3),
-    ("transformer.h.11.attn.c_attn", "h", 11),
-    ("transformer.h.11.attn.c_attn", "layers", None),
-    ("blocks.2.layers.5.proj", None, 2),  # without a pattern: the first numbered component
-    ("blocks.2.layers.5.proj", "layers", 5),
-    ("model.layers.7", None, 7),
-    ("model.layers.12x.proj", None, None),  # the number must be a whole component
-    ("xlayers.4.proj", "layers", None),  # and the pattern a whole component too
-    ("lm_head", None, None),
-])
+@pytest.mark.parametrize(
+    ("path", "pattern", "expected"),
+    [
+        ("model.layers.3.mlp.up_proj", None, 3),
+        ("model.layers.3.mlp.up_proj", "layers", 3),
+        ("model.layers.3.mlp.up_proj", ["h", "layers"], 3),
+        ("transformer.h.11.attn.c_attn", "h", 11),
+        ("transformer.h.11.attn.c_attn", "layers", None),
+        ("blocks.2.layers.5.proj", None, 2),  # without a pattern: the first numbered component
+        ("blocks.2.layers.5.proj", "layers", 5),
+        ("model.layers.7", None, 7),
+        ("model.layers.12x.proj", None, None),  # the number must be a whole component
+        ("xlayers.4.proj", "layers", None),  # and the pattern a whole component too
+        ("lm_head", None, None),
+    ],
+)
 def test_layer_index(path, pattern, expected):
     assert layer_index(path, pattern) == expected
 

@@ -45,8 +45,13 @@ from common import cpu_name, load_average, machine_line  # noqa: E402
 MODEL = "smollm2-135m"
 METHODS = ["lora", "full", "adapter", "prefix"]
 LR = {"lora": 1e-3, "full": 5e-5, "adapter": 1e-3, "prefix": 5e-3}
-LABEL = {"base": "base model, zero-shot prompt", "lora": "LoRA (q,k,v,o, r=8)", "full": "full fine-tuning",
-         "adapter": "adapter (Houlsby, k=16)", "prefix": "prefix (P=10)"}
+LABEL = {
+    "base": "base model, zero-shot prompt",
+    "lora": "LoRA (q,k,v,o, r=8)",
+    "full": "full fine-tuning",
+    "adapter": "adapter (Houlsby, k=16)",
+    "prefix": "prefix (P=10)",
+}
 METRICS = ("bleu", "nist", "chrf", "rouge_l")
 DEFAULT_STEPS = 200
 
@@ -57,8 +62,12 @@ def prepare(args, tokenizer) -> dict:
     scored = dataclasses.replace(scored, examples=scored.examples[: args.eval_examples])
     features = [encode_causal(tokenizer, e, args.max_length) for e in train.examples[: args.train_examples]]
     collate = Collator(tokenizer.pad_token_id)
-    return {"features": features, "scored": scored, "collate": collate,
-            "latency_batch": collate(features[: args.batch_size])}
+    return {
+        "features": features,
+        "scored": scored,
+        "collate": collate,
+        "latency_batch": collate(features[: args.batch_size]),
+    }
 
 
 def score(model, tokenizer, data: dict, args) -> dict[str, float]:
@@ -71,19 +80,42 @@ def run_one(method: str, seed: int, data: dict, args) -> dict:
         torch.manual_seed(seed)
         model, tokenizer = load_model(MODEL, "causal-lm")
         if method == "base":
-            return {"after": score(model, tokenizer, data, args),
-                    "latency_ms": {"base": forward_latency_ms(model, data["latency_batch"])}}
-        settings = LoopSettings(lr=LR[method], max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.06,
-                                seed=seed, save_every=None, progress=False, log_every=10)
+            return {
+                "after": score(model, tokenizer, data, args),
+                "latency_ms": {"base": forward_latency_ms(model, data["latency_batch"])},
+            }
+        settings = LoopSettings(
+            lr=LR[method],
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            warmup_ratio=0.06,
+            seed=seed,
+            save_every=None,
+            progress=False,
+            log_every=10,
+        )
         targets = list(BUILTIN_MODELS[MODEL].target_modules)
         lora = lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=targets)
         options = MethodOptions(adapter_size=16, prefix_length=10)
-        return fine_tune(model, method, data["features"], data["collate"], settings, data["latency_batch"], lora,
-                         options, lambda m: score(m, tokenizer, data, args))
+        return fine_tune(
+            model,
+            method,
+            data["features"],
+            data["collate"],
+            settings,
+            data["latency_batch"],
+            lora,
+            options,
+            lambda m: score(m, tokenizer, data, args),
+        )
 
     run = {"method": method, "seed": seed, **timed(work)}
-    print(f"{method} seed {seed}: " + ", ".join(f"{k} {run['after'][k]:.2f}" for k in METRICS) +
-          f"; {run['job_wall_s']:.0f}s ({run['job_cpu_s']:.0f} CPU-s), load {load_average()[0]}", flush=True)
+    print(
+        f"{method} seed {seed}: "
+        + ", ".join(f"{k} {run['after'][k]:.2f}" for k in METRICS)
+        + f"; {run['job_wall_s']:.0f}s ({run['job_cpu_s']:.0f} CPU-s), load {load_average()[0]}",
+        flush=True,
+    )
     return run
 
 
@@ -124,7 +156,8 @@ def markdown(runs: list[dict], meta: dict) -> str:
         lines.append(
             f"| {LABEL[method]} | {first['trainable_parameters']:,} ({share:.3g} %) | {scores} | "
             f"{first['checkpoint_mb']:.3g} | {statistics.median(r['rss_growth_mb'] for r in mine):.0f} | {latency} | "
-            f"{statistics.median(r['wall_time_s'] / r['steps'] for r in mine):.2f} |")
+            f"{statistics.median(r['wall_time_s'] / r['steps'] for r in mine):.2f} |"
+        )
     lines += [
         "",
         "Columns after the scores as in the GLUE table above (training memory: growth of resident memory while "
@@ -153,17 +186,29 @@ def main() -> None:
     methods = args.methods.split(",")
     torch.set_num_threads(1)
     given = {k: v for k, v in vars(args).items() if k not in ("results", "methods") and v != parser.get_default(k)}
-    meta = {"steps": args.steps, "batch_size": args.batch_size, "train_examples": args.train_examples,
-            "eval_examples": args.eval_examples, "max_new_tokens": args.max_new_tokens, "data": args.data,
-            "seeds": seeds, "cpu": cpu_name(), "torch": torch.__version__, "load_before": load_average(),
-            "command": "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items())}
+    meta = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "train_examples": args.train_examples,
+        "eval_examples": args.eval_examples,
+        "max_new_tokens": args.max_new_tokens,
+        "data": args.data,
+        "seeds": seeds,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "load_before": load_average(),
+        "command": "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items()),
+    }
     started, cpu = time.perf_counter(), time.process_time()
     _, tokenizer = load_model(MODEL, "causal-lm")
     data = prepare(args, tokenizer)
     # The base model's greedy outputs do not depend on the seed: scored once.
     runs = [run_one(m, seed, data, args) for seed in seeds for m in methods if m != "base" or seed == seeds[0]]
-    meta.update(load_after=load_average(), minutes=(time.perf_counter() - started) / 60,
-                cpu_minutes=(time.process_time() - cpu) / 60)
+    meta.update(
+        load_after=load_average(),
+        minutes=(time.perf_counter() - started) / 60,
+        cpu_minutes=(time.process_time() - cpu) / 60,
+    )
     table = markdown(runs, meta)
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "e2e_methods.json", {"meta": meta, "lr": LR, "runs": runs})

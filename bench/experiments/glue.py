@@ -51,9 +51,15 @@ METHODS = ["full", "bitfit", "head", "adapter", "prefix", "prompt", "lora"]
 # Raised for a short budget after a 50-step pilot at full 1e-4 / head, prefix, prompt 1e-2 / the rest 1e-3, in
 # which every method at 1e-3 was still at chance level on SST-2; not tuned beyond that.
 LR = {"full": 1e-4, "bitfit": 5e-3, "head": 1e-2, "adapter": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "lora": 3e-3}
-LABEL = {"full": "full fine-tuning", "bitfit": "BitFit", "head": "linear probe (head only)",
-         "adapter": "adapter (Houlsby, k=16)", "prefix": "prefix (P=10)", "prompt": "prompt (n=10)",
-         "lora": "LoRA (q,v, r=8)"}
+LABEL = {
+    "full": "full fine-tuning",
+    "bitfit": "BitFit",
+    "head": "linear probe (head only)",
+    "adapter": "adapter (Houlsby, k=16)",
+    "prefix": "prefix (P=10)",
+    "prompt": "prompt (n=10)",
+    "lora": "LoRA (q,v, r=8)",
+}
 TASKS = ["sst2", "mrpc"]
 DEFAULT_STEPS = 100
 
@@ -65,8 +71,12 @@ def prepare(task: str, tokenizer, max_length: int) -> dict:
     dev_features = [encode_classification(tokenizer, e, max_length) for e in dev.examples[:16]]
     # Scored in order of length: batches pad less, and accuracy does not depend on the order.
     dev = dataclasses.replace(dev, examples=sorted(dev.examples, key=lambda e: len(e.text) + len(e.text_pair or "")))
-    return {"features": [encode_classification(tokenizer, e, max_length) for e in train.examples], "dev": dev,
-            "collate": collate, "latency_batch": collate(dev_features)}
+    return {
+        "features": [encode_classification(tokenizer, e, max_length) for e in train.examples],
+        "dev": dev,
+        "collate": collate,
+        "latency_batch": collate(dev_features),
+    }
 
 
 def run_one(task: str, method: str, seed: int, data: dict, args) -> dict:
@@ -74,23 +84,36 @@ def run_one(task: str, method: str, seed: int, data: dict, args) -> dict:
         random.seed(seed)
         torch.manual_seed(seed)  # the new head's initialisation and the method's follow the seed
         model, tokenizer = load_model("minilm-l6", "seq-cls", num_labels=2)
-        settings = LoopSettings(lr=LR[method], max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.06,
-                                seed=seed, save_every=None, progress=False, log_every=10)
-        lora = lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=["query", "value"],
-                                  modules_to_save=["classifier"])
+        settings = LoopSettings(
+            lr=LR[method],
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            warmup_ratio=0.06,
+            seed=seed,
+            save_every=None,
+            progress=False,
+            log_every=10,
+        )
+        lora = lorakit.LoraConfig(
+            r=8, alpha=16, dropout=0.05, target_modules=["query", "value"], modules_to_save=["classifier"]
+        )
         options = MethodOptions(adapter_size=16, prefix_length=10, prompt_length=10)
 
         def score(m) -> dict:  # the --memory-only pass trains without scoring
             return {} if args.memory_only else evaluate_split(m, tokenizer, data["dev"], args.max_length)[0]
 
-        return fine_tune(model, method, data["features"], data["collate"], settings, data["latency_batch"], lora,
-                         options, score)
+        return fine_tune(
+            model, method, data["features"], data["collate"], settings, data["latency_batch"], lora, options, score
+        )
 
     run = {"task": task, "method": method, "seed": seed, **timed(work)}
     scores = ", ".join(f"{k} {run['after'][k]:.1f}" for k in ("accuracy", "f1") if k in run["after"])
-    print(f"{task} {method} seed {seed}: {scores}, loss {run['final_loss']:.3f}, "
-          f"memory +{run['rss_growth_mb']:.0f} MB; {run['job_wall_s']:.0f}s ({run['job_cpu_s']:.0f} CPU-s), "
-          f"load {load_average()[0]}", flush=True)
+    print(
+        f"{task} {method} seed {seed}: {scores}, loss {run['final_loss']:.3f}, "
+        f"memory +{run['rss_growth_mb']:.0f} MB; {run['job_wall_s']:.0f}s ({run['job_cpu_s']:.0f} CPU-s), "
+        f"load {load_average()[0]}",
+        flush=True,
+    )
     return run
 
 
@@ -104,18 +127,24 @@ def summarise(runs: list[dict], memory_runs: list[dict]) -> dict[str, dict]:
         row = {"trainable_parameters": mine[0]["trainable_parameters"], "total_parameters": mine[0]["total_parameters"]}
         for task in TASKS:
             done = [r for r in mine if r["task"] == task]
-            row[task] = {"seeds": [r["seed"] for r in done],
-                         "accuracy": [r["after"]["accuracy"] for r in done],
-                         "f1": [r["after"]["f1"] for r in done]}
+            row[task] = {
+                "seeds": [r["seed"] for r in done],
+                "accuracy": [r["after"]["accuracy"] for r in done],
+                "f1": [r["after"]["f1"] for r in done],
+            }
         row["checkpoint_mb"] = statistics.mean(r["checkpoint_mb"] for r in mine)
         measured = [r for r in memory_runs if r["method"] == method] or mine
-        row["rss_growth_mb"] = {task: statistics.median(r["rss_growth_mb"] for r in measured if r["task"] == task)
-                                for task in TASKS if any(r["task"] == task for r in measured)}
+        row["rss_growth_mb"] = {
+            task: statistics.median(r["rss_growth_mb"] for r in measured if r["task"] == task)
+            for task in TASKS
+            if any(r["task"] == task for r in measured)
+        }
         row["s_per_step"] = statistics.median(r["wall_time_s"] / r["steps"] for r in mine)
         row["latency_ratio"] = statistics.median(r["latency_ms"][method] / r["latency_ms"]["base"] for r in mine)
         if method == "lora":
-            row["merged_latency_ratio"] = statistics.median(r["latency_ms"]["lora_merged"] / r["latency_ms"]["base"]
-                                                            for r in mine)
+            row["merged_latency_ratio"] = statistics.median(
+                r["latency_ms"]["lora_merged"] / r["latency_ms"]["base"] for r in mine
+            )
         rows[method] = row
     return rows
 
@@ -123,9 +152,12 @@ def summarise(runs: list[dict], memory_runs: list[dict]) -> dict[str, dict]:
 def markdown(rows: dict[str, dict], meta: dict) -> str:
     seeds = ", ".join(str(s) for s in meta["seeds"])
     command = "" if meta["steps"] == DEFAULT_STEPS else f" --steps {meta['steps']}"
-    memory_note = ("measured in a separate pass (`--memory-only`: seed 0 of every task and method, the same "
-                   "steps, no scoring; freed memory returned to the system before each run)"
-                   if meta.get("memory_pass") else "median over runs")
+    memory_note = (
+        "measured in a separate pass (`--memory-only`: seed 0 of every task and method, the same "
+        "steps, no scoring; freed memory returned to the system before each run)"
+        if meta.get("memory_pass")
+        else "median over runs"
+    )
     lines = [
         "## Fine-tuning methods on GLUE (MiniLM-L6, CPU): the LoRA paper's Table 2 at small scale",
         "",
@@ -167,9 +199,12 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
         f"Command: `nice -n 10 .venv/bin/python bench/experiments/glue.py{command}`"
         + (", then the same with `--memory-only`  " if meta.get("memory_pass") else "  "),
         machine_line(meta)
-        + (f" Memory pass: load {' '.join(map(str, memory['load_before']))} / "
-           f"{' '.join(map(str, memory['load_after']))}, {memory['cpu_minutes']:.1f} CPU-min."
-           if (memory := meta.get("memory_pass")) else ""),
+        + (
+            f" Memory pass: load {' '.join(map(str, memory['load_before']))} / "
+            f"{' '.join(map(str, memory['load_after']))}, {memory['cpu_minutes']:.1f} CPU-min."
+            if (memory := meta.get("memory_pass"))
+            else ""
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -183,15 +218,25 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--memory-only", action="store_true",
-                        help="measure training memory again (first seed, no scoring) into the existing results")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure training memory again (first seed, no scoring) into the existing results",
+    )
     parser.add_argument("--table-only", action="store_true", help="rewrite the tables from the existing results")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks, methods = args.tasks.split(","), args.methods.split(",")
     torch.set_num_threads(1)
-    meta = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "seeds": seeds,
-            "cpu": cpu_name(), "torch": torch.__version__, "load_before": load_average()}
+    meta = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "seeds": seeds,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "load_before": load_average(),
+    }
     started, cpu = time.perf_counter(), time.process_time()
     if args.table_only:
         saved = json.loads((args.results / "glue_methods.json").read_text())
@@ -202,20 +247,34 @@ def main() -> None:
         if args.memory_only:
             saved = json.loads((args.results / "glue_methods.json").read_text())
             memory_runs = [run_one(task, method, seeds[0], data[task], args) for task in tasks for method in methods]
-            runs, meta = saved["runs"], {**saved["meta"], "memory_pass": {
-                "load_before": meta["load_before"], "load_after": load_average(),
-                "cpu_minutes": (time.process_time() - cpu) / 60}}
+            runs, meta = (
+                saved["runs"],
+                {
+                    **saved["meta"],
+                    "memory_pass": {
+                        "load_before": meta["load_before"],
+                        "load_after": load_average(),
+                        "cpu_minutes": (time.process_time() - cpu) / 60,
+                    },
+                },
+            )
         else:
-            runs = [run_one(task, method, seed, data[task], args)
-                    for seed in seeds for task in tasks for method in methods]
+            runs = [
+                run_one(task, method, seed, data[task], args) for seed in seeds for task in tasks for method in methods
+            ]
             memory_runs = []
-            meta.update(load_after=load_average(), minutes=(time.perf_counter() - started) / 60,
-                        cpu_minutes=(time.process_time() - cpu) / 60)
+            meta.update(
+                load_after=load_average(),
+                minutes=(time.perf_counter() - started) / 60,
+                cpu_minutes=(time.process_time() - cpu) / 60,
+            )
     rows = summarise(runs, memory_runs)
     table = markdown(rows, meta)
     args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / "glue_methods.json", {"meta": meta, "lr": LR, "rows": rows, "runs": runs,
-                                                    "memory_runs": memory_runs})
+    write_json(
+        args.results / "glue_methods.json",
+        {"meta": meta, "lr": LR, "rows": rows, "runs": runs, "memory_runs": memory_runs},
+    )
     (args.results / "glue_methods.md").write_text(table)
     if args.results.resolve() == RESULTS.resolve():
         update_docs_section("methods-glue", table)

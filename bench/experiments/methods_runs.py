@@ -42,9 +42,17 @@ def cpu_name() -> str:
     return platform.processor() or "?"
 
 
-def fine_tune(model: nn.Module, method: str, features: Sequence[dict], collate: Callable, settings: LoopSettings,
-              latency_batch: dict[str, torch.Tensor], lora: lorakit.LoraConfig, options: MethodOptions,
-              evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, Any]:
+def fine_tune(
+    model: nn.Module,
+    method: str,
+    features: Sequence[dict],
+    collate: Callable,
+    settings: LoopSettings,
+    latency_batch: dict[str, torch.Tensor],
+    lora: lorakit.LoraConfig,
+    options: MethodOptions,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+) -> dict[str, Any]:
     """Apply `method` (LoRA with `lora`, else lorakit.methods with `options`) to the loaded `model`, train it, score
     it with `evaluate` ("after"), and return that with the training figures and the costs: trainable parameters,
     the saved weights' size, the growth of resident memory while training, and the latency of a forward pass on
@@ -58,9 +66,17 @@ def fine_tune(model: nn.Module, method: str, features: Sequence[dict], collate: 
         checkpoint_mb = weights_bytes(folder) / 2**20  # the method's weights as the training loop saved them
     after = evaluate(model)
     latency.update(method_latency(model, tuning, latency_batch))
-    return {"after": after, "steps": result.steps, "final_loss": result.final_loss, "wall_time_s": result.wall_time_s,
-            "trainable_parameters": trainable, "total_parameters": total, "checkpoint_mb": checkpoint_mb,
-            "rss_growth_mb": memory.peak_mb - memory.start_mb, "latency_ms": latency}
+    return {
+        "after": after,
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "wall_time_s": result.wall_time_s,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "checkpoint_mb": checkpoint_mb,
+        "rss_growth_mb": memory.peak_mb - memory.start_mb,
+        "latency_ms": latency,
+    }
 
 
 def timed(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -72,9 +88,11 @@ def timed(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def machine_line(meta: dict[str, Any]) -> str:
     """The results footer's sentence on the machine, its load and the run's time."""
-    return (f"Machine: {meta['cpu']}, 2 cores shared with other engineers' jobs; torch {meta['torch']}, 1 thread. "
-            f"Load average (1/5/15 min) before / after: {' '.join(map(str, meta['load_before']))} / "
-            f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min.")
+    return (
+        f"Machine: {meta['cpu']}, 2 cores shared with other engineers' jobs; torch {meta['torch']}, 1 thread. "
+        f"Load average (1/5/15 min) before / after: {' '.join(map(str, meta['load_before']))} / "
+        f"{' '.join(map(str, meta['load_after']))}; {meta['minutes']:.1f} min, {meta['cpu_minutes']:.1f} CPU-min."
+    )
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:

@@ -1,14 +1,15 @@
 """lorakit: Low-Rank Adaptation for PyTorch and transformers models.
 
-    import lorakit
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
-    ...train...
-    lorakit.save_adapter(model, "out/")
+import lorakit
+lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+...train...
+lorakit.save_adapter(model, "out/")
 """
 
 from .analysis import analyze_adapter, subspace_similarity  # the rest: lorakit.analysis
 from .combine import combine
 from .config import LoraConfig
+from .estimation import estimate  # compare, Estimate and the report: lorakit.estimation
 from .inject import (
     active_adapters,
     adapter_config,
@@ -24,7 +25,6 @@ from .inject import (
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from .mixed import adapter_rows
-from .estimation import estimate  # compare, Estimate and the report: lorakit.estimation
 from .quant import QuantLinear, dequantize, load_quantized, quantize, save_quantized
 
 __version__ = "0.1.0"

@@ -65,7 +65,9 @@ def combine(
         for path, layer in lora_layers(model):
             present = [n for n in names if n in layer.scaling]
             if present:
-                factors[path] = _combine_layer(path, layer, {n: float(weights[n]) for n in present}, method, rank, density)
+                factors[path] = _combine_layer(
+                    path, layer, {n: float(weights[n]) for n in present}, method, rank, density
+                )
     if not factors:
         raise ValueError(f"adapters {names} adapt no layer")
     saved_sources = _saved_sources(model, names)
@@ -76,9 +78,20 @@ def combine(
     first = configs[names[0]]
     saved_names = sorted({m for c in configs.values() for m in (c.modules_to_save or [])}) or None
     config = replace(
-        first, r=top, alpha=float(top), rank_pattern=others, alpha_pattern={k: float(v) for k, v in others.items()},
-        target_modules=sorted(factors), exclude_modules=None, layers_to_transform=None, layers_pattern=None,
-        bias="none", modules_to_save=saved_names, init="kaiming", use_rslora=False, use_dora=False,
+        first,
+        r=top,
+        alpha=float(top),
+        rank_pattern=others,
+        alpha_pattern={k: float(v) for k, v in others.items()},
+        target_modules=sorted(factors),
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        bias="none",
+        modules_to_save=saved_names,
+        init="kaiming",
+        use_rslora=False,
+        use_dora=False,
     )
     add_adapter(model, config, name, activate=activate)
 

@@ -41,14 +41,33 @@ _PEFT_TO_LORAKIT = {
 # that PEFT writes with a neutral default). A non-neutral value of an option that changes the math is
 # refused in `from_peft_dict`.
 _PEFT_BOOKKEEPING = {
-    "peft_type", "peft_version", "auto_mapping", "revision", "inference_mode", "init_lora_weights",
-    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "kasa_config",
-    "lora_ga_config", "monteclora_config", "velora_config", "arrow_config", "qalora_group_size",
-    "ensure_weight_tying", "alora_invocation_tokens", "use_bdlora",
+    "peft_type",
+    "peft_version",
+    "auto_mapping",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "kasa_config",
+    "lora_ga_config",
+    "monteclora_config",
+    "velora_config",
+    "arrow_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "alora_invocation_tokens",
+    "use_bdlora",
 }
 _PEFT_UNSUPPORTED = {  # field -> its neutral value
-    "lora_bias": False, "use_qalora": False, "target_parameters": None,
-    "trainable_token_indices": None, "layer_replication": None,
+    "lora_bias": False,
+    "use_qalora": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
 }
 
 
@@ -80,13 +99,18 @@ class LoraConfig:
         task_type / base_model_name_or_path: recorded in the adapter file for other tools.
     """
 
-    r: int = field(default=8, metadata={
-        "help": "LoRA rank (write --lora-rank under torchrun, whose own options swallow --r)",
-        "flags": ("--r", "--lora-rank")})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": "LoRA rank (write --lora-rank under torchrun, whose own options swallow --r)",
+            "flags": ("--r", "--lora-rank"),
+        },
+    )
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (update scaled by alpha/r)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    target_modules: list[str] | str | None = field(default=None, metadata={
-        "help": "comma-separated module names, or all-linear"})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "comma-separated module names, or all-linear"}
+    )
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     layers_pattern: list[str] | str | None = None
@@ -94,12 +118,15 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
     modules_to_save: list[str] | None = None
-    init: str = field(default="kaiming", metadata={
-        "help": "kaiming, gaussian, pissa (A, B from W0's top singular vectors) or olora (QR)"})
+    init: str = field(
+        default="kaiming",
+        metadata={"help": "kaiming, gaussian, pissa (A, B from W0's top singular vectors) or olora (QR)"},
+    )
     fan_in_fan_out: bool | None = None
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r"})
-    use_dora: bool = field(default=False, metadata={
-        "help": "DoRA: weight-decomposed LoRA (a trained magnitude per output feature)"})
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA: weight-decomposed LoRA (a trained magnitude per output feature)"}
+    )
     task_type: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -131,12 +158,13 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
             _check_regex("rank_pattern", key)
-        for key, value in self.alpha_pattern.items():
-            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        for key, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", alpha)
             _check_regex("alpha_pattern", key)
-        if self.layers_to_transform is not None:
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
-                raise ValueError(f"layers_to_transform must be non-negative integers, got {self.layers_to_transform!r}")
+        if self.layers_to_transform is not None and not all(
+            isinstance(i, int) and i >= 0 for i in self.layers_to_transform
+        ):
+            raise ValueError(f"layers_to_transform must be non-negative integers, got {self.layers_to_transform!r}")
         if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
             raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
 
@@ -166,7 +194,7 @@ class LoraConfig:
         return data
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """Read a PEFT `adapter_config.json`. Unknown fields (from a newer PEFT) are ignored with a warning;
         options that change the math and that lorakit does not implement are refused."""
         peft_type = data.get("peft_type", "LORA")

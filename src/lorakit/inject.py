@@ -70,7 +70,8 @@ def _matching_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, n
         head = output_head(model)
         by_name = [(p, m) for p, m in modules if is_linear_layer(m) and not _is_module(m, head)]
     else:
-        by_name = [(p, m) for p, m in modules if name_matches(config.target_modules, p)]
+        spec = config.target_modules or []  # never None: LoraConfig refuses a config without targets
+        by_name = [(p, m) for p, m in modules if name_matches(spec, p)]
         if isinstance(config.target_modules, list):
             unmatched = [t for t in config.target_modules if not any(name_matches([t], p) for p, _ in by_name)]
             if unmatched:
@@ -102,7 +103,9 @@ def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
     if name in adapter_names(model):
-        raise ValueError(f"an adapter named {name!r} already exists on this model; delete it first or pick another name")
+        raise ValueError(
+            f"an adapter named {name!r} already exists on this model; delete it first or pick another name"
+        )
 
 
 def plan_injection(
@@ -131,24 +134,26 @@ def plan_injection(
 def _planned_layer(path: str, module: nn.Module, config: LoraConfig) -> tuple[str, LoraLayer, bool]:
     """The wrapper that will carry the adapter at `path` (the existing one, or a new one), checked."""
     is_new = not isinstance(module, LoraLayer)
-    if is_new:
-        lora_cls = lora_class_for(module)
-        if lora_cls is None:
-            raise TypeError(
-                f"module {path!r} is a {type(module).__name__}; lorakit adapts {', '.join(supported_types())}"
-            )
-        try:
-            module = lora_cls(module)
-        except ValueError as err:
-            raise ValueError(f"module {path!r}: {err}") from None
+    layer = module if isinstance(module, LoraLayer) else _new_wrapper(path, module)
     r = config.rank_for(path)
-    if r > module.max_rank():
-        raise ValueError(f"r={r} for {path!r} exceeds min(in, out) = min({module.in_features}, {module.out_features})")
+    if r > layer.max_rank():
+        raise ValueError(f"r={r} for {path!r} exceeds min(in, out) = min({layer.in_features}, {layer.out_features})")
     try:
-        module.check_variant(config.init, config.use_dora)
+        layer.check_variant(config.init, config.use_dora)
     except ValueError as err:
         raise ValueError(f"module {path!r}: {err}") from None
-    return path, module, is_new
+    return path, layer, is_new
+
+
+def _new_wrapper(path: str, module: nn.Module) -> LoraLayer:
+    """The LoRA layer for the base module at `path` (TypeError when its type is not supported)."""
+    lora_cls = lora_class_for(module)
+    if lora_cls is None:
+        raise TypeError(f"module {path!r} is a {type(module).__name__}; lorakit adapts {', '.join(supported_types())}")
+    try:
+        return lora_cls(module)
+    except ValueError as err:
+        raise ValueError(f"module {path!r}: {err}") from None
 
 
 def _planned_copies(model: nn.Module, config: LoraConfig, strict: bool) -> list[tuple[str, TrainableCopy, bool]]:
@@ -164,8 +169,10 @@ def _planned_copies(model: nn.Module, config: LoraConfig, strict: bool) -> list[
         for path, module in found:
             if isinstance(module, LoraLayer):
                 raise ValueError(f"{path!r} is adapted with LoRA; it cannot also be in modules_to_save")
-            is_new = not isinstance(module, TrainableCopy)
-            saved.append((path, TrainableCopy(module) if is_new else module, is_new))
+            if isinstance(module, TrainableCopy):
+                saved.append((path, module, False))
+            else:
+                saved.append((path, TrainableCopy(module), True))
     return saved
 
 
@@ -173,14 +180,15 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, name: str, activate: bool)
     """Install a plan from `plan_injection` as adapter `name` (nothing in here can fail on a valid plan)."""
     config = plan.config
     for path, wrapper, is_new in plan.layers:
-        wrapper.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init,
-                            use_dora=config.use_dora)
+        wrapper.add_adapter(
+            name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init, use_dora=config.use_dora
+        )
         if is_new:
             model.set_submodule(path, wrapper)
-    for path, wrapper, is_new in plan.saved:
-        wrapper.add_adapter(name)
+    for path, copy, is_new in plan.saved:
+        copy.add_adapter(name)
         if is_new:
-            model.set_submodule(path, wrapper)
+            model.set_submodule(path, copy)
     state = attach_state(model)
     state.configs[name] = config
     _activate(model, [name] if activate or not state.active else state.active)
@@ -188,7 +196,7 @@ def apply_plan(model: nn.Module, plan: InjectionPlan, name: str, activate: bool)
 
 def _activate(model: nn.Module, names: list[str]) -> None:
     """Make `names` the active adapters and set exactly their parameters trainable."""
-    state = adapter_state(model)
+    state = require_adapters(model, names)
     state.active = list(names)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -266,7 +274,7 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
     """Fold scaling·B·A of the active adapters (or the given active ones) into the base weights."""
     state = adapter_state(model)
     names = list(state.active) if state and names is None else list(names or [])
-    require_adapters(model, names)
+    state = require_adapters(model, names)
     if not names:
         raise RuntimeError("no active adapter to merge")
     inactive = [n for n in names if n not in state.active]
@@ -359,7 +367,23 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 __all__ = [
-    "AdapterState", "InjectionPlan", "active_adapters", "adapter_config", "adapter_names", "adapter_state",
-    "add_adapter", "apply_plan", "check_new_name", "delete_adapter", "disable_adapters", "lora_layers", "merge",
-    "merge_and_unload", "merged_names", "plan_injection", "set_adapter", "trainable_parameters", "unmerge",
+    "AdapterState",
+    "InjectionPlan",
+    "active_adapters",
+    "adapter_config",
+    "adapter_names",
+    "adapter_state",
+    "add_adapter",
+    "apply_plan",
+    "check_new_name",
+    "delete_adapter",
+    "disable_adapters",
+    "lora_layers",
+    "merge",
+    "merge_and_unload",
+    "merged_names",
+    "plan_injection",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge",
 ]

@@ -40,7 +40,9 @@ class AdapterFileError(ValueError):
 
 
 # -- saving ---------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, name: str = "default", convert_to_lora: bool = False) -> dict[str, torch.Tensor]:
+def adapter_state_dict(
+    model: nn.Module, name: str = "default", convert_to_lora: bool = False
+) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names (copies on CPU). With `convert_to_lora`, a PiSSA / OLoRA
     adapter's A and B are those of the equivalent plain LoRA of the original base: [B, B0] and [A; −A0]."""
     config = adapter_config(model, name)
@@ -72,7 +74,10 @@ def converted_to_lora(config: LoraConfig) -> LoraConfig:
     """The config of a PiSSA / OLoRA adapter saved as plain LoRA: twice the rank, the same scaling."""
     factor = math.sqrt(2) if config.use_rslora else 2  # α/r → 2α/2r, or α/√r → √2·α/√(2r)
     return dataclasses.replace(
-        config, init="kaiming", r=2 * config.r, alpha=factor * config.alpha,
+        config,
+        init="kaiming",
+        r=2 * config.r,
+        alpha=factor * config.alpha,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()},
     )
@@ -84,8 +89,13 @@ def unsharded(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, name: str = "default", *, write: bool = True,
-    convert_to_lora: bool = False, **config_extra
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    write: bool = True,
+    convert_to_lora: bool = False,
+    **config_extra,
 ) -> Path:
     """Write adapter `name` to the folder `path` (created if needed). Each file is replaced atomically.
 
@@ -139,7 +149,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         try:
             tensors = load_file(weights)
         except (SafetensorError, OSError, ValueError) as err:
-            raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+            raise AdapterFileError(
+                f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}"
+            ) from None
     elif (folder / LEGACY_WEIGHTS_NAME).is_file():
         try:
             tensors = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
@@ -230,7 +242,9 @@ def _check_frozen_copy(key: str, value: torch.Tensor, params: dict[str, nn.Param
             "(was the vocabulary resized? resize the model's embeddings first)"
         )
     if not torch.equal(own.detach().cpu().to(value.dtype), value):
-        warnings.warn(f"{key!r} in the adapter differs from the model's weights; lorakit keeps the model's", stacklevel=3)
+        warnings.warn(
+            f"{key!r} in the adapter differs from the model's weights; lorakit keeps the model's", stacklevel=3
+        )
 
 
 def _under_saved_module(key: str, saved_names: list[str]) -> bool:
@@ -246,7 +260,8 @@ def _check_shapes(
         expected["lora_magnitude_vector"] = layer.magnitude_shape()
     if set(found) != set(expected):
         raise AdapterFileError(
-            f"{module_path}: the file has {sorted(found)}, a {type(layer.base_layer).__name__} adapter needs {sorted(expected)}"
+            f"{module_path}: the file has {sorted(found)}, "
+            f"a {type(layer.base_layer).__name__} adapter needs {sorted(expected)}"
         )
     for container, shape in expected.items():
         got = tuple(found[container].shape)
@@ -260,7 +275,7 @@ def _check_shapes(
 def _match_saved_modules(plan: InjectionPlan, saved_keys: dict[str, torch.Tensor]) -> list[tuple[TrainableCopy, dict]]:
     states = []
     for copy_path, copy, _ in plan.saved:
-        own = {k[len(copy_path) + 1:]: v for k, v in saved_keys.items() if k.startswith(copy_path + ".")}
+        own = {k[len(copy_path) + 1 :]: v for k, v in saved_keys.items() if k.startswith(copy_path + ".")}
         reference = copy.original_module.state_dict()
         if set(own) != set(reference):
             raise AdapterFileError(
@@ -269,12 +284,11 @@ def _match_saved_modules(plan: InjectionPlan, saved_keys: dict[str, torch.Tensor
         for key, value in own.items():
             if value.shape != reference[key].shape:
                 raise AdapterFileError(
-                    f"{copy_path}.{key}: shape {tuple(value.shape)} in the file, {tuple(reference[key].shape)} in the model"
+                    f"{copy_path}.{key}: shape {tuple(value.shape)} in the file, "
+                    f"{tuple(reference[key].shape)} in the model"
                 )
         states.append((copy, own))
-    claimed = {
-        key for key in saved_keys if any(key.startswith(f"{path}.") for path, _, _ in plan.saved)
-    }
+    claimed = {key for key in saved_keys if any(key.startswith(f"{path}.") for path, _, _ in plan.saved)}
     orphans = sorted(set(saved_keys) - claimed)
     if orphans:
         raise AdapterFileError(f"the adapter holds full modules this model does not have: {orphans[:5]}")

@@ -77,8 +77,9 @@ def _stack_for(layer: LoraLayer, eligible: dict[str, bool]) -> _Stack | None:
             b_t[i, : b.shape[1], :] = b.T
     scale = torch.tensor([0.0] + [layer.scaling[n] for n in names], dtype=a0.dtype, device=a0.device)
     tensors = tuple(t for pair in pairs for t in pair)
-    stack = _Stack(key, tensors, tuple(t._version for t in tensors), {n: i for i, n in enumerate(names, start=1)},
-                   a_t, b_t, scale)
+    stack = _Stack(
+        key, tensors, tuple(t._version for t in tensors), {n: i for i, n in enumerate(names, start=1)}, a_t, b_t, scale
+    )
     _stacks[layer] = stack
     return stack
 
@@ -86,8 +87,14 @@ def _stack_for(layer: LoraLayer, eligible: dict[str, bool]) -> _Stack | None:
 class RowPlan:
     """What one layer adds to its base output for a mixed batch: gathered plain adapters, then groups."""
 
-    def __init__(self, batch: int, whole: str | None, groups: list[tuple[str, torch.Tensor]],
-                 stack: _Stack | None, slots: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        whole: str | None,
+        groups: list[tuple[str, torch.Tensor]],
+        stack: _Stack | None,
+        slots: torch.Tensor | None,
+    ) -> None:
         self.batch = batch
         self.whole = whole  # the one adapter every row uses, when that is the case
         self.groups = groups
@@ -96,8 +103,9 @@ class RowPlan:
 
     def apply(self, layer: LoraLayer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.batch:
-            raise ValueError(f"adapter_rows was given {self.batch} row adapters but a layer received a batch of "
-                             f"{x.shape[0]} rows")
+            raise ValueError(
+                f"adapter_rows was given {self.batch} row adapters but a layer received a batch of {x.shape[0]} rows"
+            )
         if self.whole is not None:
             return base_out + layer.adapter_output(self.whole, x, base_out).to(base_out.dtype)
         result = base_out
@@ -140,8 +148,9 @@ def _eligible(model: nn.Module) -> dict[str, bool]:
     return eligible
 
 
-def _plan(layer: LoraLayer, batch: int, rows_of: dict[str, torch.Tensor], eligible: dict[str, bool],
-          slot_cache: dict) -> RowPlan:
+def _plan(
+    layer: LoraLayer, batch: int, rows_of: dict[str, torch.Tensor], eligible: dict[str, bool], slot_cache: dict
+) -> RowPlan:
     present = [n for n in rows_of if n in layer.scaling]
     if len(present) == 1 and len(rows_of[present[0]]) == batch:
         return RowPlan(batch, present[0], [], None, None)
@@ -185,8 +194,10 @@ def _model_cache(model: nn.Module) -> _ModelCache:
     state = adapter_state(model)
     configs = tuple(state.configs.items()) if state else ()
     cached = _models.get(model)
-    if cached is None or len(cached.configs) != len(configs) or any(
-        a[0] != b[0] or a[1] is not b[1] for a, b in zip(cached.configs, configs)
+    if (
+        cached is None
+        or len(cached.configs) != len(configs)
+        or any(a[0] != b[0] or a[1] is not b[1] for a, b in zip(cached.configs, configs))
     ):
         cached = _ModelCache(configs, [layer for _, layer in lora_layers(model)])
         _models[model] = cached

@@ -50,15 +50,15 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(state.active) if state else []
 
 
-def require_adapters(model: nn.Module, names: list[str]) -> AdapterState | None:
+def require_adapters(model: nn.Module, names: list[str]) -> AdapterState:
     """The model's state, once every name in `names` is one of its adapters (KeyError listing the known names
-    otherwise). With no names asked for, a model without adapters gives None."""
+    otherwise). With no names asked for, a model without adapters gives an empty state (not attached to it)."""
     state = adapter_state(model)
     known = list(state.configs) if state else []
     for name in names:
         if name not in known:
             raise KeyError(f"no adapter named {name!r}; adapters on this model: {known or 'none'}")
-    return state
+    return state if state is not None else AdapterState()
 
 
 def adapter_config(model: nn.Module, name: str) -> LoraConfig:
@@ -78,6 +78,14 @@ def saved_copies(model: nn.Module) -> Iterator[tuple[str, TrainableCopy]]:
 
 
 __all__ = [
-    "AdapterState", "active_adapters", "adapter_config", "adapter_names", "adapter_state", "attach_state",
-    "detach_state", "lora_layers", "require_adapters", "saved_copies",
+    "AdapterState",
+    "active_adapters",
+    "adapter_config",
+    "adapter_names",
+    "adapter_state",
+    "attach_state",
+    "detach_state",
+    "lora_layers",
+    "require_adapters",
+    "saved_copies",
 ]

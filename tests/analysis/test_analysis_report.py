@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
-from support.models import randomize_lora
 
 import lorakit
 from lorakit.analysis import write_report
+from support.models import randomize_lora
 
 
 def _save(model, folder, base=None, **config):
@@ -39,12 +39,18 @@ def _merged_deltas(adapted) -> dict[str, torch.Tensor]:
 def _reference_row(delta: torch.Tensor, weight: torch.Tensor, r: int) -> dict[str, float]:
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     core = u[:, :r].T @ weight @ vh[:r].T
-    return {"s": s[:r], "delta_norm": float(delta.norm()), "weight_norm": float(weight.norm()),
-            "projection_delta": float(core.norm()),
-            "projection_weight": float(torch.linalg.svdvals(weight)[:r].norm())}
+    return {
+        "s": s[:r],
+        "delta_norm": float(delta.norm()),
+        "weight_norm": float(weight.norm()),
+        "projection_delta": float(core.norm()),
+        "projection_weight": float(torch.linalg.svdvals(weight)[:r].norm()),
+    }
 
 
-@pytest.mark.parametrize("key,targets,rslora", [("gpt2", ["c_attn", "c_proj"], False), ("llama", ["q_proj", "down_proj"], True)])
+@pytest.mark.parametrize(
+    "key,targets,rslora", [("gpt2", ["c_attn", "c_proj"], False), ("llama", ["q_proj", "down_proj"], True)]
+)
 def test_rows_match_merged_update_and_base_weight(base_copy, tmp_path, key, targets, rslora):
     adapted = _save(base_copy(key), tmp_path / "a", r=3, alpha=5, target_modules=targets, use_rslora=rslora)
     deltas = _merged_deltas(adapted)
@@ -56,8 +62,10 @@ def test_rows_match_merged_update_and_base_weight(base_copy, tmp_path, key, targ
         weight = module.weight.detach().double()
         weight = weight.T if type(module).__name__ == "Conv1D" else weight
         expected = _reference_row(deltas[row["module"]], weight, 3)
-        assert row["rank"] == 3 and row["scaling"] == pytest.approx(5 / 3 ** 0.5 if rslora else 5 / 3)
-        torch.testing.assert_close(torch.tensor(row["singular_values"], dtype=torch.float64), expected["s"], rtol=1e-4, atol=1e-6)
+        assert row["rank"] == 3 and row["scaling"] == pytest.approx(5 / 3**0.5 if rslora else 5 / 3)
+        torch.testing.assert_close(
+            torch.tensor(row["singular_values"], dtype=torch.float64), expected["s"], rtol=1e-4, atol=1e-6
+        )
         for field in ("delta_norm", "weight_norm", "projection_delta", "projection_weight"):
             assert row[field] == pytest.approx(expected[field], rel=1e-4), field
         assert row["relative_norm"] == pytest.approx(expected["delta_norm"] / expected["weight_norm"], rel=1e-4)
@@ -86,8 +94,12 @@ def test_comparison_of_planted_adapters(base_copy, tmp_path):
     # In order of decreasing singular value, small reads e0, e1; large reads e1, e8, e0, e9 (q_proj) or
     # e4..e7 (v_proj).
     _set_a(tmp_path / "small", lambda key, a: torch.diag(torch.tensor([2.0, 1.0])) @ eye[:2])
-    _set_a(tmp_path / "large", lambda key, a: torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])) @ (
-        eye[[1, 8, 0, 9]] if "q_proj" in key else eye[4:8]))
+    _set_a(
+        tmp_path / "large",
+        lambda key, a: (
+            torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])) @ (eye[[1, 8, 0, 9]] if "q_proj" in key else eye[4:8])
+        ),
+    )
     report = lorakit.analyze_adapter(tmp_path / "small", compare=tmp_path / "large", with_base=False)
     assert report["base_model"] is None and "weight_norm" not in report["layers"][0]
     rows = {row["module"].split(".", 2)[-1]: row for row in report["comparison"]["layers"]}
@@ -165,8 +177,13 @@ def test_write_report_files(base_copy, tmp_path):
     report = lorakit.analyze_adapter(tmp_path / "a", model=base_copy("llama"), compare=tmp_path / "b")
     written = write_report(report, tmp_path / "out")
     names = sorted(p.name for p in written)
-    assert names == ["analysis.json", "analysis.md", "spectrum.png", "subspace_self_attn_q_proj.png",
-                     "subspace_self_attn_v_proj.png"]
+    assert names == [
+        "analysis.json",
+        "analysis.md",
+        "spectrum.png",
+        "subspace_self_attn_q_proj.png",
+        "subspace_self_attn_v_proj.png",
+    ]
     for path in written:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

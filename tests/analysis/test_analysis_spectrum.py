@@ -21,7 +21,9 @@ def test_planted_low_rank_update_gives_its_singular_values_and_directions():
     u, v = _orthonormal(out_dim, r, 0), _orthonormal(in_dim, r, 1)
     sigma = torch.tensor([5.0, 2.0, 1.0, 0.25], dtype=torch.float64)
     # ΔW = U Σ Vᵀ split into non-orthogonal factors B = U Σ M, A = M⁻¹ Vᵀ, then scaled by s = 2.
-    mix = torch.randn(r, r, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 3 * torch.eye(r, dtype=torch.float64)
+    mix = torch.randn(r, r, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 3 * torch.eye(
+        r, dtype=torch.float64
+    )
     b, a = (u @ torch.diag(sigma) @ mix).float(), (torch.linalg.inv(mix) @ v.T).float()
     svd = delta_svd(b, a, scaling=2.0)
     torch.testing.assert_close(svd.s, 2 * sigma, rtol=1e-5, atol=1e-6)

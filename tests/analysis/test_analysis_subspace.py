@@ -51,7 +51,9 @@ def test_planted_partial_overlap_gives_known_fractions():
     second = _a_with(e[:, [0, 4, 1, 5, 6, 7]], [6, 5, 4, 3, 2, 1])
     phi = subspace_similarity(first, second)
     # φ(i, j) = |{first i of A₁} ∩ {first j of A₂}| / min(i, j), counted by hand.
-    shared = {(i, j): len(set([0, 1, 2, 3][:i]) & set([0, 4, 1, 5, 6, 7][:j])) for i in range(1, 5) for j in range(1, 7)}
+    shared = {
+        (i, j): len(set([0, 1, 2, 3][:i]) & set([0, 4, 1, 5, 6, 7][:j])) for i in range(1, 5) for j in range(1, 7)
+    }
     expected = torch.tensor([[shared[i, j] / min(i, j) for j in range(1, 7)] for i in range(1, 5)], dtype=torch.float64)
     torch.testing.assert_close(phi, expected)
     assert phi[0, 0] == pytest.approx(1.0)  # the top direction is shared
@@ -83,7 +85,9 @@ def test_random_spans_average_to_the_baseline():
     g = torch.Generator().manual_seed(3)
     grids = [subspace_similarity(torch.randn(4, 64, generator=g), torch.randn(8, 64, generator=g)) for _ in range(300)]
     mean = torch.stack(grids).mean(0)
-    expected = torch.tensor([[random_baseline(i, j, 64) for j in range(1, 9)] for i in range(1, 5)], dtype=torch.float64)
+    expected = torch.tensor(
+        [[random_baseline(i, j, 64) for j in range(1, 9)] for i in range(1, 5)], dtype=torch.float64
+    )
     torch.testing.assert_close(mean, expected, atol=0.01, rtol=0.1)
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.files import save_tiny_llama
-from support.models import randomize_lora
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import lorakit
 from lorakit.cli import app
+from support.files import save_tiny_llama
+from support.models import randomize_lora
 
 runner = CliRunner()
 
@@ -28,8 +28,11 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     llama = save_tiny_llama(root / "llama")
     folders = {"llama": llama}
-    for name, r, targets, seed in (("r2", 2, ["q_proj", "v_proj"], 1), ("r4", 4, ["q_proj", "v_proj"], 2),
-                                   ("q_only", 2, ["q_proj"], 3)):
+    for name, r, targets, seed in (
+        ("r2", 2, ["q_proj", "v_proj"], 1),
+        ("r4", 4, ["q_proj", "v_proj"], 2),
+        ("q_only", 2, ["q_proj"], 3),
+    ):
         model = AutoModelForCausalLM.from_pretrained(llama)
         lorakit.add_adapter(model, lorakit.LoraConfig(r=r, alpha=8, target_modules=targets))
         randomize_lora(model, seed=seed)
@@ -43,7 +46,12 @@ def test_analyze_with_compare_writes_tables_and_files(saved, tmp_path):
     assert result.exit_code == 0, result.output
     assert "ΔW per layer: r2 (r=2)" in result.output and "subspace similarity φ with r4" in result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "analysis.json", "analysis.md", "spectrum.png", "subspace_self_attn_q_proj.png", "subspace_self_attn_v_proj.png"]
+        "analysis.json",
+        "analysis.md",
+        "spectrum.png",
+        "subspace_self_attn_q_proj.png",
+        "subspace_self_attn_v_proj.png",
+    ]
     report = json.loads((out / "analysis.json").read_text())
     weights = load_file(saved["llama"] / "model.safetensors")
     tensors = load_file(saved["r2"] / "adapter_model.safetensors")
@@ -71,13 +79,16 @@ def test_default_output_is_inside_the_adapter_and_no_base_skips_weights(saved, t
     assert "comparison" not in report
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--compare", "{q_only}"], "the adapters adapt different modules"),
-    (["--factor", "C"], "factor must be one of"),
-    (["--model", "{missing}"], "is not a built-in model"),
-    (["--compare", "{missing}"], "no adapter folder"),
-    (["--output", "{file}"], "exists and is not a folder"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--compare", "{q_only}"], "the adapters adapt different modules"),
+        (["--factor", "C"], "factor must be one of"),
+        (["--model", "{missing}"], "is not a built-in model"),
+        (["--compare", "{missing}"], "no adapter folder"),
+        (["--output", "{file}"], "exists and is not a folder"),
+    ],
+)
 def test_bad_inputs_give_one_line_errors(saved, tmp_path, extra, message):
     (tmp_path / "file").write_text("x")
     names = {"q_only": saved["q_only"], "missing": tmp_path / "missing", "file": tmp_path / "file"}

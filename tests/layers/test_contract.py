@@ -14,12 +14,12 @@ import copy
 
 import pytest
 import torch
-from support.models import Holder, fill_
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.quant import QuantLinear
+from support.models import Holder, fill_
 
 IN, OUT, VOCAB, DIM, C_IN, C_OUT = 12, 10, 20, 6, 3, 5
 R, ALPHA = 3, 5.0
@@ -42,10 +42,15 @@ SUPPORTED = {
     "quant-nf4": (*RANDOM_INIT, "pissa", "olora"),  # DoRA would rescale the quantized weight in place
     "quant-int8": (*RANDOM_INIT, "pissa", "olora"),
 }
-CASES = [pytest.param(kind, variant, id=f"{kind}-{variant}") for kind, variants in SUPPORTED.items()
-         for variant in variants]
-REFUSED = [pytest.param(kind, variant, id=f"{kind}-{variant}") for kind, variants in SUPPORTED.items()
-           for variant in VARIANTS if variant not in variants]
+CASES = [
+    pytest.param(kind, variant, id=f"{kind}-{variant}") for kind, variants in SUPPORTED.items() for variant in variants
+]
+REFUSED = [
+    pytest.param(kind, variant, id=f"{kind}-{variant}")
+    for kind, variants in SUPPORTED.items()
+    for variant in VARIANTS
+    if variant not in variants
+]
 
 
 def _quantized(kind: str) -> bool:
@@ -87,10 +92,15 @@ def _trained(holder: Holder) -> dict[str, torch.Tensor]:
     """Random A, B (B ≠ 0) and DoRA magnitude; returns the float64 values the reference formulas start from,
     with A0, B0 (the start of a PiSSA / OLoRA adapter) taken before."""
     layer = holder.layer
-    start = {"a0": layer.lora_a_weight("default").detach().double().clone(),
-             "b0": layer.lora_b_weight("default").detach().double().clone()}
-    values = {**start, "a": fill_(layer.lora_a_weight("default"), 1, std=0.3).detach().double(),
-              "b": fill_(layer.lora_b_weight("default"), 2, std=0.3).detach().double()}
+    start = {
+        "a0": layer.lora_a_weight("default").detach().double().clone(),
+        "b0": layer.lora_b_weight("default").detach().double().clone(),
+    }
+    values = {
+        **start,
+        "a": fill_(layer.lora_a_weight("default"), 1, std=0.3).detach().double(),
+        "b": fill_(layer.lora_b_weight("default"), 2, std=0.3).detach().double(),
+    }
     if "default" in getattr(layer, "lora_magnitude_vector", {}):
         magnitude = layer.lora_magnitude_vector["default"]
         with torch.no_grad():
@@ -142,8 +152,9 @@ def test_merge_adds_delta_w_and_unmerge_restores_w0(kind, variant):
     base = holder.layer.base_layer
     w0 = _base_weight(kind, base)
     expected = _expected_delta(kind, variant, w0, _trained(holder))
-    torch.testing.assert_close(holder.layer.delta_weight("default").double(), expected,
-                               rtol=0, atol=1e-6 if _quantized(kind) else 1e-12)
+    torch.testing.assert_close(
+        holder.layer.delta_weight("default").double(), expected, rtol=0, atol=1e-6 if _quantized(kind) else 1e-12
+    )
     x = _input(kind)
     unmerged = holder(x)
     if _quantized(kind):
@@ -157,8 +168,9 @@ def test_merge_adds_delta_w_and_unmerge_restores_w0(kind, variant):
     torch.testing.assert_close(holder(x), unmerged, rtol=0, atol=1e-12)
 
 
-def _check_quantized_merge(holder: Holder, x: torch.Tensor, unmerged: torch.Tensor, w0: torch.Tensor,
-                           delta: torch.Tensor) -> None:
+def _check_quantized_merge(
+    holder: Holder, x: torch.Tensor, unmerged: torch.Tensor, w0: torch.Tensor, delta: torch.Tensor
+) -> None:
     base = holder.layer.base_layer
     reference = copy.deepcopy(base)
     reference.quantize_((w0 + delta).to(torch.float32))

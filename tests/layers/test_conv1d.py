@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import adapt_layer, fill_
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.layers import LoraConv1D
+from support.models import adapt_layer, fill_
 
 IN, OUT = 12, 18
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support.models import Holder, adapt_layer, fill_
 from torch import nn
 
 import lorakit
 from lorakit.layers import LoraConv2d
+from support.models import Holder, adapt_layer, fill_
 
 C_IN, C_OUT = 3, 5
 

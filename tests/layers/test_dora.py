@@ -10,15 +10,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from support.models import Holder, fill_, randomize_trainable
-from peft import PeftModel, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import LoraConfig
+from support.models import Holder, fill_, randomize_trainable
 
 IN, OUT = 6, 5
 
@@ -112,8 +112,11 @@ def test_gradients_treat_the_norm_as_a_constant():
     w = w0 + s * b @ a
     norm = torch.linalg.norm(w, dim=1).detach()
     (x @ ((m / norm)[:, None] * w).T + layer.base_layer.bias.detach()).square().sum().backward()
-    for param, ref in ((layer.lora_A["default"].weight, a), (layer.lora_B["default"].weight, b),
-                       (layer.lora_magnitude_vector["default"], m)):
+    for param, ref in (
+        (layer.lora_A["default"].weight, a),
+        (layer.lora_B["default"].weight, b),
+        (layer.lora_magnitude_vector["default"], m),
+    ):
         torch.testing.assert_close(param.grad, ref.grad, rtol=1e-10, atol=1e-12)
 
 
@@ -161,8 +164,12 @@ CASES = {
 
 def _peft_config(base_name: str, kwargs: dict) -> PeftLoraConfig:
     return PeftLoraConfig(
-        r=kwargs["r"], lora_alpha=kwargs["alpha"], target_modules=kwargs["target_modules"], use_dora=True,
-        use_rslora=kwargs.get("use_rslora", False), fan_in_fan_out=base_name == "gpt2",
+        r=kwargs["r"],
+        lora_alpha=kwargs["alpha"],
+        target_modules=kwargs["target_modules"],
+        use_dora=True,
+        use_rslora=kwargs.get("use_rslora", False),
+        fan_in_fan_out=base_name == "gpt2",
     )
 
 
@@ -217,8 +224,9 @@ def test_peft_dora_loads_in_lorakit(case, base_copy, input_ids, tmp_path):
 def test_dora_on_embedding_or_conv2d_is_refused(base_name, target, base_copy, unchanged):
     model = base_copy(base_name)
     with unchanged(model), pytest.raises(ValueError, match=r"DoRA .* not for (Embedding|Conv2d)"):
-        lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj" if base_name == "llama" else "head", target],
-                                              use_dora=True))
+        lorakit.add_adapter(
+            model, LoraConfig(r=2, target_modules=["q_proj" if base_name == "llama" else "head", target], use_dora=True)
+        )
 
 
 def test_a_file_without_magnitudes_is_refused(base_copy, unchanged, tmp_path):

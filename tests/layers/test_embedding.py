@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import adapt_layer, fill_
 from torch import nn
 
 import lorakit
 from lorakit.layers import LoraEmbedding
+from support.models import adapt_layer, fill_
 
 VOCAB, DIM = 20, 6
 

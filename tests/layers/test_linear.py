@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from support.models import adapt_layer, fill_
 from torch import nn
 
 import lorakit
 from lorakit.layers import LoraLinear
+from support.models import adapt_layer, fill_
 
 IN, OUT = 12, 10
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import adapt_layer, fill_
 from torch import nn
 
 from lorakit.layers.lora_function import LoraDropoutProduct, keep_mask, keep_threshold
+from support.models import adapt_layer, fill_
 
 
 def dropout_mask(seed: int, shape: torch.Size, p: float) -> torch.Tensor:
@@ -104,8 +104,11 @@ def test_layers_sharing_an_input_save_it_once_and_no_dropped_copy():
         layer.base_layer.bias.requires_grad_(False)
     x = torch.randn(8, 32, 64, requires_grad=True)
     saved = _saved_bytes(lambda: [layer(x) for layer in layers])
-    weights = sum(t.nbytes for layer in layers for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                                                         layer.base_layer.weight))
+    weights = sum(
+        t.nbytes
+        for layer in layers
+        for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.base_layer.weight)
+    )
     # x once (the plain path keeps a dropped copy and a mask per layer: 3 · (4 + 1) bytes per element),
     # plus each layer's r-wide product A·x and the weights the backward pass multiplies by.
     assert saved <= x.nbytes + 3 * 8 * 32 * 4 * 4 + weights

@@ -9,15 +9,15 @@ import math
 
 import pytest
 import torch
-from support.models import Holder, randomize_trainable
-from peft import PeftModel, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import LoraConfig
 from lorakit.inject import lora_layers
+from support.models import Holder, randomize_trainable
 
 
 def _holder(kind: str, init: str, r: int = 3, alpha: float = 6.0, **extra) -> Holder:
@@ -109,7 +109,11 @@ CASES = {
     "pissa-llama": ("llama", "pissa", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])),
     "pissa-gpt2": ("gpt2", "pissa", dict(r=2, alpha=3, target_modules=["c_attn", "c_fc"])),
     "olora-llama": ("llama", "olora", dict(r=3, alpha=3, target_modules=["k_proj", "o_proj"])),
-    "pissa-dora-rslora": ("llama", "pissa", dict(r=2, alpha=4, target_modules=["q_proj"], use_dora=True, use_rslora=True)),
+    "pissa-dora-rslora": (
+        "llama",
+        "pissa",
+        dict(r=2, alpha=4, target_modules=["q_proj"], use_dora=True, use_rslora=True),
+    ),
 }
 
 
@@ -147,11 +151,18 @@ def test_lorakit_adapter_loads_in_peft(case, convert, base_copy, input_ids, tmp_
 @pytest.mark.parametrize("case", CASES)
 def test_peft_adapter_loads_in_lorakit(case, base_copy, input_ids, tmp_path):
     base_name, init, kwargs = CASES[case]
-    peft_model = get_peft_model(base_copy(base_name), PeftLoraConfig(
-        r=kwargs["r"], lora_alpha=kwargs["alpha"], target_modules=kwargs["target_modules"], init_lora_weights=init,
-        use_dora=kwargs.get("use_dora", False), use_rslora=kwargs.get("use_rslora", False),
-        fan_in_fan_out=base_name == "gpt2",
-    ))
+    peft_model = get_peft_model(
+        base_copy(base_name),
+        PeftLoraConfig(
+            r=kwargs["r"],
+            lora_alpha=kwargs["alpha"],
+            target_modules=kwargs["target_modules"],
+            init_lora_weights=init,
+            use_dora=kwargs.get("use_dora", False),
+            use_rslora=kwargs.get("use_rslora", False),
+            fan_in_fan_out=base_name == "gpt2",
+        ),
+    )
     randomize_trainable(peft_model, std=0.2)
     peft_model.eval()
     expected = peft_model(input_ids).logits
@@ -173,8 +184,15 @@ def test_merged_weights_equal_pefts(base_copy, tmp_path):
 
 def test_patterns_are_converted_with_the_scaling_kept(base_copy, input_ids, tmp_path):
     model = base_copy("llama")
-    config = LoraConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"], init="pissa", use_rslora=True,
-                        rank_pattern={"v_proj": 3}, alpha_pattern={"v_proj": 5})
+    config = LoraConfig(
+        r=2,
+        alpha=3,
+        target_modules=["q_proj", "v_proj"],
+        init="pissa",
+        use_rslora=True,
+        rank_pattern={"v_proj": 3},
+        alpha_pattern={"v_proj": 5},
+    )
     lorakit.add_adapter(model, config)
     randomize_trainable(model, std=0.2)
     expected = model(input_ids).logits

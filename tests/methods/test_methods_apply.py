@@ -32,8 +32,9 @@ EXPECTED = {
     ("bert", "prompt"): 5 * HIDDEN + HIDDEN * LABELS + LABELS,
     ("bert", "head"): HIDDEN * LABELS + LABELS,
 }
-CASES = [("llama", m) for m in ("full", "adapter", "prefix", "prompt")] + \
-        [("bert", m) for m in ("full", "bitfit", "adapter", "prefix", "prompt", "head")]
+CASES = [("llama", m) for m in ("full", "adapter", "prefix", "prompt")] + [
+    ("bert", m) for m in ("full", "bitfit", "adapter", "prefix", "prompt", "head")
+]
 
 
 def inputs(key: str, ids: torch.Tensor) -> dict:
@@ -97,13 +98,18 @@ def test_adapter_is_a_residual_bottleneck_after_each_output_projection(llama):
     apply_method(llama, "adapter", MethodOptions(adapter_size=4, adapter_nonlinearity="relu"))
     randomize_trainable(llama, std=0.5)
     layer = llama.model.layers[1]
-    for projection, adapter, width_in in ((layer.self_attn.o_proj, layer.lorakit_adapter_attn, HIDDEN),
-                                          (layer.mlp.down_proj, layer.lorakit_adapter_mlp, 32)):
+    for projection, adapter, width_in in (
+        (layer.self_attn.o_proj, layer.lorakit_adapter_attn, HIDDEN),
+        (layer.mlp.down_proj, layer.lorakit_adapter_mlp, 32),
+    ):
         h = torch.randn(2, 5, width_in, generator=torch.Generator().manual_seed(1))
         d = lambda t: t.double()  # noqa: E731
         out = d(h) @ d(projection.weight).T
-        expected = out + torch.relu(out @ d(adapter.down.weight).T + d(adapter.down.bias)) @ d(adapter.up.weight).T \
+        expected = (
+            out
+            + torch.relu(out @ d(adapter.down.weight).T + d(adapter.down.bias)) @ d(adapter.up.weight).T
             + d(adapter.up.bias)
+        )
         torch.testing.assert_close(projection(h).double(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -23,8 +23,9 @@ from lorakit.methods import (
 from support.models import randomize_trainable
 
 OPTIONS = MethodOptions(adapter_size=4, prefix_length=3, prompt_length=5)
-CASES = [("llama", m) for m in ("full", "adapter", "prefix", "prompt")] + \
-        [("bert", m) for m in ("full", "bitfit", "adapter", "prefix", "prompt", "head")]
+CASES = [("llama", m) for m in ("full", "adapter", "prefix", "prompt")] + [
+    ("bert", m) for m in ("full", "bitfit", "adapter", "prefix", "prompt", "head")
+]
 
 
 def trained(base_copy, key: str, method: str, options: MethodOptions = OPTIONS):
@@ -41,8 +42,11 @@ def test_save_and_load_round_trip(base_copy, input_ids, tmp_path, key, method):
     save_method(model, tmp_path, base_model_name_or_path="tiny", task_type="SEQ_CLS" if key == "bert" else "CAUSAL_LM")
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["method"] == method and config["base_model_name_or_path"] == "tiny"
-    assert config["options"] == {"adapter": {"adapter_size": 4, "adapter_nonlinearity": "gelu", "adapter_norms": False},
-                                 "prefix": {"prefix_length": 3}, "prompt": {"prompt_length": 5}}.get(method, {})
+    assert config["options"] == {
+        "adapter": {"adapter_size": 4, "adapter_nonlinearity": "gelu", "adapter_norms": False},
+        "prefix": {"prefix_length": 3},
+        "prompt": {"prompt_length": 5},
+    }.get(method, {})
     stored = load_file(tmp_path / WEIGHTS_NAME)
     assert stored.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
@@ -86,7 +90,8 @@ def _damage_method(folder):
 def _damage_key(folder):
     tensors = load_file(folder / WEIGHTS_NAME)
     tensors["bert.encoder.layer.0.attention.self.lorakit_prefix.keys"] = tensors.pop(
-        "bert.encoder.layer.0.attention.self.lorakit_prefix.key")
+        "bert.encoder.layer.0.attention.self.lorakit_prefix.key"
+    )
     save_file(tensors, folder / WEIGHTS_NAME)
 
 
@@ -99,12 +104,16 @@ def _damage_key(folder):
         (lambda f: (f / WEIGHTS_NAME).write_bytes((f / WEIGHTS_NAME).read_bytes()[:100]), ValueError, "truncated"),
         (lambda f: (f / WEIGHTS_NAME).unlink(), FileNotFoundError, f"has no {WEIGHTS_NAME}"),
         (lambda f: (f / CONFIG_NAME).write_text("{"), ValueError, "not valid JSON"),
-        (lambda f: (f / CONFIG_NAME).write_text('{"method": "adapter", "options": {"size": 3}}'), ValueError,
-         "bad options"),
+        (
+            lambda f: (f / CONFIG_NAME).write_text('{"method": "adapter", "options": {"size": 3}}'),
+            ValueError,
+            "bad options",
+        ),
     ],
 )
-def test_a_folder_that_does_not_fit_is_refused_and_changes_nothing(base_copy, tmp_path, unchanged, damage, error,
-                                                                   message):
+def test_a_folder_that_does_not_fit_is_refused_and_changes_nothing(
+    base_copy, tmp_path, unchanged, damage, error, message
+):
     save_method(trained(base_copy, "bert", "prefix"), tmp_path)
     damage(tmp_path)
     fresh = base_copy("bert")

@@ -55,14 +55,15 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(base_copy, key, side,
 def test_generate_equals_greedy_decoding_of_each_row_alone(base_copy, method):
     model = tuned(base_copy, "llama", method).eval()
     ids, mask = padded("left")
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                         pad_token_id=PAD, eos_token_id=None)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None
+    )
     for i, row in enumerate(ROWS):
         sequence = row[None]
         for _ in range(6):  # no cache: the whole sequence through the model at every step
             logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits
             sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        assert out[i, ids.shape[1]:].tolist() == sequence[0, len(row):].tolist()
+        assert out[i, ids.shape[1] :].tolist() == sequence[0, len(row) :].tolist()
 
 
 def test_prompt_loss_covers_the_callers_target_tokens_only(base_copy):
@@ -75,5 +76,9 @@ def test_prompt_loss_covers_the_callers_target_tokens_only(base_copy):
     expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
     # The training loop's fused loss (backbone + chunked head) sees the same tokens.
-    torch.testing.assert_close(causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}),
-                               expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}),
+        expected,
+        rtol=1e-5,
+        atol=1e-6,
+    )

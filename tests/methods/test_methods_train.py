@@ -36,19 +36,47 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def train(tiny: dict[str, Path], key: str, method: str, out: Path, *extra: str):
-    data = ["--data", str(tiny["pairs"]), "--input-field", "mr", "--target-field", "text"] if key == "llama" else \
-        ["--data", str(tiny["reviews"]), "--task", "seq-cls"]
-    args = ["train", "--model", str(tiny[key]), *data, "--method", method, "--adapter-size", "4",
-            "--prefix-length", "2", "--prompt-length", "2", "--batch-size", "4", "--max-steps", "4",
-            "--eval-examples", "2", "--lr", "0.01", "--output", str(out), "--quiet", *extra]
+    data = (
+        ["--data", str(tiny["pairs"]), "--input-field", "mr", "--target-field", "text"]
+        if key == "llama"
+        else ["--data", str(tiny["reviews"]), "--task", "seq-cls"]
+    )
+    args = [
+        "train",
+        "--model",
+        str(tiny[key]),
+        *data,
+        "--method",
+        method,
+        "--adapter-size",
+        "4",
+        "--prefix-length",
+        "2",
+        "--prompt-length",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--eval-examples",
+        "2",
+        "--lr",
+        "0.01",
+        "--output",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
     started = time.perf_counter()
     result = runner.invoke(app, args)
     result.wall_ms = 1000 * (time.perf_counter() - started)
     return result, result.output
 
 
-@pytest.mark.parametrize("key, method", [("llama", m) for m in ("full", "adapter", "prefix", "prompt")] +
-                         [("bert", m) for m in ("bitfit", "head")])
+@pytest.mark.parametrize(
+    "key, method",
+    [("llama", m) for m in ("full", "adapter", "prefix", "prompt")] + [("bert", m) for m in ("bitfit", "head")],
+)
 def test_train_writes_the_methods_folder_and_costs(tiny, tmp_path, key, method):
     out = tmp_path / "run"
     result, output = train(tiny, key, method, out)

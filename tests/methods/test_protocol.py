@@ -22,8 +22,12 @@ from lorakit.methods import (
 )
 from support.models import assert_same_snapshot, randomize_trainable, snapshot
 
-OPTIONS = MethodOptions(adapter_size=4, prefix_length=3, prompt_length=5,
-                        lora=lorakit.LoraConfig(r=2, alpha=4, target_modules=["query", "value"]))
+OPTIONS = MethodOptions(
+    adapter_size=4,
+    prefix_length=3,
+    prompt_length=5,
+    lora=lorakit.LoraConfig(r=2, alpha=4, target_modules=["query", "value"]),
+)
 
 
 def added(name: str) -> bool:

@@ -19,9 +19,22 @@ from lorakit.quant.nf4 import (
 
 # NF4 as printed in the QLoRA paper (Dettmers et al. 2023, appendix E).
 PAPER_NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 
 
@@ -67,7 +80,7 @@ def test_blockwise_roundtrip_equals_the_plain_reference():
     reference = _reference_roundtrip(flat).float()
     torch.testing.assert_close(decoded, reference, rtol=1e-6, atol=1e-6)
     assert decoded[5] == 0  # zero stays exactly zero
-    assert torch.all(dequantize_blocks(packed, absmax)[flat.numel():] == 0)  # padding decodes to zeros
+    assert torch.all(dequantize_blocks(packed, absmax)[flat.numel() :] == 0)  # padding decodes to zeros
 
 
 def test_error_on_normal_data_is_within_the_bound_and_below_uniform_4bit():
@@ -117,9 +130,9 @@ def test_double_quantization_matches_the_plain_reference():
     centred = absmax.double() - absmax.double().mean()
     expected = torch.empty_like(centred)
     for start in range(0, centred.numel(), 256):
-        block = centred[start:start + 256]
+        block = centred[start : start + 256]
         s = 127 / block.abs().max()
-        expected[start:start + 256] = torch.round(block * s) / s
+        expected[start : start + 256] = torch.round(block * s) / s
     expected += absmax.double().mean()
     decoded = double_dequantize(codes, step, mean)
     torch.testing.assert_close(decoded.double(), expected, rtol=0, atol=1e-6)
@@ -162,8 +175,13 @@ def test_level_search_agrees_with_a_binary_search_at_the_boundaries():
 
     bounds = _midpoints(nf4_code())
     up, down = torch.tensor(2.0), torch.tensor(-2.0)
-    values = torch.cat([
-        torch.rand(100_000, generator=torch.Generator().manual_seed(5)) * 2 - 1,
-        bounds, torch.nextafter(bounds, up), torch.nextafter(bounds, down), torch.tensor([-1.0, 0.0, 1.0]),
-    ])
+    values = torch.cat(
+        [
+            torch.rand(100_000, generator=torch.Generator().manual_seed(5)) * 2 - 1,
+            bounds,
+            torch.nextafter(bounds, up),
+            torch.nextafter(bounds, down),
+            torch.tensor([-1.0, 0.0, 1.0]),
+        ]
+    )
     assert torch.equal(_nearest_level(values).long(), torch.bucketize(values, bounds))

@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 import yaml
-from support.files import save_tiny_llama
-from support.models import make_llama, randomize_lora
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import lorakit
 from lorakit.cli import app
 from lorakit.quant import QuantLinear, quantize, quantized_layers
+from support.files import save_tiny_llama
+from support.models import make_llama, randomize_lora
 
 HIDDEN = 36  # q/o 36×36 and k/v 18×36 are not whole numbers of 64-value blocks: padded
 LORA = dict(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
@@ -54,8 +54,7 @@ def test_lora_gradients_equal_those_of_a_float_model_with_the_decoded_weights(me
     assert grads.keys() == expected.keys() and len(grads) == 28  # 14 layers × (A, B)
     for name, grad in grads.items():
         assert _relative(grad, expected[name]) <= 1e-5, name
-    assert all(p.grad is None for m in quantized.modules()
-               if isinstance(m, QuantLinear) for p in m.parameters())
+    assert all(p.grad is None for m in quantized.modules() if isinstance(m, QuantLinear) for p in m.parameters())
 
 
 def test_training_keeps_reaching_every_layer_after_eval_and_generate():
@@ -67,7 +66,8 @@ def test_training_keeps_reaching_every_layer_after_eval_and_generate():
     batch = _batch()
     assert all(not p.requires_grad for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters())
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
-        id(p) for n, p in model.named_parameters() if ".lora_" in n}
+        id(p) for n, p in model.named_parameters() if ".lora_" in n
+    }
 
     model.train()
     losses = []
@@ -108,13 +108,40 @@ def test_train_command_with_quantize(tmp_path):
     torch.manual_seed(0)
     model_dir = save_tiny_llama(tmp_path / "llama", chat=True)
     data = tmp_path / "pairs.jsonl"
-    pairs = [("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
-             ("name[Blue Spice], eatType[pub]", "Blue Spice is a pub.")] * 8
+    pairs = [
+        ("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
+        ("name[Blue Spice], eatType[pub]", "Blue Spice is a pub."),
+    ] * 8
     data.write_text("".join(json.dumps({"mr": mr, "text": text}) + "\n" for mr, text in pairs))
     out = tmp_path / "run"
-    args = ["train", "--model", str(model_dir), "--data", str(data), "--input-field", "mr", "--target-field", "text",
-            "--target-modules", "q_proj,v_proj", "--r", "2", "--batch-size", "4", "--max-steps", "3",
-            "--eval-examples", "2", "--lr", "0.01", "--output", str(out), "--quiet", "--quantize", "nf4"]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--input-field",
+        "mr",
+        "--target-field",
+        "text",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--r",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--eval-examples",
+        "2",
+        "--lr",
+        "0.01",
+        "--output",
+        str(out),
+        "--quiet",
+        "--quantize",
+        "nf4",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "quantized 14 linear layers to nf4+dq" in result.output
@@ -142,8 +169,9 @@ def test_smollm2_linear_weights_in_nf4_take_under_a_seventh_of_fp32():
 
     report = quantize(model, "nf4", double_quant=True)
     assert set(report.quantized) == set(linears) - tied - {"lm_head"} and len(report.quantized) == 210
-    stored = sum(t.untyped_storage().nbytes() for _, layer in quantized_layers(model)
-                 for t in layer.quant_buffers().values())
+    stored = sum(
+        t.untyped_storage().nbytes() for _, layer in quantized_layers(model) for t in layer.quant_buffers().values()
+    )
     assert stored == report.quantized_bytes
     assert fp32_bytes == report.float_bytes
     assert stored <= 0.14 * fp32_bytes  # measured about 0.129

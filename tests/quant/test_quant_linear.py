@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support.models import make_gpt2, make_llama, randomize_lora
 from torch import nn
 
 import lorakit
 from lorakit.layers import LoraLayer
 from lorakit.quant import QuantLinear, quantize, requantization_errors
 from lorakit.quant.nf4 import NF4Codec, nf4_code
+from support.models import make_gpt2, make_llama, randomize_lora
 
 METHOD_OPTIONS = {
     "nf4": {"method": "nf4"},
@@ -177,8 +177,10 @@ def test_quantize_keeps_tied_weights_and_other_layer_types():
 def test_quantize_skip_list_and_bad_input(unchanged):
     model = make_llama(hidden=LLAMA_HIDDEN)
     report = quantize(model, "nf4", skip=["down_proj", "lm_head"])
-    assert {p for p in report.skipped if p.endswith("down_proj")} == {"model.layers.0.mlp.down_proj",
-                                                                     "model.layers.1.mlp.down_proj"}
+    assert {p for p in report.skipped if p.endswith("down_proj")} == {
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    }
     with unchanged(model), pytest.raises(ValueError, match="already quantized"):
         quantize(model, "nf4")
     fresh = make_llama(hidden=LLAMA_HIDDEN)
@@ -282,7 +284,9 @@ def test_save_and_load_the_quantized_base(tmp_path, input_ids, method, tied):
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
     # Float model bytes vs file: the quantized linears are a fraction of their float size.
-    assert path.stat().st_size < sum(t.numel() * t.element_size() for t in make_llama(tied=tied, hidden=LLAMA_HIDDEN).state_dict().values())
+    assert path.stat().st_size < sum(
+        t.numel() * t.element_size() for t in make_llama(tied=tied, hidden=LLAMA_HIDDEN).state_dict().values()
+    )
 
 
 def test_save_strips_adapters_and_load_checks_the_model(tmp_path, input_ids, unchanged):

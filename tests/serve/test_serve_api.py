@@ -10,13 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from support.serving import PROMPTS, make_model_and_adapters, reference_texts, running
-from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 from typer.testing import CliRunner
 
 from lorakit.cli import app as cli_app
 from lorakit.models import load_model
 from lorakit.serve import ServeConfig, create_app
+from support.serving import (
+    PROMPTS,
+    make_model_and_adapters,
+    one_torch_thread,  # noqa: F401  (an autouse fixture)
+    reference_texts,
+    running,
+)
 
 BASE = "tiny-llama"
 MODELS = [BASE, "sql", "e2e", "chat"]
@@ -31,8 +36,14 @@ def setup(tmp_path_factory):
     model, tokenizer = load_model(str(model_dir), "causal-lm")
     app = create_app(model, tokenizer, ServeConfig(BASE, max_batch_size=6, max_tokens=64), folders)
     with running(app) as url:
-        yield {"url": url, "app": app, "model_dir": model_dir, "folders": folders, "expected": expected,
-               "client": openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)}
+        yield {
+            "url": url,
+            "app": app,
+            "model_dir": model_dir,
+            "folders": folders,
+            "expected": expected,
+            "client": openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0),
+        }
 
 
 def test_model_list_has_the_base_and_every_adapter(setup):
@@ -80,30 +91,51 @@ def wait_for_queue(url: str, depth: int) -> None:
 def test_chat_equals_lorakit_generate_with_the_chat_template(setup):
     client = setup["client"]
     prompt = PROMPTS[3]
-    result = CliRunner().invoke(cli_app, ["generate", "--model", str(setup["model_dir"]), "--adapter",
-                                          str(setup["folders"]["chat"]), "--max-new-tokens", str(N), prompt])
+    result = CliRunner().invoke(
+        cli_app,
+        [
+            "generate",
+            "--model",
+            str(setup["model_dir"]),
+            "--adapter",
+            str(setup["folders"]["chat"]),
+            "--max-new-tokens",
+            str(N),
+            prompt,
+        ],
+    )
     assert result.exit_code == 0, result.output
-    out = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": prompt}],
-                                         max_tokens=N, temperature=0)
+    out = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": prompt}], max_tokens=N, temperature=0
+    )
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content.strip() == result.stdout.strip()
-    assert out.object == "chat.completion" and out.usage.total_tokens == out.usage.prompt_tokens + \
-        out.usage.completion_tokens
+    assert (
+        out.object == "chat.completion"
+        and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    )
 
 
 def test_streaming_gives_the_same_text_in_pieces(setup):
     client = setup["client"]
     whole = client.completions.create(model="e2e", prompt=PROMPTS[1], max_tokens=N, temperature=0)
-    chunks = list(client.completions.create(model="e2e", prompt=PROMPTS[1], max_tokens=N, temperature=0,
-                                            stream=True))
+    chunks = list(client.completions.create(model="e2e", prompt=PROMPTS[1], max_tokens=N, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks][-1] == whole.choices[0].finish_reason
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
     messages = [{"role": "user", "content": PROMPTS[0]}]
     whole = client.chat.completions.create(model="sql", messages=messages, max_tokens=N, temperature=0)
-    chunks = list(client.chat.completions.create(model="sql", messages=messages, max_tokens=N, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="sql",
+            messages=messages,
+            max_tokens=N,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -116,8 +148,9 @@ def test_stop_strings_end_the_text_before_them(setup):
     stop = full[4:7]
     expected = full[: full.find(stop)]
     for stream in (False, True):
-        out = client.completions.create(model="sql", prompt=PROMPTS[2], max_tokens=N, temperature=0, stop=[stop],
-                                        stream=stream)
+        out = client.completions.create(
+            model="sql", prompt=PROMPTS[2], max_tokens=N, temperature=0, stop=[stop], stream=stream
+        )
         chunks = list(out) if stream else [out]
         assert "".join(c.choices[0].text for c in chunks) == expected
         assert chunks[-1].choices[0].finish_reason == "stop"
@@ -125,8 +158,12 @@ def test_stop_strings_end_the_text_before_them(setup):
 
 def test_sampling_with_a_seed_is_reproducible(setup):
     client = setup["client"]
-    texts = [client.completions.create(model="chat", prompt=PROMPTS[0], max_tokens=N, temperature=1.2, top_p=0.9,
-                                       seed=11).choices[0].text for _ in range(2)]
+    texts = [
+        client.completions.create(model="chat", prompt=PROMPTS[0], max_tokens=N, temperature=1.2, top_p=0.9, seed=11)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert texts[0] == texts[1]
 
 
@@ -140,8 +177,11 @@ def test_metrics_count_requests_tokens_and_queues_per_model(setup):
     client = setup["client"]
     client.completions.create(model="e2e", prompt=PROMPTS[0], max_tokens=3, temperature=0)
     text = httpx.get(f"{setup['url']}/metrics").text
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert samples['lorakit_requests_total{model="e2e",outcome="length"}'] >= 1
     assert samples['lorakit_generated_tokens_total{model="e2e"}'] >= 3
     assert samples['lorakit_generated_tokens_per_second{model="e2e"}'] > 0

@@ -12,11 +12,16 @@ import time
 import httpx
 import openai
 import pytest
-from support.serving import PROMPTS, free_socket, make_model_and_adapters, reference_texts
-from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 from typer.testing import CliRunner
 
 from lorakit.cli import app
+from support.serving import (
+    PROMPTS,
+    free_socket,
+    make_model_and_adapters,
+    one_torch_thread,  # noqa: F401  (an autouse fixture)
+    reference_texts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +29,17 @@ def files(tmp_path_factory):
     return make_model_and_adapters(tmp_path_factory.mktemp("cli"))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--adapter", "=x"], "--adapter takes NAME=FOLDER"),
-    (["--adapter", "a=x", "--adapter", "a=y"], "two adapters are named 'a'"),
-    (["--max-queue", "0"], "max_queue must be at least 1"),
-    (["--batch-wait-ms", "-1"], "batch_wait_ms must not be negative"),
-    (["--adapter", "sql=does-not-exist"], "does-not-exist"),
-    (["--adapter-dir", "no-such-dir"], "adapter folder"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--adapter", "=x"], "--adapter takes NAME=FOLDER"),
+        (["--adapter", "a=x", "--adapter", "a=y"], "two adapters are named 'a'"),
+        (["--max-queue", "0"], "max_queue must be at least 1"),
+        (["--batch-wait-ms", "-1"], "batch_wait_ms must not be negative"),
+        (["--adapter", "sql=does-not-exist"], "does-not-exist"),
+        (["--adapter-dir", "no-such-dir"], "adapter folder"),
+    ],
+)
 def test_bad_options_exit_2_with_one_line(files, extra, message):
     model_dir, _ = files
     result = CliRunner().invoke(app, ["serve", "--model", str(model_dir), *extra])
@@ -47,9 +55,24 @@ def test_server_process_answers_and_stops_on_ctrl_c(files):
     sock.close()  # the server binds it again (SO_REUSEADDR)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAKIT_API_KEY": "k"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), "--adapter", f"e2e={folders['e2e']}",
-         "--served-model-name", "tiny", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            f"e2e={folders['e2e']}",
+            "--served-model-name",
+            "tiny",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 180  # generous: the tests may share a loaded machine

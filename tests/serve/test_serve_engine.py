@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.serving import PROMPTS, make_model_and_adapters, reference_tokens
-from support.serving import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 import lorakit
 from lorakit.models import load_model
 from lorakit.serve.engine import Engine, Sampling, Sequence
 from lorakit.serve.kvcache import RowCache
+from support.serving import (
+    PROMPTS,
+    make_model_and_adapters,
+    one_torch_thread,  # noqa: F401  (an autouse fixture)
+    reference_tokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +42,13 @@ def run_to_end(engine: Engine, joins: dict[int, list[Sequence]]) -> None:
 def test_mixed_batches_give_each_adapters_own_greedy_tokens(served):
     model, tokenizer = served
     plan = [  # (adapter, prompt, max_tokens, step at which it joins)
-        ("sql", PROMPTS[0], 12, 0), ("e2e", PROMPTS[1], 9, 0), (None, PROMPTS[2], 12, 0),
-        ("chat", PROMPTS[3], 14, 3), ("sql", PROMPTS[1], 6, 3), ("e2e", PROMPTS[2], 12, 5), ("chat", PROMPTS[0], 12, 9),
+        ("sql", PROMPTS[0], 12, 0),
+        ("e2e", PROMPTS[1], 9, 0),
+        (None, PROMPTS[2], 12, 0),
+        ("chat", PROMPTS[3], 14, 3),
+        ("sql", PROMPTS[1], 6, 3),
+        ("e2e", PROMPTS[2], 12, 5),
+        ("chat", PROMPTS[0], 12, 9),
     ]
     engine = Engine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch_size=6)
     sequences, joins = [], {}
@@ -61,8 +70,10 @@ def test_sampling_is_reproducible_with_a_seed_and_ignore_eos_runs_to_max_tokens(
     runs = []
     for _ in range(2):
         engine = Engine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch_size=2)
-        seqs = [Sequence(prompt, "sql", Sampling(10, temperature=0.9, top_p=0.8, seed=7, ignore_eos=True)),
-                Sequence(prompt, "e2e", Sampling(10, temperature=1.5, seed=8, ignore_eos=True))]
+        seqs = [
+            Sequence(prompt, "sql", Sampling(10, temperature=0.9, top_p=0.8, seed=7, ignore_eos=True)),
+            Sequence(prompt, "e2e", Sampling(10, temperature=1.5, seed=8, ignore_eos=True)),
+        ]
         run_to_end(engine, {0: seqs})
         runs.append([s.generated for s in seqs])
     assert runs[0] == runs[1]
@@ -83,7 +94,7 @@ def test_row_cache_keeps_each_rows_tokens_when_rows_leave_and_join():
         keys = torch.zeros(len(seqs), 1, width, 1)
         for j, (seq, length) in enumerate(seqs.items()):
             contents[seq] = [1000.0 * seq + c for c in range(length)]
-            keys[j, 0, width - length:, 0] = torch.tensor(contents[seq])
+            keys[j, 0, width - length :, 0] = torch.tensor(contents[seq])
             order.append(seq)
         cache.add([(keys, keys.clone())], list(seqs.values()))
 
@@ -107,7 +118,8 @@ def test_row_cache_keeps_each_rows_tokens_when_rows_leave_and_join():
             order[row] = last
 
     join({1: 3, 2: 5})
-    step(); step()
+    step()
+    step()
     join({3: 9})  # longer than the window: the rows move right
     step()
     leave(1)
@@ -115,8 +127,10 @@ def test_row_cache_keeps_each_rows_tokens_when_rows_leave_and_join():
         step()
     join({4: 2, 5: 4})
     step()
-    leave(3); leave(5)
+    leave(3)
+    leave(5)
     step()
     assert sorted(order) == [2, 4] and cache.rows == 2
-    leave(2); leave(4)
+    leave(2)
+    leave(4)
     assert cache.rows == 0 and cache.end == 0

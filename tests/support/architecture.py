@@ -120,9 +120,9 @@ def _private_definitions(modules: dict[str, Module]) -> dict[str, set[str]]:
     defined: dict[str, set[str]] = {}
     for module in modules.values():
         for node in ast.walk(module.tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                if node.name.startswith("_") and not node.name.startswith("__"):
-                    defined.setdefault(node.name, set()).add(module.name)
+            is_definition = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if is_definition and node.name.startswith("_") and not node.name.startswith("__"):
+                defined.setdefault(node.name, set()).add(module.name)
     return defined
 
 

@@ -35,24 +35,45 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
 
 def make_llama(tied: bool = False, attention_bias: bool = False, hidden: int = HIDDEN) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-        tie_word_embeddings=tied, attention_bias=attention_bias, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+        attention_bias=attention_bias,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
     )
     return _seeded(lambda: LlamaForCausalLM(config))
 
 
 def make_gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return _seeded(lambda: GPT2LMHeadModel(config))
 
 
 def make_bert(num_labels: int = 3) -> BertForSequenceClassification:
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=32, num_labels=num_labels, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        pad_token_id=0,
     )
     return _seeded(lambda: BertForSequenceClassification(config))
 
@@ -81,7 +102,7 @@ def randomize_trainable(model: nn.Module, std: float = 0.1, seed: int = 3) -> No
     """Give every trainable parameter random values, so B ≠ 0 and adapted outputs really differ."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * std)
 
@@ -118,8 +139,11 @@ def snapshot(model: nn.Module) -> dict:
         "active": lorakit.active_adapters(model),
         "wrapper_state": {
             p: (
-                list(getattr(m, "active_adapters", [])), list(getattr(m, "merged_adapters", [])),
-                dict(getattr(m, "scaling", {})), getattr(m, "active_adapter", None), m.disabled,
+                list(getattr(m, "active_adapters", [])),
+                list(getattr(m, "merged_adapters", [])),
+                dict(getattr(m, "scaling", {})),
+                getattr(m, "active_adapter", None),
+                m.disabled,
             )
             for p, m in wrappers.items()
         },

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
-from support.files import save_tiny_llama
-from support.models import randomize_lora
 
 import lorakit
 from lorakit.generate import generate_texts
 from lorakit.models import load_model
+from support.files import save_tiny_llama
+from support.models import randomize_lora
 
 ADAPTERS = {
     "sql": lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -55,8 +55,9 @@ def make_model_and_adapters(root: Path) -> tuple[Path, dict[str, Path]]:
     return model_dir, {name: lorakit.save_adapter(model, root / "adapters" / name, name=name) for name in ADAPTERS}
 
 
-def reference_texts(model_dir: Path, adapter: Path | None, prompts: list[str], max_new_tokens: int,
-                    chat: bool = False) -> list[str]:
+def reference_texts(
+    model_dir: Path, adapter: Path | None, prompts: list[str], max_new_tokens: int, chat: bool = False
+) -> list[str]:
     """What `lorakit generate` prints for these prompts with only this adapter (None: the base model)."""
     from lorakit.train.data import format_prompt
 
@@ -70,15 +71,19 @@ def reference_texts(model_dir: Path, adapter: Path | None, prompts: list[str], m
 def reference_tokens(model, tokenizer, adapter: str | None, prompt: str, max_new_tokens: int) -> list[int]:
     """Greedy tokens of `model.generate` on the prompt alone with only `adapter` active (up to the first EOS)."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if adapter is None:
         with lorakit.disable_adapters(model):
             out = model.generate(ids, **kwargs)
     else:
         lorakit.set_adapter(model, adapter)
         out = model.generate(ids, **kwargs)
-    tokens = out[0, ids.shape[1]:].tolist()
+    tokens = out[0, ids.shape[1] :].tolist()
     return tokens[: tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens
 
 

@@ -146,8 +146,12 @@ def test_classification_pairs_and_label_names(tmp_path):
     numeric = write_jsonl(tmp_path / "n.jsonl", [{"text": "x", "label": 2}, {"text": "y", "label": "0"}])
     assert load_data(str(numeric), task="seq-cls").label_names == ("0", "1", "2")
     with pytest.raises(DataError, match="label 'maybe'"):
-        load_data(str(write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "label": "maybe"}])), "train", "seq-cls",
-                  label_names=["no", "yes"])
+        load_data(
+            str(write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "label": "maybe"}])),
+            "train",
+            "seq-cls",
+            label_names=["no", "yes"],
+        )
 
 
 def test_hub_path_goes_through_datasets_load_dataset(tmp_path):
@@ -168,13 +172,19 @@ def test_unreachable_hub_data_set_is_a_data_error(monkeypatch):
     [
         (None, {}, "data file not found"),
         ("", {}, "the data set is empty"),
-        ('{"q": "a", "a": "b"}\n', {},
-         r"no target field among .*; fields present: q, a \(name one with target_field\)"),
+        (
+            '{"q": "a", "a": "b"}\n',
+            {},
+            r"no target field among .*; fields present: q, a \(name one with target_field\)",
+        ),
         ('{"q": "a", "output": "b"}\n', {}, r"no input field among input, text, .*; fields present: q, output"),
         ('{"q": "a", "a": "b"}\n', {"input_field": "question", "target_field": "a"}, "no input field 'question'"),
         ('{"q": "a", "a": "b"}\n', {"template": "{query}", "target_field": "a"}, "template field 'query' is not in"),
-        ('{"q": "a", "a": "b"}\n{"q": "c"}\n', {"input_field": "q", "target_field": "a"},
-         "record 2 has no value for field 'a'"),
+        (
+            '{"q": "a", "a": "b"}\n{"q": "c"}\n',
+            {"input_field": "q", "target_field": "a"},
+            "record 2 has no value for field 'a'",
+        ),
         ('{"q": "a"}\nnot json\n', {}, r"d.jsonl:2: invalid JSON"),
     ],
 )

@@ -20,10 +20,12 @@ from typer.testing import CliRunner
 from lorakit.cli import app
 from support.files import save_tiny_llama
 
-ROWS = [("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
-        ("name[Blue Spice], near[The Vaults]", "Blue Spice is near The Vaults."),
-        ("name[Café Adriatic], priceRange[cheap]", "Café Adriatic is cheap."),
-        ("name[The Vaults], area[riverside]", "The Vaults is by the riverside.")] * 5
+ROWS = [
+    ("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
+    ("name[Blue Spice], near[The Vaults]", "Blue Spice is near The Vaults."),
+    ("name[Café Adriatic], priceRange[cheap]", "Café Adriatic is cheap."),
+    ("name[The Vaults], area[riverside]", "The Vaults is by the riverside."),
+] * 5
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +40,50 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     # Batches of 5 do not split evenly over 2 processes: the token weighting must still match.
-    return ["train", "--model", str(model), "--data", str(data), "--target-modules", "q_proj,v_proj,o_proj",
-            "--lora-rank", "2", "--dropout", "0", "--batch-size", "5", "--grad-accum", "2", "--max-steps", "4",
-            "--lr", "0.02", "--eval-examples", "3", "--eval-every", "2", "--output", str(out), "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--target-modules",
+        "q_proj,v_proj,o_proj",
+        "--lora-rank",
+        "2",
+        "--dropout",
+        "0",
+        "--batch-size",
+        "5",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "4",
+        "--lr",
+        "0.02",
+        "--eval-examples",
+        "3",
+        "--eval-every",
+        "2",
+        "--output",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def torchrun(nproc: int, cli_args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "lorakit", *cli_args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "lorakit",
+        *cli_args,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -107,8 +144,13 @@ def test_a_dying_process_fails_the_launch(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0
     assert time.perf_counter() - started < 90
 

@@ -16,8 +16,15 @@ from support.files import interrupting_collator, random_token_rows
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, alpha=4, dropout=0.2, target_modules=["q_proj", "v_proj"]))
     return model
@@ -76,8 +83,6 @@ def test_only_adapter_parameters_change(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "loss.png").is_file()
 
 
-
-
 @pytest.mark.parametrize("at_call", [6, 7])  # mid-way through a step's accumulation, and at a step boundary
 def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(tmp_path, at_call):
     reference = tiny_model()
@@ -100,10 +105,23 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(tmp_path, at_call):
 
 def test_trainer_callback_writes_loadable_adapter_per_checkpoint(tmp_path):
     model = tiny_model()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=1, per_device_train_batch_size=2,
-                             report_to=[], use_cpu=True, learning_rate=0.05, save_only_model=True)
-    trainer = Trainer(model=model, args=args, train_dataset=features(4), data_collator=Collator(0),
-                      callbacks=[AdapterCheckpointCallback(model)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_steps=1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=0.05,
+        save_only_model=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=features(4),
+        data_collator=Collator(0),
+        callbacks=[AdapterCheckpointCallback(model)],
+    )
     trainer.train()
     for folder in (tmp_path / "checkpoint-1" / "adapter", tmp_path / "checkpoint-2" / "adapter", tmp_path / "adapter"):
         assert (folder / "adapter_model.safetensors").is_file(), folder
@@ -135,8 +153,14 @@ def test_tensorboard_gets_every_logged_scalar(tmp_path, monkeypatch):
     import types
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
-    result = train_adapter(tiny_model(), features(), Collator(0), LoopSettings(**SETTINGS, tensorboard=True), tmp_path,
-                           evaluate=lambda m: {"eval_loss": 1.5})
+    result = train_adapter(
+        tiny_model(),
+        features(),
+        Collator(0),
+        LoopSettings(**SETTINGS, tensorboard=True),
+        tmp_path,
+        evaluate=lambda m: {"eval_loss": 1.5},
+    )
     writer = RecordingWriter.instances[-1]
     assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
     expected = [(k, v, h["step"]) for h in result.history for k, v in h.items() if k != "step"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support.models import VOCAB, make_gpt2, make_llama, randomize_lora
 
 import lorakit
 from lorakit.train.loss import causal_lm_loss, fused_head, linear_cross_entropy
+from support.models import VOCAB, make_gpt2, make_llama, randomize_lora
 
 
 def _batch(pad_right: int = 3) -> dict[str, torch.Tensor]:
@@ -61,9 +61,13 @@ def test_chunks_and_bias_give_the_written_out_cross_entropy():
     logits = hidden @ weight.t() + bias
     expected = 0.5 * (torch.logsumexp(logits, -1) - logits[torch.arange(11), targets]).sum()
     torch.testing.assert_close(got, expected)
-    for a, b in zip(torch.autograd.grad(got, (hidden, weight, bias)), torch.autograd.grad(expected, (hidden, weight, bias))):
+    for a, b in zip(
+        torch.autograd.grad(got, (hidden, weight, bias)), torch.autograd.grad(expected, (hidden, weight, bias))
+    ):
         torch.testing.assert_close(a, b)
-    assert torch.autograd.gradcheck(lambda h, w, b: linear_cross_entropy(h, w, b, targets, chunk=3), (hidden, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: linear_cross_entropy(h, w, b, targets, chunk=3), (hidden, weight, bias)
+    )
 
 
 def test_falls_back_where_the_head_is_not_plain(bert):

@@ -20,8 +20,17 @@ from support.models import fill_
 
 def _model(seed: int = 0, **config) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    )
     targets = ["q_proj", "v_proj", "embed_tokens"]
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=targets, **config))
     return model
@@ -45,8 +54,9 @@ def test_groups_put_exactly_the_b_matrices_at_the_higher_rate():
 
 def test_dora_magnitudes_and_heads_keep_the_base_rate(base_copy):
     model = base_copy("bert")
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["query"], use_dora=True,
-                                                  modules_to_save=["classifier"]))
+    lorakit.add_adapter(
+        model, lorakit.LoraConfig(r=2, target_modules=["query"], use_dora=True, modules_to_save=["classifier"])
+    )
     base_group, b_group = loraplus_param_groups(model, lr=1.0, ratio=4)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("lora_B" in names[id(p)] for p in b_group["params"])
@@ -76,10 +86,9 @@ def test_invalid_ratio_is_refused():
     assert len(param_groups(_model(), lr=1e-3)) == 1  # no ratio: one group, as before
 
 
-SETTINGS = dict(lr=0.05, max_steps=6, batch_size=2, grad_accum=2, seed=3, progress=False, save_every=None,
-                loraplus_ratio=16.0)
-
-
+SETTINGS = dict(
+    lr=0.05, max_steps=6, batch_size=2, grad_accum=2, seed=3, progress=False, save_every=None, loraplus_ratio=16.0
+)
 
 
 def test_training_scales_both_groups_and_resumes_exactly(tmp_path, monkeypatch):

@@ -25,7 +25,10 @@ def test_defaults_come_from_the_library_dataclasses():
     cfg = RunConfig()
     assert (cfg.r, cfg.alpha, cfg.init) == (LoraConfig.r, LoraConfig.alpha, LoraConfig.init)
     assert (cfg.adapter_size, cfg.prefix_length, cfg.prompt_length) == (
-        MethodOptions.adapter_size, MethodOptions.prefix_length, MethodOptions.prompt_length)
+        MethodOptions.adapter_size,
+        MethodOptions.prefix_length,
+        MethodOptions.prompt_length,
+    )
     assert isinstance(cfg.loop, LoopSettings) and cfg.warmup_ratio == LoopSettings.warmup_ratio
     # What `lorakit train` starts from where it differs from the library's own defaults.
     assert (cfg.lr, cfg.eval_every, cfg.dropout) == (1e-3, 25, 0.05)
@@ -33,12 +36,28 @@ def test_defaults_come_from_the_library_dataclasses():
 
 def test_flat_and_nested_yaml_give_the_same_config(tmp_path):
     flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
-    flat.write_text(yaml.safe_dump({"r": 4, "lr": 5e-4, "data": "sst2", "method": "lora", "output": "runs/x",
-                                    "target-modules": ["query", "value"]}))
-    nested.write_text(yaml.safe_dump({
-        "tuning": {"method": "lora", "lora": {"r": 4, "target_modules": ["query", "value"]}},
-        "loop": {"lr": 5e-4}, "dataset": {"data": "sst2"}, "run": {"output": "runs/x"},
-    }))
+    flat.write_text(
+        yaml.safe_dump(
+            {
+                "r": 4,
+                "lr": 5e-4,
+                "data": "sst2",
+                "method": "lora",
+                "output": "runs/x",
+                "target-modules": ["query", "value"],
+            }
+        )
+    )
+    nested.write_text(
+        yaml.safe_dump(
+            {
+                "tuning": {"method": "lora", "lora": {"r": 4, "target_modules": ["query", "value"]}},
+                "loop": {"lr": 5e-4},
+                "dataset": {"data": "sst2"},
+                "run": {"output": "runs/x"},
+            }
+        )
+    )
     a, b = RunConfig.from_sources(flat), RunConfig.from_sources(nested)
     assert a == b
     assert (a.r, a.tuning.lora.r, a.lr, a.loop.lr, a.target_modules) == (4, 4, 5e-4, 5e-4, ["query", "value"])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from support.models import make_gpt2, make_llama, randomize_lora
 
 import lorakit
 from lorakit.train.swiglu import SiluMul, fuse_gated_mlps, unfuse_gated_mlps
+from support.models import make_gpt2, make_llama, randomize_lora
 
 
 def _loss_and_grads(model, input_ids):

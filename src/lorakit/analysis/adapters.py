@@ -82,7 +82,9 @@ def read_factors(folder: str | os.PathLike) -> AdapterFactors:
         layers[path] = AdaptedLayer(path, a, b, config.scaling_for(path))
     layers = {path: layers[path] for path in sorted(layers, key=layer_order)}
     if not layers:
-        raise ValueError(f"{folder} adapts no linear layer (skipped: {', '.join(skipped) or 'none'}); nothing to analyse")
+        raise ValueError(
+            f"{folder} adapts no linear layer (skipped: {', '.join(skipped) or 'none'}); nothing to analyse"
+        )
     return AdapterFactors(str(folder), config, layers, skipped)
 
 
@@ -90,16 +92,21 @@ def check_comparable(first: AdapterFactors, second: AdapterFactors) -> None:
     """Raise ValueError unless both adapters adapt the same linear layers of the same base, in the same shapes."""
     base1, base2 = first.config.base_model_name_or_path, second.config.base_model_name_or_path
     if base1 and base2 and base1 != base2:
-        raise ValueError(f"the adapters belong to different base models: {first.folder} to {base1}, {second.folder} to {base2}")
+        raise ValueError(
+            f"the adapters belong to different base models: {first.folder} to {base1}, {second.folder} to {base2}"
+        )
     only1, only2 = sorted(set(first.layers) - set(second.layers)), sorted(set(second.layers) - set(first.layers))
     if only1 or only2:
         raise ValueError(
             f"the adapters adapt different modules: only in {first.folder}: {only1[:4] or 'none'}"
-            f"{' …' if len(only1) > 4 else ''}; only in {second.folder}: {only2[:4] or 'none'}{' …' if len(only2) > 4 else ''}"
+            f"{' …' if len(only1) > 4 else ''}; only in {second.folder}: {only2[:4] or 'none'}"
+            f"{' …' if len(only2) > 4 else ''}"
         )
     for path, layer in first.layers.items():
         if layer.shape != second.layers[path].shape:
-            raise ValueError(f"{path} is {layer.shape} in {first.folder} but {second.layers[path].shape} in {second.folder}")
+            raise ValueError(
+                f"{path} is {layer.shape} in {first.folder} but {second.layers[path].shape} in {second.folder}"
+            )
 
 
 def load_base(config: LoraConfig, model: str | os.PathLike | nn.Module | None = None) -> nn.Module:
@@ -121,7 +128,9 @@ def base_weight(model: nn.Module, layer: AdaptedLayer) -> torch.Tensor:
     try:
         module = model.get_submodule(layer.path)
     except AttributeError:
-        raise ValueError(f"the base model ({type(model).__name__}) has no module {layer.path!r}; is it the adapter's base?") from None
+        raise ValueError(
+            f"the base model ({type(model).__name__}) has no module {layer.path!r}; is it the adapter's base?"
+        ) from None
     if isinstance(module, LoraLayer):  # a model that already carries adapters: its frozen base layer
         if module.merged_adapters:
             raise ValueError(f"{layer.path} has merged adapters; unmerge them to analyse the base weight")
@@ -147,7 +156,7 @@ def split_path(path: str) -> tuple[str, int | None]:
     parts = path.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
-            return ".".join(parts[i + 1:]) or path, int(part)
+            return ".".join(parts[i + 1 :]) or path, int(part)
     return path, None
 
 
@@ -163,6 +172,13 @@ def folder_label(folder: str | os.PathLike) -> str:
 
 
 __all__ = [
-    "AdaptedLayer", "AdapterFactors", "base_weight", "check_comparable", "folder_label", "layer_order", "load_base",
-    "read_factors", "split_path",
+    "AdaptedLayer",
+    "AdapterFactors",
+    "base_weight",
+    "check_comparable",
+    "folder_label",
+    "layer_order",
+    "load_base",
+    "read_factors",
+    "split_path",
 ]

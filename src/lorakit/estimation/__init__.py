@@ -52,7 +52,14 @@ from .resolve import resolve_source
 from .result import Estimate
 
 __all__ = [
-    "CPU_MALLOC_SLACK", "CPU_RUNTIME_BYTES", "DEVICES", "Estimate", "METHODS", "OPTIMIZERS", "compare", "estimate",
+    "CPU_MALLOC_SLACK",
+    "CPU_RUNTIME_BYTES",
+    "DEVICES",
+    "Estimate",
+    "METHODS",
+    "OPTIMIZERS",
+    "compare",
+    "estimate",
 ]
 _DEFAULTS = Request()
 
@@ -87,17 +94,32 @@ def estimate(
     optimizer and file figures only. Raises ValueError for an unknown model, option or an architecture that
     cannot be built on meta.
     """
-    request = Request(task=task, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
-                      quantize=quantize, dtype=dtype, optimizer=optimizer, batch_size=batch_size,
-                      max_length=max_length, grad_checkpointing=grad_checkpointing, device=device,
-                      adapter_size=adapter_size, prefix_length=prefix_length, prompt_length=prompt_length,
-                      num_labels=num_labels, simulate=simulate)
+    request = Request(
+        task=task,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        quantize=quantize,
+        dtype=dtype,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        max_length=max_length,
+        grad_checkpointing=grad_checkpointing,
+        device=device,
+        adapter_size=adapter_size,
+        prefix_length=prefix_length,
+        prompt_length=prompt_length,
+        num_labels=num_labels,
+        simulate=simulate,
+    )
     request.check(method)  # before any hub lookup
     return estimate_one(resolve_source(model), method, request)
 
 
-def compare(model: str | PretrainedConfig | dict[str, Any], methods: list[str] | None = None,
-            **options: Any) -> list[Estimate | str]:
+def compare(
+    model: str | PretrainedConfig | dict[str, Any], methods: list[str] | None = None, **options: Any
+) -> list[Estimate | str]:
     """`estimate` for each method (default: all of `METHODS`) with the same options; a method that does not
     train on a quantized base is shown on the float base, and a method that does not apply (BitFit on a
     model without biases) gives the reason as a string in its place."""

@@ -49,8 +49,13 @@ def weights(model: nn.Module, optimizer: str) -> Weights:
     trainable = [p for p in params if p.requires_grad]
     trainable_bytes = sum(nbytes(p) for p in trainable)
     frozen = sum(nbytes(p) for p in params if not p.requires_grad) + sum(nbytes(b) for b in model.buffers())
-    return Weights(sum(p.numel() for p in trainable), len(trainable) == len(params), frozen, trainable_bytes,
-                   OPTIMIZERS[optimizer] * trainable_bytes)
+    return Weights(
+        sum(p.numel() for p in trainable),
+        len(trainable) == len(params),
+        frozen,
+        trainable_bytes,
+        OPTIMIZERS[optimizer] * trainable_bytes,
+    )
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -88,8 +93,16 @@ def flops_rule(model: nn.Module, tokens: int, batch_size: int) -> int:
     return 6 * trained_matmul * tokens + 4 * frozen_matmul * tokens + attention
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32", torch.float64: "F64"}
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.float64: "F64",
+}
 
 
 def safetensors_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
@@ -101,8 +114,11 @@ def safetensors_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     for key in sorted(tensors):
         t = tensors[key]
         size = nbytes(t)
-        header[key] = {"dtype": _SAFETENSORS_DTYPES.get(t.dtype, "F32"), "shape": list(t.shape),
-                       "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES.get(t.dtype, "F32"),
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     text = json.dumps(header, separators=(",", ":"))
     return 8 + math.ceil(len(text.encode()) / 8) * 8 + offset

@@ -58,8 +58,9 @@ def resolve_method(name: str, quantize: str | None) -> tuple[FineTuningMethod, s
         raise ValueError(f"unknown quantization {quantize!r}; expected one of: {', '.join(QUANT_METHODS)}")
     if quantize and not method.quantizable_base:
         takers = [n for n in REGISTERED if get_method(n).quantizable_base]
-        raise ValueError(f"the {method.name} method does not train on a quantized base (--quantize); "
-                         f"{', '.join(takers)} does")
+        raise ValueError(
+            f"the {method.name} method does not train on a quantized base (--quantize); {', '.join(takers)} does"
+        )
     return method, quantize
 
 
@@ -68,8 +69,15 @@ def quantizable(name: str) -> bool:
     return get_method(QUANTIZED_NAMES.get(name, (name, None))[0]).quantizable_base
 
 
-def prepare(model: nn.Module, name: str, task: str, options: MethodOptions, quantize: str | None, batch_size: int,
-            max_length: int) -> Prepared:
+def prepare(
+    model: nn.Module,
+    name: str,
+    task: str,
+    options: MethodOptions,
+    quantize: str | None,
+    batch_size: int,
+    max_length: int,
+) -> Prepared:
     """Apply method `name` to the meta `model` in place: the batch it trains on and the tensors it saves.
     `options.lora` holds the LoRA settings (see `lora_settings`); other methods ignore them."""
     method, quantize = resolve_method(name, quantize)
@@ -78,12 +86,14 @@ def prepare(model: nn.Module, name: str, task: str, options: MethodOptions, quan
         notes.append(quantize_model(model, quantize).summary())
     method.apply(model, options)
     targets = adapter_config(model, adapter_names(model)[0]).target_modules if adapter_names(model) else None
-    return Prepared(method, _batch_maker(task, batch_size, max_length), method.file_tensors(model), quantize,
-                    targets, notes)
+    return Prepared(
+        method, _batch_maker(task, batch_size, max_length), method.file_tensors(model), quantize, targets, notes
+    )
 
 
-def lora_settings(r: int, alpha: float, dropout: float, target_modules: list[str] | str | None,
-                  default_targets: list[str] | None) -> LoraConfig:
+def lora_settings(
+    r: int, alpha: float, dropout: float, target_modules: list[str] | str | None, default_targets: list[str] | None
+) -> LoraConfig:
     """The adapter of a lora/qlora estimate: the given targets, else the built-in model's, else all-linear."""
     return LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules or default_targets or ALL_LINEAR)
 
@@ -94,7 +104,10 @@ def _batch_maker(task: str, batch_size: int, tokens: int) -> Callable[[], dict[s
     def make() -> dict[str, torch.Tensor]:
         ids = torch.zeros(batch_size, tokens, dtype=torch.long, device="meta")
         labels = ids if task == "causal-lm" else torch.zeros(batch_size, dtype=torch.long, device="meta")
-        return {"input_ids": ids, "attention_mask": torch.ones(batch_size, tokens, dtype=torch.long, device="meta"),
-                "labels": labels}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones(batch_size, tokens, dtype=torch.long, device="meta"),
+            "labels": labels,
+        }
 
     return make

@@ -59,8 +59,11 @@ class Request:
     def check(self, method: str) -> None:
         """Refuse an unknown method or option (before any hub lookup)."""
         resolve_method(method, self.quantize)
-        for name, value, known in (("dtype", self.dtype, DTYPES), ("optimizer", self.optimizer, OPTIMIZERS),
-                                   ("device", self.device, DEVICES)):
+        for name, value, known in (
+            ("dtype", self.dtype, DTYPES),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("device", self.device, DEVICES),
+        ):
             if value not in known:
                 raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(known)}")
         if self.batch_size < 1 or self.max_length < 1:
@@ -68,8 +71,12 @@ class Request:
 
     def method_options(self, default_targets: list[str] | None) -> MethodOptions:
         lora = lora_settings(self.r, self.alpha, self.dropout, self.target_modules, default_targets)
-        return MethodOptions(adapter_size=self.adapter_size, prefix_length=self.prefix_length,
-                             prompt_length=self.prompt_length, lora=lora)
+        return MethodOptions(
+            adapter_size=self.adapter_size,
+            prefix_length=self.prefix_length,
+            prompt_length=self.prompt_length,
+            lora=lora,
+        )
 
 
 @dataclass
@@ -101,43 +108,86 @@ def estimate_one(source: Source, method: str, request: Request) -> Estimate:
     step = _step(model, prepared, request, static)
     tokens = request.batch_size * (request.max_length + prepared.method.added_positions(options))
     return Estimate(
-        model=source.label, architecture=type(model).__name__, task=task, method=method, dtype=request.dtype,
-        quantize=prepared.quantize, optimizer=request.optimizer, batch_size=request.batch_size,
-        max_length=request.max_length, grad_checkpointing=request.grad_checkpointing, device=request.device,
-        target_modules=prepared.target_modules, total_parameters=total_parameters,
-        trainable_parameters=static.trainable_parameters, frozen_weight_bytes=static.frozen_bytes,
-        trainable_weight_bytes=static.trainable_bytes, gradient_bytes=static.trainable_bytes,
-        optimizer_bytes=static.optimizer_bytes, activation_bytes=step.activation_bytes,
-        tensor_peak_bytes=step.tensor_peak_bytes, allocator_bytes=step.allocator_bytes,
+        model=source.label,
+        architecture=type(model).__name__,
+        task=task,
+        method=method,
+        dtype=request.dtype,
+        quantize=prepared.quantize,
+        optimizer=request.optimizer,
+        batch_size=request.batch_size,
+        max_length=request.max_length,
+        grad_checkpointing=request.grad_checkpointing,
+        device=request.device,
+        target_modules=prepared.target_modules,
+        total_parameters=total_parameters,
+        trainable_parameters=static.trainable_parameters,
+        frozen_weight_bytes=static.frozen_bytes,
+        trainable_weight_bytes=static.trainable_bytes,
+        gradient_bytes=static.trainable_bytes,
+        optimizer_bytes=static.optimizer_bytes,
+        activation_bytes=step.activation_bytes,
+        tensor_peak_bytes=step.tensor_peak_bytes,
+        allocator_bytes=step.allocator_bytes,
         total_bytes=step.tensor_peak_bytes + step.allocator_bytes,
-        adapter_file_bytes=safetensors_size(prepared.saved_tensors), flops_per_step=step.flops,
-        forward_flops=step.forward_flops, flops_rule=flops_rule(model, tokens, request.batch_size),
-        attention=step.attention, notes=[*prepared.notes, *step.notes],
+        adapter_file_bytes=safetensors_size(prepared.saved_tensors),
+        flops_per_step=step.flops,
+        forward_flops=step.forward_flops,
+        flops_rule=flops_rule(model, tokens, request.batch_size),
+        attention=step.attention,
+        notes=[*prepared.notes, *step.notes],
     )
 
 
 def _step(model: nn.Module, prepared: Prepared, request: Request, static: Weights) -> Step:
     """Play the training step on meta, or say why its figures are unknown."""
-    cuda = ["not included on CUDA: the CUDA context (about 0.3–1 GB) and the caching allocator's fragmentation"
-            ] if request.device == "cuda" else []
+    cuda = (
+        ["not included on CUDA: the CUDA context (about 0.3–1 GB) and the caching allocator's fragmentation"]
+        if request.device == "cuda"
+        else []
+    )
     if not request.simulate:
-        return _unsimulated(static, ["training step not simulated: no activations or FLOPs; the total counts "
-                                     "weights, gradients and optimizer state only", *cuda])
+        return _unsimulated(
+            static,
+            [
+                "training step not simulated: no activations or FLOPs; the total counts "
+                "weights, gradients and optimizer state only",
+                *cuda,
+            ],
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             profile = simulate_training(model, prepared.make_batch, request.optimizer, request.device)
     except Exception as err:  # an architecture whose forward pass needs real values
         first = str(err).splitlines()[0] if str(err) else ""
-        return _unsimulated(static, [f"activations unknown: the forward pass cannot run on the meta device "
-                                     f"({type(err).__name__}: {first}); the total counts weights, gradients and "
-                                     "optimizer state only", *cuda])
+        return _unsimulated(
+            static,
+            [
+                f"activations unknown: the forward pass cannot run on the meta device "
+                f"({type(err).__name__}: {first}); the total counts weights, gradients and "
+                "optimizer state only",
+                *cuda,
+            ],
+        )
     kind = "quantized" if prepared.quantize else "full" if static.every_parameter_trains else "frozen"
-    math_path = ["attention runs PyTorch's math path (attention dropout during training on CPU): the B × heads × "
-                 "T × T probabilities are kept for the backward pass"] if profile.attention_path == "math" else []
-    return Step(profile.activation_peak_bytes, profile.flops, profile.forward_flops, profile.attention_path,
-                static.frozen_bytes + static.trainable_bytes + profile.peak_bytes,
-                allocator_bytes(kind, profile.activation_peak_bytes, request.device), [*cuda, *math_path])
+    math_path = (
+        [
+            "attention runs PyTorch's math path (attention dropout during training on CPU): the B × heads × "
+            "T × T probabilities are kept for the backward pass"
+        ]
+        if profile.attention_path == "math"
+        else []
+    )
+    return Step(
+        profile.activation_peak_bytes,
+        profile.flops,
+        profile.forward_flops,
+        profile.attention_path,
+        static.frozen_bytes + static.trainable_bytes + profile.peak_bytes,
+        allocator_bytes(kind, profile.activation_peak_bytes, request.device),
+        [*cuda, *math_path],
+    )
 
 
 def _unsimulated(static: Weights, notes: list[str]) -> Step:

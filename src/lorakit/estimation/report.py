@@ -69,9 +69,11 @@ def table(estimates: list[Estimate | str], tflops: float | None = None) -> Table
     done = [e for e in estimates if isinstance(e, Estimate)]
     first = done[0]
     quant = f", {first.quantize}" if len(done) == 1 and first.quantize else ""
-    title = (f"{first.model} ({first.architecture}, {first.total_parameters:,} parameters) — {first.dtype}{quant}, "
-             f"{first.optimizer}, batch {first.batch_size} × {first.max_length} tokens"
-             f"{', gradient checkpointing' if first.grad_checkpointing else ''}, {first.device}")
+    title = (
+        f"{first.model} ({first.architecture}, {first.total_parameters:,} parameters) — {first.dtype}{quant}, "
+        f"{first.optimizer}, batch {first.batch_size} × {first.max_length} tokens"
+        f"{', gradient checkpointing' if first.grad_checkpointing else ''}, {first.device}"
+    )
     grid = Table(title=title, title_justify="left")
     grid.add_column("", no_wrap=True)
     labels = [label for label, _ in rows(first, tflops)]

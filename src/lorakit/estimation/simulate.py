@@ -151,7 +151,11 @@ class _AttentionBackend:
     def _call(self, original, *args, **kwargs):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         params: dict[str, Any] = {
-            "attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False,
+            "attn_mask": None,
+            "dropout_p": 0.0,
+            "is_causal": False,
+            "scale": None,
+            "enable_gqa": False,
         }
         params.update(dict(zip(names, args)))
         params.update(kwargs)
@@ -163,8 +167,13 @@ class _AttentionBackend:
             return original(*args, **kwargs)
         self.paths.add("fused")
         out, _ = _aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, float(params["dropout_p"]), bool(params["is_causal"]),
-            attn_mask=params["attn_mask"], scale=params["scale"],
+            q,
+            k,
+            v,
+            float(params["dropout_p"]),
+            bool(params["is_causal"]),
+            attn_mask=params["attn_mask"],
+            scale=params["scale"],
         )
         return out
 
@@ -181,9 +190,14 @@ class _AttentionBackend:
 
         try:
             choice = torch._fused_sdp_choice(
-                stand_in(params["query"]), stand_in(params["key"]), stand_in(params["value"]),
-                attn_mask=stand_in(params["attn_mask"]), dropout_p=float(params["dropout_p"]),
-                is_causal=bool(params["is_causal"]), scale=params["scale"], enable_gqa=bool(params["enable_gqa"]),
+                stand_in(params["query"]),
+                stand_in(params["key"]),
+                stand_in(params["value"]),
+                attn_mask=stand_in(params["attn_mask"]),
+                dropout_p=float(params["dropout_p"]),
+                is_causal=bool(params["is_causal"]),
+                scale=params["scale"],
+                enable_gqa=bool(params["enable_gqa"]),
             )
         except (RuntimeError, TypeError):
             return False
@@ -211,12 +225,15 @@ def _flash_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None
 # `LiveBytes` rather than under FlopCounterMode, whose module hooks keep tensors alive longer.
 _FLOP_FORMULAS = {
     **flop_registry,
-    **{op: shape_wrapper(f) for op, f in {
-        _aten.addmm_: _addmm_inplace_flops,
-        _aten.baddbmm_: _baddbmm_inplace_flops,
-        _aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flops,
-        _aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward_flops,
-    }.items()},
+    **{
+        op: shape_wrapper(f)
+        for op, f in {
+            _aten.addmm_: _addmm_inplace_flops,
+            _aten.baddbmm_: _baddbmm_inplace_flops,
+            _aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flops,
+            _aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward_flops,
+        }.items()
+    },
 }
 
 

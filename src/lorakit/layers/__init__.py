@@ -46,6 +46,14 @@ def supported_types() -> list[str]:
 
 
 __all__ = [
-    "LoraConv1D", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraQuantLinear", "LoraVariant",
-    "is_linear_layer", "lora_class_for", "supported_types",
+    "LoraConv1D",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraQuantLinear",
+    "LoraVariant",
+    "is_linear_layer",
+    "lora_class_for",
+    "supported_types",
 ]

@@ -213,16 +213,15 @@ class LoraLayer(nn.Module):
         if init in WEIGHT_INITS and not self.supports_weight_init:
             raise ValueError(f"init={init!r} is implemented for Linear and Conv1D layers, not for {kind}")
         if (use_dora or init in WEIGHT_INITS) and not self.base_layer.weight.is_floating_point():
-            raise ValueError(f"use_dora and init={init!r} need a floating-point base weight, "
-                             f"not {self.base_layer.weight.dtype}")
+            raise ValueError(
+                f"use_dora and init={init!r} need a floating-point base weight, not {self.base_layer.weight.dtype}"
+            )
 
     def variant_for(self, init: str, use_dora: bool) -> LoraVariant:
         """The variant of a new adapter with these options (already checked by `check_variant`)."""
         return PLAIN
 
-    def add_adapter(
-        self, name: str, r: int, scaling: float, dropout: float, init: str, use_dora: bool = False
-    ) -> None:
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str, use_dora: bool = False) -> None:
         if name in self.scaling:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if r > self.max_rank():

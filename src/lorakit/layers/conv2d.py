@@ -34,8 +34,14 @@ class LoraConv2d(LoraLayer):
     def _create_adapter(self, name: str, r: int) -> None:
         base = self.base_layer
         self.lora_A[name] = nn.Conv2d(
-            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, padding_mode=base.padding_mode,
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
         )
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, bias=False)
 

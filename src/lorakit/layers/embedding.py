@@ -53,7 +53,12 @@ class LoraEmbedding(LoraLayer):
     def low_rank_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         codes = F.embedding(
-            x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
-            base.norm_type, base.scale_grad_by_freq, base.sparse,
+            x,
+            self.lora_embedding_A[name].T,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
         )
         return codes @ self.lora_embedding_B[name].T * self.scaling[name]

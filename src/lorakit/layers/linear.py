@@ -81,8 +81,11 @@ class LoraLinear(LoraLayer):
             return weight
         with torch.no_grad():  # a frozen quantity, also when computed in a forward pass
             plain = [self.low_rank_delta(n) for n in self.merged_adapters if n not in self.dora_merged_factor]
-            dora = [(self.low_rank_delta(n), self.dora_merged_factor[n]) for n in self.merged_adapters
-                    if n in self.dora_merged_factor]
+            dora = [
+                (self.low_rank_delta(n), self.dora_merged_factor[n])
+                for n in self.merged_adapters
+                if n in self.dora_merged_factor
+            ]
             current = self.to_matrix_layout(weight.detach()).to(self.lora_a_weight(self.merged_adapters[0]).dtype)
             return self.to_base_layout(variants.unmerged_weight(current, plain, dora)).to(weight.dtype)
 

@@ -49,8 +49,9 @@ class LoraDropoutProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float,
-                seed: int) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float, seed: int
+    ) -> torch.Tensor:
         keep_scale = keep_threshold(p)[1] if p > 0 else 1.0
         dropped = torch.where(keep_mask(seed, x.shape, p, x.device), x, 0.0) if p > 0 else x
         down = (dropped @ a.t()) * keep_scale
@@ -70,7 +71,9 @@ class LoraDropoutProduct(torch.autograd.Function):
                 grad_x = torch.where(keep, grad_x, 0.0)
         if ctx.needs_input_grad[1]:
             dropped = torch.where(keep, x, 0.0) if keep is not None else x
-            grad_a = (grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])) * ctx.keep_scale
+            grad_a = (
+                grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
+            ) * ctx.keep_scale
         if ctx.needs_input_grad[2]:
             grad_b = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ down.reshape(-1, down.shape[-1])) * ctx.scaling
         return grad_x, grad_a, grad_b, None, None, None

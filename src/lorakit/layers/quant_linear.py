@@ -43,8 +43,10 @@ class LoraQuantLinear(LoraLinear):
         # PiSSA / OLoRA only read W0 (decoded) and never write it: fine on a quantized base. DoRA merges by
         # rescaling W0 in place, which a quantized weight cannot take: not supported here.
         if use_dora and self._quantized():
-            raise ValueError("DoRA (use_dora) is not supported on a quantized base layer; use plain LoRA, "
-                             "or quantize without this layer")
+            raise ValueError(
+                "DoRA (use_dora) is not supported on a quantized base layer; use plain LoRA, "
+                "or quantize without this layer"
+            )
         super().check_variant(init, use_dora)
 
     def _requantize(self, target: torch.Tensor, operation: str) -> None:
@@ -59,11 +61,19 @@ class LoraQuantLinear(LoraLinear):
                 "max_abs": error.abs().max().item(),
                 "rel_frobenius": error.norm().item() / norm if norm > 0 else 0.0,
             }
-        logger.info("%s onto a %s base re-quantized the weight: max abs error %.3g, relative Frobenius error %.3g",
-                    operation, base.method, self.requantization_error["max_abs"], self.requantization_error["rel_frobenius"])
+        logger.info(
+            "%s onto a %s base re-quantized the weight: max abs error %.3g, relative Frobenius error %.3g",
+            operation,
+            base.method,
+            self.requantization_error["max_abs"],
+            self.requantization_error["rel_frobenius"],
+        )
         # One warning per process (constant text); the numbers are on each layer and in the log.
-        warnings.warn(f"{operation} on a quantized base re-quantizes the weight, which adds rounding error; "
-                      "see lorakit.quant.requantization_errors(model)", stacklevel=3)
+        warnings.warn(
+            f"{operation} on a quantized base re-quantizes the weight, which adds rounding error; "
+            "see lorakit.quant.requantization_errors(model)",
+            stacklevel=3,
+        )
 
     def merge(self, names: Iterable[str]) -> None:
         if not self._quantized():

@@ -192,8 +192,9 @@ class DoraVariant(LoraVariant):
         layer.dora_merged_factor[name] = factor  # what unmerging needs to recover W0 exactly
         return delta
 
-    def _merge_terms(self, layer: LoraLayer, name: str, base_matrix: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merge_terms(
+        self, layer: LoraLayer, name: str, base_matrix: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(f ⊙ (W0 + ΔW) − W0, f) with f = m / ‖W0 + ΔW‖."""
         delta = layer.low_rank_delta(name)
         if base_matrix is None:

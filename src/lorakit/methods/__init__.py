@@ -34,7 +34,23 @@ from .registry import (
 )
 
 __all__ = [
-    "CONFIG_NAME", "METHODS", "WEIGHTS_NAME", "FineTuningMethod", "MethodOptions", "apply_method", "disabled",
-    "get_method", "is_method_folder", "load_method", "load_trained", "method_name", "method_of", "method_state",
-    "read_method", "remove_method", "restore_method", "save_method", "saved_method",
+    "CONFIG_NAME",
+    "METHODS",
+    "WEIGHTS_NAME",
+    "FineTuningMethod",
+    "MethodOptions",
+    "apply_method",
+    "disabled",
+    "get_method",
+    "is_method_folder",
+    "load_method",
+    "load_trained",
+    "method_name",
+    "method_of",
+    "method_state",
+    "read_method",
+    "remove_method",
+    "restore_method",
+    "save_method",
+    "saved_method",
 ]

@@ -51,14 +51,17 @@ def _find(block: nn.Module, paths: tuple[str, ...], what: str, index: int) -> nn
     for path in paths:
         if path in modules:
             return modules[path]
-    raise ValueError(f"adapter: cannot find the {what} output projection in layer {index} "
-                     f"({type(block).__name__}); looked for {', '.join(paths)}")
+    raise ValueError(
+        f"adapter: cannot find the {what} output projection in layer {index} "
+        f"({type(block).__name__}); looked for {', '.join(paths)}"
+    )
 
 
 def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
     blocks = transformer_blocks(model)
-    places = [(_find(b, ATTENTION_OUTPUTS, "attention", i), _find(b, MLP_OUTPUTS, "MLP", i))
-              for i, b in enumerate(blocks)]
+    places = [
+        (_find(b, ATTENTION_OUTPUTS, "attention", i), _find(b, MLP_OUTPUTS, "MLP", i)) for i, b in enumerate(blocks)
+    ]
     width, dtype = text_config(model).hidden_size, float_dtype(model)
     for block, (attention_out, mlp_out) in zip(blocks, places):
         device = next(block.parameters()).device

@@ -29,10 +29,14 @@ class MethodOptions:
     """The options of every method (each method reads its own; the rest are ignored)."""
 
     adapter_size: int = field(default=64, metadata={"help": "method adapter: bottleneck width of each adapter"})
-    adapter_nonlinearity: str = field(default="gelu", metadata={
-        "help": f"method adapter: the bottleneck's nonlinearity ({', '.join(NONLINEARITIES)})"})
-    adapter_norms: bool = field(default=False, metadata={
-        "help": "method adapter: also train the layer norms of every transformer layer (Houlsby et al.)"})
+    adapter_nonlinearity: str = field(
+        default="gelu",
+        metadata={"help": f"method adapter: the bottleneck's nonlinearity ({', '.join(NONLINEARITIES)})"},
+    )
+    adapter_norms: bool = field(
+        default=False,
+        metadata={"help": "method adapter: also train the layer norms of every transformer layer (Houlsby et al.)"},
+    )
     prefix_length: int = field(default=10, metadata={"help": "method prefix: key/value positions per attention layer"})
     prompt_length: int = field(default=10, metadata={"help": "method prompt: soft-prompt embeddings before the input"})
     # The LoRA method's adapter (lorakit.add_adapter's config); the other methods ignore it.
@@ -44,8 +48,10 @@ class MethodOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.adapter_nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"unknown adapter_nonlinearity {self.adapter_nonlinearity!r}; expected one of "
-                             f"{', '.join(NONLINEARITIES)}")
+            raise ValueError(
+                f"unknown adapter_nonlinearity {self.adapter_nonlinearity!r}; expected one of "
+                f"{', '.join(NONLINEARITIES)}"
+            )
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
             raise ValueError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
 
@@ -151,8 +157,9 @@ def mask_positions(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
 def calling_kwargs(args: tuple, kwargs: dict) -> dict:
     """A model call's arguments as keywords (a first positional argument is the input ids)."""
     if len(args) > 1:
-        raise ValueError("with a prefix or prompt, call the model with keyword arguments "
-                         "(input_ids=..., attention_mask=...)")
+        raise ValueError(
+            "with a prefix or prompt, call the model with keyword arguments (input_ids=..., attention_mask=...)"
+        )
     return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
 
@@ -175,7 +182,22 @@ class PositionsFromMask(MethodHook):
 
 
 __all__ = [
-    "HEAD_NAMES", "MODULE_PREFIX", "MethodHook", "MethodOptions", "MethodState", "PositionsFromMask",
-    "calling_kwargs", "described", "float_dtype", "head_names", "mask_positions", "method_state",
-    "refuse_second_method", "remove_hooks", "remove_modules", "sequence_length", "text_config", "transformer_blocks",
+    "HEAD_NAMES",
+    "MODULE_PREFIX",
+    "MethodHook",
+    "MethodOptions",
+    "MethodState",
+    "PositionsFromMask",
+    "calling_kwargs",
+    "described",
+    "float_dtype",
+    "head_names",
+    "mask_positions",
+    "method_state",
+    "refuse_second_method",
+    "remove_hooks",
+    "remove_modules",
+    "sequence_length",
+    "text_config",
+    "transformer_blocks",
 ]

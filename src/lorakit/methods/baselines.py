@@ -52,8 +52,9 @@ class BaselineMethod:
         options.validate()
         refuse_second_method(model)
         if adapter_names(model):
-            raise ValueError(f"the model has LoRA adapters ({', '.join(adapter_names(model))}); "
-                             "methods do not combine with them")
+            raise ValueError(
+                f"the model has LoRA adapters ({', '.join(adapter_names(model))}); methods do not combine with them"
+            )
         state = MethodState(self.name, options, {n: p.requires_grad for n, p in model.named_parameters()})
         for param in model.parameters():
             param.requires_grad_(False)
@@ -82,8 +83,11 @@ class BaselineMethod:
         tensors = method_tensors(model)  # every rank gathers (FSDP), whether it writes or not
         if not write:
             return Path(folder)
-        config = {"method": self.name, "options": state.options.pick(self.implementation.OPTIONS),
-                  **{k: v for k, v in meta.items() if v is not None}}
+        config = {
+            "method": self.name,
+            "options": state.options.pick(self.implementation.OPTIONS),
+            **{k: v for k, v in meta.items() if v is not None},
+        }
         return write_folder(folder, tensors, config)
 
     def restore(self, model: nn.Module, folder: str | os.PathLike) -> None:

@@ -65,8 +65,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def read_folder(path: str | os.PathLike, check_method: Callable[[str], object]) -> tuple[dict[str, Any],
-                                                                                      dict[str, torch.Tensor]]:
+def read_folder(
+    path: str | os.PathLike, check_method: Callable[[str], object]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A method folder's config (validated) and tensors. `check_method(name)` raises ValueError for a
     method name the caller cannot load; it runs before the options and weights are read."""
     folder = Path(path)
@@ -100,13 +101,17 @@ def check_fit(model: nn.Module, tensors: dict[str, torch.Tensor], folder: str | 
     expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        parts = [f"missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}" if missing else "",
-                 f"unexpected {', '.join(unexpected[:3])}{' …' if len(unexpected) > 3 else ''}" if unexpected else ""]
+        parts = [
+            f"missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}{' …' if len(unexpected) > 3 else ''}" if unexpected else "",
+        ]
         raise ValueError(f"{folder} does not fit this model: {'; '.join(p for p in parts if p)}")
     for name, param in expected.items():
         if tuple(tensors[name].shape) != tuple(param.shape):
-            raise ValueError(f"{folder} does not fit this model: {name} has shape {tuple(tensors[name].shape)} "
-                             f"in the file and {tuple(param.shape)} in the model")
+            raise ValueError(
+                f"{folder} does not fit this model: {name} has shape {tuple(tensors[name].shape)} "
+                f"in the file and {tuple(param.shape)} in the model"
+            )
 
 
 @torch.no_grad()

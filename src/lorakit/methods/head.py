@@ -12,5 +12,7 @@ OPTIONS: tuple[str, ...] = ()
 
 def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
     if not head_names(model):
-        raise ValueError(f"linear probing trains a classification head, and {type(model).__name__} has none "
-                         "(classifier / score): use a sequence-classification model")
+        raise ValueError(
+            f"linear probing trains a classification head, and {type(model).__name__} has none "
+            "(classifier / score): use a sequence-classification model"
+        )

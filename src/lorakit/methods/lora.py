@@ -40,8 +40,10 @@ class LoraMethod:
     def apply(self, model: nn.Module, options: MethodOptions) -> tuple[int, int]:
         options.validate()
         if options.lora is None:
-            raise ValueError("the lora method needs its adapter's config, MethodOptions(lora=LoraConfig(...)), "
-                             "as lorakit.add_adapter(model, LoraConfig(...)) does")
+            raise ValueError(
+                "the lora method needs its adapter's config, MethodOptions(lora=LoraConfig(...)), "
+                "as lorakit.add_adapter(model, LoraConfig(...)) does"
+            )
         refuse_second_method(model)
         config = options.lora
         if config.modules_to_save is None and head_names(model):
@@ -59,14 +61,18 @@ class LoraMethod:
 
     def describe(self, model: nn.Module) -> str:
         config = adapter_config(model, self._adapter_of(model))
-        return described(f"adapter: r={config.r} alpha={config.alpha} on {config.target_modules}",
-                         trainable_parameters(model))
+        return described(
+            f"adapter: r={config.r} alpha={config.alpha} on {config.target_modules}", trainable_parameters(model)
+        )
 
     def file_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # The keys `save_adapter` writes: PEFT's prefix, without the adapter-name components of the paths.
         dropped = {self._adapter_of(model), "modules_to_save"}
-        return {PREFIX + ".".join(p for p in n.split(".") if p not in dropped): t
-                for n, t in model.named_parameters() if t.requires_grad}
+        return {
+            PREFIX + ".".join(p for p in n.split(".") if p not in dropped): t
+            for n, t in model.named_parameters()
+            if t.requires_grad
+        }
 
     def save(self, model: nn.Module, folder: str | os.PathLike, *, write: bool = True, **meta: Any) -> Path:
         return save_adapter(model, folder, self._adapter_of(model), write=write, **meta)

@@ -38,16 +38,18 @@ SUPPORTED = ("sdpa", "eager")
 class Prefix(nn.Module):
     """Keys and values of one attention layer's prefix, each (key/value heads, prefix_length, head_dim)."""
 
-    def __init__(self, heads: int, length: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 state: MethodState) -> None:
+    def __init__(
+        self, heads: int, length: int, head_dim: int, dtype: torch.dtype, device: torch.device, state: MethodState
+    ) -> None:
         super().__init__()
         self.key = nn.Parameter(torch.zeros(heads, length, head_dim, dtype=dtype, device=device))
         self.value = nn.Parameter(torch.zeros(heads, length, head_dim, dtype=dtype, device=device))
         self.state = state
         self.captured: list[torch.Tensor] | None = None  # a list while the initial keys/values are recorded
 
-    def extend(self, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, query_length: int,
-               causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def extend(
+        self, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, query_length: int, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys and values with the prefix in front, and the attention mask widened to match."""
         batch, length, kv_length = key.shape[0], self.key.shape[1], key.shape[2]
         key = torch.cat([self.key.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
@@ -83,8 +85,14 @@ def _eager(module: nn.Module):
     return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
 
 
-def _prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs):
+def _prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+):
     prefix = cast(Prefix, module.lorakit_prefix)
     config: Any = module.config
     inner = ALL_ATTENTION_FUNCTIONS.get_interface(config.original._attn_implementation, _eager(module))
@@ -107,8 +115,10 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     for index, block in enumerate(transformer_blocks(model)):
         inside = [m for m in block.modules() if all(hasattr(m, a) for a in ("config", "layer_idx", "is_causal"))]
         if len(inside) != 1:
-            raise ValueError(f"prefix tuning: layer {index} of {type(model).__name__} has {len(inside)} attention "
-                             "modules; one self-attention per layer is supported")
+            raise ValueError(
+                f"prefix tuning: layer {index} of {type(model).__name__} has {len(inside)} attention "
+                "modules; one self-attention per layer is supported"
+            )
         found.append(inside[0])
     return found
 
@@ -116,8 +126,11 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 def _kv_shape(model: nn.Module, module: nn.Module) -> tuple[int, int]:
     """(key/value heads, head size) of an attention module."""
     config = text_config(model)
-    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None) or \
-        config.hidden_size // config.num_attention_heads
+    head_dim = (
+        getattr(module, "head_dim", None)
+        or getattr(module, "attention_head_size", None)
+        or config.hidden_size // config.num_attention_heads
+    )
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
 
 
@@ -126,8 +139,10 @@ def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
     for module in modules:
         implementation = cast(Any, module.config)._attn_implementation
         if implementation not in SUPPORTED or _eager(module) is None:
-            raise ValueError(f"prefix tuning works with sdpa or eager attention; {type(module).__name__} uses "
-                             f"{implementation!r} (load the model with attn_implementation='sdpa')")
+            raise ValueError(
+                f"prefix tuning works with sdpa or eager attention; {type(module).__name__} uses "
+                f"{implementation!r} (load the model with attn_implementation='sdpa')"
+            )
     dtype = float_dtype(model)
     for module in modules:
         heads, head_dim = _kv_shape(model, module)

@@ -109,8 +109,9 @@ def added_positions(options: MethodOptions) -> int:
 def apply(model: nn.Module, options: MethodOptions, state: MethodState) -> None:
     embedding = cast(PreTrainedModel, model).get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
-        raise ValueError(f"prompt tuning needs an nn.Embedding input layer; {type(model).__name__} has "
-                         f"{type(embedding).__name__}")
+        raise ValueError(
+            f"prompt tuning needs an nn.Embedding input layer; {type(model).__name__} has {type(embedding).__name__}"
+        )
     with torch.no_grad():  # sampled-vocabulary initialisation (the global RNG draws the tokens)
         ids = torch.randint(0, embedding.num_embeddings, (options.prompt_length,), device=embedding.weight.device)
         start = embedding.weight[ids].clone()

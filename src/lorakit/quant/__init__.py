@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -49,14 +50,18 @@ class QuantizeReport:
     def summary(self) -> str:
         kind = self.method + ("+dq" if self.method == "nf4" and self.double_quant else "")
         ratio = self.quantized_bytes / self.float_bytes if self.float_bytes else 0.0
-        text = (f"quantized {len(self.quantized)} linear layers to {kind}: weights {self.float_bytes / 2**20:.1f} MiB "
-                f"→ {self.quantized_bytes / 2**20:.1f} MiB ({ratio:.3f}×)")
+        text = (
+            f"quantized {len(self.quantized)} linear layers to {kind}: weights {self.float_bytes / 2**20:.1f} MiB "
+            f"→ {self.quantized_bytes / 2**20:.1f} MiB ({ratio:.3f}×)"
+        )
         if self.skipped:
             reasons: dict[str, list[str]] = {}
             for path, reason in self.skipped.items():
                 reasons.setdefault(reason, []).append(path)
-            text += "; kept: " + "; ".join(f"{', '.join(paths[:3])}{' …' if len(paths) > 3 else ''} ({reason})"
-                                           for reason, paths in reasons.items())
+            text += "; kept: " + "; ".join(
+                f"{', '.join(paths[:3])}{' …' if len(paths) > 3 else ''} ({reason})"
+                for reason, paths in reasons.items()
+            )
         return text
 
     def __str__(self) -> str:
@@ -99,8 +104,14 @@ def _plan(model: nn.Module, skip: list[str]) -> tuple[list[str], dict[str, str]]
     return chosen, skipped
 
 
-def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True, skip: list[str] | None = None,
-             block_size: int = 64) -> QuantizeReport:
+def quantize(
+    model: nn.Module,
+    method: str = "nf4",
+    *,
+    double_quant: bool = True,
+    skip: list[str] | None = None,
+    block_size: int = 64,
+) -> QuantizeReport:
     """Replace the model's frozen `nn.Linear` layers by `QuantLinear` in place and return a report.
 
     method: "nf4" (4-bit NormalFloat, blocks of `block_size`, `double_quant` = int8 block constants),
@@ -113,24 +124,28 @@ def quantize(model: nn.Module, method: str = "nf4", *, double_quant: bool = True
     method = method.lower() if isinstance(method, str) else method
     make_codec(method, block_size, double_quant)  # validates method and block size
     if is_quantized(model):
-        raise ValueError("the model is already quantized; quantizing twice would compound the rounding error "
-                         "(call lorakit.quant.dequantize(model) first to change the format)")
+        raise ValueError(
+            "the model is already quantized; quantizing twice would compound the rounding error "
+            "(call lorakit.quant.dequantize(model) first to change the format)"
+        )
     adapted = _adapted_modules(model)
     if adapted:
-        raise ValueError("quantize the base model before adding adapters (the model already has adapters on "
-                         f"{adapted[:5]})")
+        raise ValueError(
+            f"quantize the base model before adding adapters (the model already has adapters on {adapted[:5]})"
+        )
     if skip is None:
         head = _output_head_path(model)
         skip = [*([head] if head else []), *HEAD_NAMES]
     chosen, skipped = _plan(model, list(skip))
     if not chosen:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize"
-                         + (f"; kept: {skipped}" if skipped else ""))
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer to quantize" + (f"; kept: {skipped}" if skipped else "")
+        )
     report = QuantizeReport(method=method, double_quant=double_quant, skipped=skipped)
     for path in chosen:
         # Replace one layer at a time and keep no reference to the float layer, so each float weight is
         # freed as soon as its quantized copy exists: the peak stays one layer above the model's size.
-        linear = model.get_submodule(path)
+        linear = cast(nn.Linear, model.get_submodule(path))  # the plan chose exact nn.Linear layers
         layer = QuantLinear.from_linear(linear, method, block_size=block_size, double_quant=double_quant)
         report.float_bytes += linear.weight.numel() * linear.weight.element_size()
         report.quantized_bytes += layer.quantized_bytes()
@@ -152,11 +167,22 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 def requantization_errors(model: nn.Module) -> dict[str, dict[str, float]]:
     """Per LoRA layer on a quantized base: the error the last merge/unmerge re-quantization added
     (`max_abs`, `rel_frobenius` of re-quantized minus exact merged weight)."""
-    return {path: dict(module.requantization_error) for path, module in model.named_modules()
-            if getattr(module, "requantization_error", None)}
+    return {
+        path: dict(module.requantization_error)
+        for path, module in model.named_modules()
+        if getattr(module, "requantization_error", None)
+    }
 
 
 __all__ = [
-    "METHODS", "QuantLinear", "QuantizeReport", "dequantize", "is_quantized", "load_quantized", "quantize",
-    "quantized_layers", "requantization_errors", "save_quantized",
+    "METHODS",
+    "QuantLinear",
+    "QuantizeReport",
+    "dequantize",
+    "is_quantized",
+    "load_quantized",
+    "quantize",
+    "quantized_layers",
+    "requantization_errors",
+    "save_quantized",
 ]

@@ -19,6 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
@@ -51,9 +52,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     for layer_path, layer in quantized_layers(model):
         owner = layer_path.removesuffix(".base_layer")
         if layer_path != owner and model.get_submodule(owner).merged_adapters:
-            raise ValueError(f"{owner} has merged adapters; unmerge first (or merge_and_unload to save the merged model)")
-        layers[owner] = {**layer.codec.spec(), "in_features": layer.in_features, "out_features": layer.out_features,
-                         "bias": layer.bias is not None, "dtype": _dtype_name(layer.compute_dtype)}
+            raise ValueError(
+                f"{owner} has merged adapters; unmerge first (or merge_and_unload to save the merged model)"
+            )
+        layers[owner] = {
+            **layer.codec.spec(),
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": layer.bias is not None,
+            "dtype": _dtype_name(layer.compute_dtype),
+        }
     if not layers:
         raise ValueError("the model has no quantized layer; save it with save_pretrained or safetensors instead")
     tensors: dict[str, torch.Tensor] = {}
@@ -92,10 +100,17 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     layers, aliases, shapes = _read_layout(file)
     _check_fits(model, file, layers, aliases, shapes)
     for layer_path, spec in layers.items():
-        linear = model.get_submodule(layer_path)
-        layer = QuantLinear(spec["in_features"], spec["out_features"], spec["method"], bias=spec["bias"],
-                            dtype=getattr(torch, spec["dtype"]), device=linear.weight.device,
-                            block_size=spec.get("block_size", 64), double_quant=spec.get("double_quant", True))
+        linear = cast(nn.Linear, model.get_submodule(layer_path))  # _check_fits found a Linear there
+        layer = QuantLinear(
+            spec["in_features"],
+            spec["out_features"],
+            spec["method"],
+            bias=spec["bias"],
+            dtype=getattr(torch, spec["dtype"]),
+            device=linear.weight.device,
+            block_size=spec.get("block_size", 64),
+            double_quant=spec.get("double_quant", True),
+        )
         model.set_submodule(layer_path, layer)
     tensors = load_file(str(file))
     for alias, target in aliases.items():
@@ -112,7 +127,7 @@ def _read_layout(file: Path) -> tuple[dict[str, dict], dict[str, str], dict[str,
     try:
         with safe_open(str(file), "pt") as handle:
             metadata = handle.metadata() or {}
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
     if _LAYERS_KEY not in metadata:
@@ -120,8 +135,9 @@ def _read_layout(file: Path) -> tuple[dict[str, dict], dict[str, str], dict[str,
     return json.loads(metadata[_LAYERS_KEY]), json.loads(metadata.get(_ALIASES_KEY, "{}")), shapes
 
 
-def _check_fits(model: nn.Module, file: Path, layers: dict[str, dict], aliases: dict[str, str],
-                shapes: dict[str, tuple]) -> None:
+def _check_fits(
+    model: nn.Module, file: Path, layers: dict[str, dict], aliases: dict[str, str], shapes: dict[str, tuple]
+) -> None:
     """Raise ValueError unless the file holds exactly the keys and shapes of `model` once its layers are quantized."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for layer_path, spec in layers.items():
@@ -130,9 +146,13 @@ def _check_fits(model: nn.Module, file: Path, layers: dict[str, dict], aliases: 
         except AttributeError:
             raise ValueError(f"{file}: layer {layer_path!r} does not exist in {type(model).__name__}") from None
         if not isinstance(module, nn.Linear) or (module.in_features, module.out_features) != (
-                spec["in_features"], spec["out_features"]):
-            raise ValueError(f"{file}: layer {layer_path!r} is a {spec['in_features']}→{spec['out_features']} linear "
-                             f"layer in the file but {module} in the model")
+            spec["in_features"],
+            spec["out_features"],
+        ):
+            raise ValueError(
+                f"{file}: layer {layer_path!r} is a {spec['in_features']}→{spec['out_features']} linear "
+                f"layer in the file but {module} in the model"
+            )
         expected.pop(f"{layer_path}.weight", None)
         empty = codec_from_spec(spec).empty(spec["out_features"], spec["in_features"], "meta")
         expected.update({f"{layer_path}.{name}": tuple(tensor.shape) for name, tensor in empty.items()})
@@ -140,7 +160,9 @@ def _check_fits(model: nn.Module, file: Path, layers: dict[str, dict], aliases: 
     missing = sorted(set(expected) - set(available))
     unexpected = sorted(set(available) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{file} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{file} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, shape in expected.items():
         if available[key] != shape:
             raise ValueError(f"{file}: {key} has shape {available[key]} in the file but {shape} in the model")

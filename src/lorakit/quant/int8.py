@@ -90,8 +90,9 @@ class Int8Codec:
         codes, scale = quantize_absmax(weight)
         return {"weight_q": codes, "weight_scale": scale}
 
-    def decode_rows(self, buffers: dict[str, torch.Tensor], row_start: int, row_stop: int,
-                    in_features: int) -> torch.Tensor:
+    def decode_rows(
+        self, buffers: dict[str, torch.Tensor], row_start: int, row_stop: int, in_features: int
+    ) -> torch.Tensor:
         codes = buffers["weight_q"][row_start:row_stop]
         scale = buffers["weight_scale"][row_start:row_stop]
         if self.zero_point:

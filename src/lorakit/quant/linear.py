@@ -43,8 +43,9 @@ def codec_from_spec(spec: dict) -> Codec:
     return make_codec(spec["method"], spec.get("block_size", BLOCK_SIZE), spec.get("double_quant", True))
 
 
-def _decoded_chunks(codec: Codec, buffers: dict[str, torch.Tensor], in_features: int, out_features: int,
-                    rows: int, dtype: torch.dtype):
+def _decoded_chunks(
+    codec: Codec, buffers: dict[str, torch.Tensor], in_features: int, out_features: int, rows: int, dtype: torch.dtype
+):
     """(first row, last row + 1, decoded rows in `dtype`) for consecutive row ranges of the weight."""
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
@@ -90,9 +91,18 @@ class QuantLinear(nn.Module):
     # only very large ones are split, bounding the float temporaries whatever the layer size.
     chunk_elements: int = 1 << 22
 
-    def __init__(self, in_features: int, out_features: int, method: str = "nf4", *, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 block_size: int = BLOCK_SIZE, double_quant: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        method: str = "nf4",
+        *,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        block_size: int = BLOCK_SIZE,
+        double_quant: bool = True,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -108,12 +118,21 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method: str = "nf4", *, block_size: int = BLOCK_SIZE,
-                    double_quant: bool = True) -> "QuantLinear":
+    def from_linear(
+        cls, linear: nn.Linear, method: str = "nf4", *, block_size: int = BLOCK_SIZE, double_quant: bool = True
+    ) -> QuantLinear:
         """Quantize `linear`'s weight; its bias Parameter is kept as is (same object, now frozen)."""
         weight = linear.weight
-        layer = cls(linear.in_features, linear.out_features, method, bias=False, dtype=weight.dtype,
-                    device="meta", block_size=block_size, double_quant=double_quant)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            method,
+            bias=False,
+            dtype=weight.dtype,
+            device="meta",
+            block_size=block_size,
+            double_quant=double_quant,
+        )
         for name, tensor in layer.codec.encode(weight).items():
             layer.register_buffer(name, tensor.contiguous())
         if linear.bias is not None:
@@ -127,7 +146,7 @@ class QuantLinear(nn.Module):
         return self.codec.name
 
     def quant_buffers(self) -> dict[str, torch.Tensor]:
-        return {name: self._buffers[name] for name in self._quant_names}
+        return {name: buffer for name, buffer in self.named_buffers(recurse=False) if name in self._quant_names}
 
     def quantized_bytes(self) -> int:
         """Bytes of the stored weight (codes and every scale); the bias is not included."""
@@ -143,8 +162,12 @@ class QuantLinear(nn.Module):
         """The whole weight decoded, (out × in), as a new tensor. For merging and export; the forward never
         builds it."""
         dtype = dtype or self.compute_dtype
-        chunks = [w for _, _, w in _decoded_chunks(self.codec, self.quant_buffers(), self.in_features,
-                                                   self.out_features, self._rows_per_chunk(), dtype)]
+        chunks = [
+            w
+            for _, _, w in _decoded_chunks(
+                self.codec, self.quant_buffers(), self.in_features, self.out_features, self._rows_per_chunk(), dtype
+            )
+        ]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     @property
@@ -157,8 +180,9 @@ class QuantLinear(nn.Module):
     def quantize_(self, weight: torch.Tensor) -> None:
         """Re-quantize from a float (out × in) weight, in place (same buffer objects, device and dtypes)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a "
-                             f"{self.out_features}×{self.in_features} layer")
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not fit a {self.out_features}×{self.in_features} layer"
+            )
         current = self.quant_buffers()
         for name, tensor in self.codec.encode(weight.to(next(iter(current.values())).device)).items():
             current[name].copy_(tensor)

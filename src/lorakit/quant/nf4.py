@@ -44,11 +44,17 @@ def nf4_code(dtype: torch.dtype = torch.float32, device: torch.device | str | No
     """The 16 NF4 levels, ascending, from -1 to 1 with an exact 0 at index 7."""
     grid_pos = torch.linspace(_TAIL, 0.5, 9, dtype=torch.float64)[:-1]  # 8 probabilities > 1/2
     grid_neg = torch.linspace(_TAIL, 0.5, 8, dtype=torch.float64)[:-1]  # 7 probabilities > 1/2
-    levels = torch.cat([
-        torch.special.ndtri(grid_pos),       # positive side
-        -torch.special.ndtri(grid_neg),      # negative side (mirrored quantiles)
-        torch.zeros(1, dtype=torch.float64),
-    ]).sort().values
+    levels = (
+        torch.cat(
+            [
+                torch.special.ndtri(grid_pos),  # positive side
+                -torch.special.ndtri(grid_neg),  # negative side (mirrored quantiles)
+                torch.zeros(1, dtype=torch.float64),
+            ]
+        )
+        .sort()
+        .values
+    )
     return (levels / levels.abs().max()).to(dtype=dtype, device=device)
 
 
@@ -113,7 +119,7 @@ def quantize_blocks(flat: torch.Tensor, block_size: int = BLOCK_SIZE) -> tuple[t
     step = max(1, _ENCODE_CHUNK // block_size) * block_size
     for start in range(0, total, step):
         stop = min(start + step, total)
-        piece = flat[start:min(stop, flat.numel())].to(torch.float32)
+        piece = flat[start : min(stop, flat.numel())].to(torch.float32)
         if piece.numel() < stop - start:  # the last chunk: pad with zeros to whole blocks
             piece = torch.cat([piece, piece.new_zeros(stop - start - piece.numel())])
         blocks = piece.view(-1, block_size)
@@ -121,8 +127,8 @@ def quantize_blocks(flat: torch.Tensor, block_size: int = BLOCK_SIZE) -> tuple[t
         # An all-zero block keeps absmax 0 but is divided by 1: its values all land on the exact-zero level.
         normalised = blocks / torch.where(block_max > 0, block_max, 1.0)[:, None]
         index = _nearest_level(normalised).view(-1)
-        packed[start // 2:stop // 2] = (index[0::2] << 4) | index[1::2]
-        absmax[start // block_size:stop // block_size] = block_max
+        packed[start // 2 : stop // 2] = (index[0::2] << 4) | index[1::2]
+        absmax[start // block_size : stop // block_size] = block_max
     return packed, absmax
 
 
@@ -133,8 +139,9 @@ def dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, block_size: in
 
 
 # -- double quantization of the absmax constants ---------------------------------------------------
-def double_quantize(absmax: torch.Tensor, block_size: int = DQ_BLOCK_SIZE
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def double_quantize(
+    absmax: torch.Tensor, block_size: int = DQ_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """absmax (fp32) → (int8 codes, one fp32 scale per block of `block_size`, fp32 mean as a 0-d tensor).
 
     Symmetric int8 absmax quantization of `absmax - mean`, blockwise so one large constant does not
@@ -148,11 +155,17 @@ def double_quantize(absmax: torch.Tensor, block_size: int = DQ_BLOCK_SIZE
     step = blocks.abs().amax(dim=1) / 127
     codes = torch.round(blocks / torch.where(step > 0, step, 1.0)[:, None]).clamp(-127, 127).to(torch.int8)
     # clone: a slice would keep the padded storage alive (and be counted, and saved, with it).
-    return codes.view(-1)[:absmax.numel()].clone(), step, mean.reshape(())
+    return codes.view(-1)[: absmax.numel()].clone(), step, mean.reshape(())
 
 
-def double_dequantize(codes: torch.Tensor, step: torch.Tensor, mean: torch.Tensor, start: int = 0,
-                      stop: int | None = None, block_size: int = DQ_BLOCK_SIZE) -> torch.Tensor:
+def double_dequantize(
+    codes: torch.Tensor,
+    step: torch.Tensor,
+    mean: torch.Tensor,
+    start: int = 0,
+    stop: int | None = None,
+    block_size: int = DQ_BLOCK_SIZE,
+) -> torch.Tensor:
     """The absmax constants of blocks [start, stop) recovered from their int8 codes."""
     stop = codes.numel() if stop is None else stop
     owner = torch.arange(start, stop, device=codes.device) // block_size  # which scale each constant uses
@@ -179,8 +192,12 @@ class NF4Codec:
         return "nf4"
 
     def spec(self) -> dict:
-        return {"method": "nf4", "block_size": self.block_size, "double_quant": self.double_quant,
-                "dq_block_size": self.dq_block_size}
+        return {
+            "method": "nf4",
+            "block_size": self.block_size,
+            "double_quant": self.double_quant,
+            "dq_block_size": self.dq_block_size,
+        }
 
     def empty(self, out_features: int, in_features: int, device=None) -> dict[str, torch.Tensor]:
         """Buffers of the right shapes, uninitialised (to be filled by `load_state_dict`)."""
@@ -203,24 +220,34 @@ class NF4Codec:
 
     def block_absmax(self, buffers: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
         if self.double_quant:
-            return double_dequantize(buffers["absmax_q"], buffers["absmax_scale"], buffers["absmax_mean"],
-                                     start, stop, self.dq_block_size)
+            return double_dequantize(
+                buffers["absmax_q"], buffers["absmax_scale"], buffers["absmax_mean"], start, stop, self.dq_block_size
+            )
         return buffers["absmax"][start:stop]
 
-    def decode_rows(self, buffers: dict[str, torch.Tensor], row_start: int, row_stop: int,
-                    in_features: int) -> torch.Tensor:
+    def decode_rows(
+        self, buffers: dict[str, torch.Tensor], row_start: int, row_stop: int, in_features: int
+    ) -> torch.Tensor:
         """fp32 rows [row_start, row_stop) of the matrix. Only the blocks overlapping them are decoded
         (rows and blocks need not align when in_features is not a multiple of the block size)."""
         first, last = row_start * in_features, row_stop * in_features
         b0, b1 = first // self.block_size, math.ceil(last / self.block_size)
         half = self.block_size // 2
-        flat = dequantize_blocks(buffers["weight_packed"][b0 * half:b1 * half],
-                                 self.block_absmax(buffers, b0, b1), self.block_size)
+        flat = dequantize_blocks(
+            buffers["weight_packed"][b0 * half : b1 * half], self.block_absmax(buffers, b0, b1), self.block_size
+        )
         offset = b0 * self.block_size
-        return flat[first - offset:last - offset].view(row_stop - row_start, in_features)
+        return flat[first - offset : last - offset].view(row_stop - row_start, in_features)
 
 
 __all__ = [
-    "BLOCK_SIZE", "DQ_BLOCK_SIZE", "NF4Codec", "dequantize_blocks", "double_dequantize", "double_quantize",
-    "nf4_code", "padded_numel", "quantize_blocks",
+    "BLOCK_SIZE",
+    "DQ_BLOCK_SIZE",
+    "NF4Codec",
+    "dequantize_blocks",
+    "double_dequantize",
+    "double_quantize",
+    "nf4_code",
+    "padded_numel",
+    "quantize_blocks",
 ]

@@ -15,10 +15,11 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 from fastapi import Depends, FastAPI
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from . import admin, completions, monitoring
 from .config import ServeConfig
@@ -31,8 +32,9 @@ from .registry import Registry
 from .scheduler import Scheduler
 
 
-def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: ServeConfig,
-               adapters: dict[str, Path] | None = None) -> FastAPI:
+def create_app(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: ServeConfig, adapters: dict[str, Path] | None = None
+) -> FastAPI:
     """The server for `model` with the operator's `adapters` (name → folder) loaded. The scheduler's thread runs
     while the app runs (FastAPI lifespan); `app.state.context` holds everything the server shares, and
     `app.state` also holds its registry, scheduler and metrics by name."""
@@ -48,8 +50,9 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: Ser
     return app
 
 
-def _build_context(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: ServeConfig,
-                   adapters: dict[str, Path]) -> ServeContext:
+def _build_context(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: ServeConfig, adapters: dict[str, Path]
+) -> ServeContext:
     registry = Registry(model, config.model_name, config.adapter_dirs, config.unload_timeout_s)
     for name, folder in adapters.items():
         registry.load(name, Path(folder))
@@ -58,7 +61,8 @@ def _build_context(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config:
     engine = Engine(model, tokenizer.eos_token_id, pad, config.max_batch_size)
     metrics = Metrics()
     scheduler = Scheduler(engine, registry, metrics, config.max_queue, config.batch_wait_ms / 1000)
-    context_length = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    text_config = cast(PretrainedConfig, model.config).get_text_config(decoder=True)
+    context_length = getattr(text_config, "max_position_embeddings", None)
     return ServeContext(config, tokenizer, registry, scheduler, metrics, context_length, int(time.time()))
 
 

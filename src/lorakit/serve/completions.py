@@ -7,7 +7,7 @@ own: `create_app` adds the API key check to it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -34,8 +34,9 @@ def _encode(context: ServeContext, text: str) -> list[int]:
     return context.tokenizer(text, add_special_tokens=False).input_ids
 
 
-def start_generation(context: ServeContext, body: protocol.RequestBase, prompts: list[list[int]],
-                     requested: int | None) -> Generation:
+def start_generation(
+    context: ServeContext, body: protocol.RequestBase, prompts: list[list[int]], requested: int | None
+) -> Generation:
     """Check the request's options, prompts and token budget, then queue one sequence per prompt."""
     problem = body.unsupported()
     if problem:
@@ -43,17 +44,18 @@ def start_generation(context: ServeContext, body: protocol.RequestBase, prompts:
     check_prompt_count(len(prompts), context.config)
     # One budget for all of the request's prompts: the tightest one.
     max_tokens = min(token_budget(p, requested, context.config, context.context_length) for p in prompts)
-    sampling = Sampling(max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                        ignore_eos=body.ignore_eos)
+    sampling = Sampling(
+        max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos
+    )
     try:
-        return Generation(context.scheduler, context.registry, context.tokenizer, body.model, prompts, sampling,
-                          body.stop_strings())
+        return Generation(
+            context.scheduler, context.registry, context.tokenizer, body.model, prompts, sampling, body.stop_strings()
+        )
     except (ModelNotFound, QueueFull) as err:
         raise api_error_for(err) from None
 
 
-async def answer(body: protocol.RequestBase, generation: Generation,
-                 chat: bool) -> dict[str, Any] | StreamingResponse:
+async def answer(body: protocol.RequestBase, generation: Generation, chat: bool) -> dict[str, Any] | StreamingResponse:
     """The whole completion once generation ends (a 500 if it failed), or the stream of it (`stream: true`)."""
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
@@ -87,7 +89,7 @@ async def chat_completions(body: protocol.ChatRequest, context: Context) -> dict
         raise ApiError(400, f"model {context.config.model_name!r} has no chat template; use /v1/completions")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        text = context.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = cast(str, context.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     except Exception as err:  # the template's own checks (jinja2 raises its own exception types)
         raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from None
     generation = start_generation(context, body, [_encode(context, text)], body.token_limit())
@@ -99,8 +101,14 @@ async def models(context: Context) -> dict[str, Any]:
     """Semantics: the base model first (no parent), then every loaded adapter with the base model as parent."""
 
     def entry(name: str, parent: str | None) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": context.started, "owned_by": "lorakit", "root": name,
-                "parent": parent}
+        return {
+            "id": name,
+            "object": "model",
+            "created": context.started,
+            "owned_by": "lorakit",
+            "root": name,
+            "parent": parent,
+        }
 
     base = context.config.model_name
     return {"object": "list", "data": [entry(base, None)] + [entry(name, base) for name in context.registry.adapters()]}

@@ -17,13 +17,14 @@ import inspect
 import secrets
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 
-from ..state import adapter_names
 from ..mixed import adapter_rows
+from ..state import adapter_names
 from .kvcache import RowCache
 
 
@@ -52,12 +53,14 @@ class Engine:
     """Runs up to `max_batch_size` sequences of `model` together (a causal LM with a standard KV cache)."""
 
     def __init__(self, model: nn.Module, eos_token_id: int | None, pad_token_id: int, max_batch_size: int) -> None:
-        config = model.config
+        config = cast(PretrainedConfig, model.config)  # a transformers model; nn.Module's typing has no .config
         if getattr(config, "sliding_window", None) or any(
             t != "full_attention" for t in getattr(config, "layer_types", None) or []
         ):
-            raise ValueError("lorakit serve supports models with full attention in every layer, "
-                             f"not the sliding-window or hybrid attention of {type(model).__name__}")
+            raise ValueError(
+                "lorakit serve supports models with full attention in every layer, "
+                f"not the sliding-window or hybrid attention of {type(model).__name__}"
+            )
         self.model = model.eval()
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -89,15 +92,19 @@ class Engine:
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
-            ids[row, width - len(seq.prompt):] = torch.tensor(seq.prompt)
-            mask[row, width - len(seq.prompt):] = 1
+            ids[row, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
+            mask[row, width - len(seq.prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(
-            [s.adapter for s in sequences], input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device), **{self._cache_arg: cache},
+            [s.adapter for s in sequences],
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            **{self._cache_arg: cache},
         )
-        self.rows.add([(layer.keys, layer.values) for layer in cache.layers], lengths)
+        # Every layer is a full-attention DynamicLayer (checked in __init__), filled by this forward pass.
+        self.rows.add([(layer.keys, layer.values) for layer in cache.layers], lengths)  # type: ignore[union-attr,misc]
         self.running += sequences
         for seq in sequences:
             if seq.sampling.temperature > 0:
@@ -114,8 +121,11 @@ class Engine:
         last = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)
         positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in self.running], device=self.device)
         logits = self._forward(
-            [s.adapter for s in self.running], input_ids=last, attention_mask=self.rows.attention_mask(),
-            position_ids=positions, **{self._cache_arg: self.rows.as_cache()},
+            [s.adapter for s in self.running],
+            input_ids=last,
+            attention_mask=self.rows.attention_mask(),
+            position_ids=positions,
+            **{self._cache_arg: self.rows.as_cache()},
         )
         self.rows.advance()
         return self._advance(list(self.running), logits)

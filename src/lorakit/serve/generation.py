@@ -9,6 +9,7 @@ generation), and cancels whatever is unfinished when the consumer goes away (a c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -33,8 +34,16 @@ class Choice:
 class Generation:
     """The sequences of one API request (one per prompt), all with the same model and sampling."""
 
-    def __init__(self, scheduler: Scheduler, registry: Registry, tokenizer: PreTrainedTokenizerBase,
-                 model: str, prompts: list[list[int]], sampling: Sampling, stop: list[str]) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        registry: Registry,
+        tokenizer: PreTrainedTokenizerBase,
+        model: str,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        stop: list[str],
+    ) -> None:
         self.scheduler = scheduler
         self.prompt_tokens = sum(len(p) for p in prompts)
         self._loop = asyncio.get_running_loop()
@@ -57,10 +66,8 @@ class Generation:
 
     def _emitter(self, index: int):
         def emit(event: tuple) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is shutting down
                 self._loop.call_soon_threadsafe(self._events.put_nowait, (index, event))
-            except RuntimeError:  # the event loop has closed: the server is shutting down
-                pass
 
         return emit
 

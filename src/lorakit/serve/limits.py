@@ -25,8 +25,12 @@ async def require_key(context: Context, authorization: str | None = Header(None)
     scheme, _, token = (authorization or "").partition(" ")
     # compare_digest: the time taken must not tell how much of a guessed key is right
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
-        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                       "authentication_error", code="invalid_api_key")
+        raise ApiError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "authentication_error",
+            code="invalid_api_key",
+        )
 
 
 async def bounded_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -57,19 +61,32 @@ def token_budget(prompt: list[int], requested: int | None, config: ServeConfig, 
     if not prompt:
         raise ApiError(400, "the prompt is empty (0 tokens)", param="prompt")
     if len(prompt) > config.max_prompt_tokens:
-        raise ApiError(400, f"the prompt has {len(prompt)} tokens; this server accepts at most "
-                            f"{config.max_prompt_tokens}", code="prompt_too_long", param="prompt")
+        raise ApiError(
+            400,
+            f"the prompt has {len(prompt)} tokens; this server accepts at most {config.max_prompt_tokens}",
+            code="prompt_too_long",
+            param="prompt",
+        )
     room = context_length - len(prompt) if context_length else config.max_tokens
     if room < 1:
-        raise ApiError(400, f"the prompt ({len(prompt)} tokens) fills the model's context of {context_length} "
-                            "tokens", code="context_length_exceeded", param="prompt")
+        raise ApiError(
+            400,
+            f"the prompt ({len(prompt)} tokens) fills the model's context of {context_length} tokens",
+            code="context_length_exceeded",
+            param="prompt",
+        )
     if requested is None:
         return min(config.max_tokens, room)
     if requested > config.max_tokens:
-        raise ApiError(400, f"max_tokens={requested} is above this server's limit of {config.max_tokens}",
-                       param="max_tokens")
+        raise ApiError(
+            400, f"max_tokens={requested} is above this server's limit of {config.max_tokens}", param="max_tokens"
+        )
     if requested > room:
-        raise ApiError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens={requested} exceeds the model's "
-                            f"context of {context_length} tokens", code="context_length_exceeded",
-                       param="max_tokens")
+        raise ApiError(
+            400,
+            f"the prompt ({len(prompt)} tokens) plus max_tokens={requested} exceeds the model's "
+            f"context of {context_length} tokens",
+            code="context_length_exceeded",
+            param="max_tokens",
+        )
     return requested

@@ -67,17 +67,38 @@ class Metrics:
             def per_model(values: Mapping[str, float], names: Iterable[str] = ()) -> list[tuple[str, float]]:
                 return [(f'{{model="{_label(m)}"}}', values.get(m, 0)) for m in sorted(set(names) | set(values))]
 
-            family("lorakit_requests_total", "counter", "Finished requests by model and outcome.",
-                   [(f'{{model="{_label(m)}",outcome="{o}"}}', n) for (m, o), n in sorted(self._requests.items())])
-            family("lorakit_rejected_requests_total", "counter", "Requests refused before queueing, by HTTP status.",
-                   [(f'{{status="{s}"}}', n) for s, n in sorted(self._rejected.items())])
-            family("lorakit_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
-                   per_model(self._prompt_tokens))
+            family(
+                "lorakit_requests_total",
+                "counter",
+                "Finished requests by model and outcome.",
+                [(f'{{model="{_label(m)}",outcome="{o}"}}', n) for (m, o), n in sorted(self._requests.items())],
+            )
+            family(
+                "lorakit_rejected_requests_total",
+                "counter",
+                "Requests refused before queueing, by HTTP status.",
+                [(f'{{status="{s}"}}', n) for s, n in sorted(self._rejected.items())],
+            )
+            family(
+                "lorakit_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of finished requests.",
+                per_model(self._prompt_tokens),
+            )
             family("lorakit_generated_tokens_total", "counter", "Generated tokens.", per_model(self._generated_tokens))
-            family("lorakit_request_seconds_total", "counter", "Seconds from queueing to the end, summed over "
-                   "finished requests (divide by lorakit_requests_total for the mean).", per_model(self._seconds))
-            family("lorakit_generated_tokens_per_second", "gauge",
-                   f"Generated tokens per second over the last {self.window:g} s.", per_model(rate, models))
+            family(
+                "lorakit_request_seconds_total",
+                "counter",
+                "Seconds from queueing to the end, summed over "
+                "finished requests (divide by lorakit_requests_total for the mean).",
+                per_model(self._seconds),
+            )
+            family(
+                "lorakit_generated_tokens_per_second",
+                "gauge",
+                f"Generated tokens per second over the last {self.window:g} s.",
+                per_model(rate, models),
+            )
             family("lorakit_queue_depth", "gauge", "Requests waiting for a batch slot.", per_model(queued, models))
             family("lorakit_running_sequences", "gauge", "Sequences in the running batch.", per_model(running, models))
         return "\n".join(lines) + "\n"

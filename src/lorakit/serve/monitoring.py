@@ -21,8 +21,10 @@ async def health(context: Context) -> JSONResponse:
     scheduler = context.scheduler
     queued, running = scheduler.counts()
     status = "ok" if scheduler.alive else "stopped"
-    return JSONResponse({"status": status, "queued": sum(queued.values()), "running": sum(running.values())},
-                        status_code=200 if scheduler.alive else 503)
+    return JSONResponse(
+        {"status": status, "queued": sum(queued.values()), "running": sum(running.values())},
+        status_code=200 if scheduler.alive else 503,
+    )
 
 
 @router.get("/metrics")

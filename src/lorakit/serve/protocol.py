@@ -46,17 +46,23 @@ class RequestBase(BaseModel):
         if len(self.stop_strings()) > 4:
             return f"'stop' takes up to 4 strings, got {len(self.stop_strings())}"
         checks = [
-            ("n", self.n != 1), ("presence_penalty", self.presence_penalty != 0),
-            ("frequency_penalty", self.frequency_penalty != 0), ("logit_bias", bool(self.logit_bias)),
+            ("n", self.n != 1),
+            ("presence_penalty", self.presence_penalty != 0),
+            ("frequency_penalty", self.frequency_penalty != 0),
+            ("logit_bias", bool(self.logit_bias)),
             ("best_of", extra.get("best_of") not in (None, 1)),
             ("response_format", extra.get("response_format") not in (None, {"type": "text"})),
-            *((name, bool(extra.get(name)))
-              for name in ("suffix", "tools", "functions", "tool_choice", "top_logprobs")),
+            *(
+                (name, bool(extra.get(name)))
+                for name in ("suffix", "tools", "functions", "tool_choice", "top_logprobs")
+            ),
         ]
         for name, refused in checks:
             if refused:
-                return (f"option {name!r} is not supported by this server (it implements model, prompt / messages, "
-                        "max_tokens, temperature, top_p, seed, stop, stream and stream_options)")
+                return (
+                    f"option {name!r} is not supported by this server (it implements model, prompt / messages, "
+                    "max_tokens, temperature, top_p, seed, stop, stream and stream_options)"
+                )
         return None
 
 
@@ -109,12 +115,16 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_body(request_id: str, model: str, choices: list[dict[str, Any]], use: dict | None,
-                    chat: bool, chunk: bool = False) -> dict[str, Any]:
+def completion_body(
+    request_id: str, model: str, choices: list[dict[str, Any]], use: dict | None, chat: bool, chunk: bool = False
+) -> dict[str, Any]:
     kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
     body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
     if use is not None or not chunk:
@@ -122,14 +132,19 @@ def completion_body(request_id: str, model: str, choices: list[dict[str, Any]], 
     return body
 
 
-def choice(index: int, text: str | None, finish_reason: str | None, chat: bool, chunk: bool = False,
-           first: bool = False) -> dict[str, Any]:
+def choice(
+    index: int, text: str | None, finish_reason: str | None, chat: bool, chunk: bool = False, first: bool = False
+) -> dict[str, Any]:
     """One entry of `choices`: a whole answer, or (chunk) a streamed piece of it."""
     if not chat:
         return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
     if not chunk:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                "logprobs": None}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+            "logprobs": None,
+        }
     delta: dict[str, str] = {"role": "assistant"} if first else {}
     if text is not None:
         delta["content"] = text

@@ -37,8 +37,9 @@ class Conflict(RuntimeError):
 
 
 class Registry:
-    def __init__(self, model: nn.Module, base_name: str, adapter_dirs: list[Path] | tuple = (),
-                 unload_timeout: float = 600.0) -> None:
+    def __init__(
+        self, model: nn.Module, base_name: str, adapter_dirs: list[Path] | tuple = (), unload_timeout: float = 600.0
+    ) -> None:
         self.model = model
         self.base_name = base_name
         self.roots = [Path(d).expanduser().resolve() for d in adapter_dirs]
@@ -94,8 +95,9 @@ class Registry:
             raise Forbidden("loading adapters at run time is off; start the server with --adapter-dir FOLDER")
         requested = Path(path)
         if not path or ".." in requested.parts or "\x00" in path:
-            raise Forbidden(f"adapter path {path!r} is refused: give a folder inside the allowed adapter folders, "
-                            "without '..'")
+            raise Forbidden(
+                f"adapter path {path!r} is refused: give a folder inside the allowed adapter folders, without '..'"
+            )
         candidates = [requested] if requested.is_absolute() else [root / requested for root in self.roots]
         for candidate in candidates:
             resolved = candidate.resolve()
@@ -108,12 +110,15 @@ class Registry:
     def load(self, name: str, folder: Path) -> None:
         """Load the adapter in `folder` as `name` (the folder is trusted: see `allowed_folder`)."""
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-' (starting with a "
-                             "letter or digit)")
+            raise ValueError(
+                f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-' (starting with a letter or digit)"
+            )
         config, _ = read_adapter(folder)
         if config.modules_to_save or config.bias != "none":
-            raise ValueError(f"adapter at {folder.name!r} trains modules_to_save or biases, which every request "
-                             "would share; the server runs adapters that only add low-rank matrices")
+            raise ValueError(
+                f"adapter at {folder.name!r} trains modules_to_save or biases, which every request "
+                "would share; the server runs adapters that only add low-rank matrices"
+            )
         if config.task_type not in (None, "CAUSAL_LM"):
             raise ValueError(f"adapter at {folder.name!r} is for task {config.task_type}, not a causal LM")
         with self._state:
@@ -143,8 +148,10 @@ class Registry:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._unloading.discard(name)
-                    raise Conflict(f"adapter {name!r} is still used by {self._in_use[name]} requests after "
-                                   f"{self.unload_timeout:g} s; it stays loaded")
+                    raise Conflict(
+                        f"adapter {name!r} is still used by {self._in_use[name]} requests after "
+                        f"{self.unload_timeout:g} s; it stays loaded"
+                    )
                 self._state.wait(left)
         with self.lock:
             delete_adapter(self.model, name)

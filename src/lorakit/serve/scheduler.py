@@ -166,8 +166,9 @@ class Scheduler:
             request.done = True
             self._by_sequence.pop(request.sequence, None)
         self.registry.release(request.sequence.adapter)
-        self.metrics.finished(request.model, outcome, len(request.sequence.prompt),
-                              time.monotonic() - request.submitted)
+        self.metrics.finished(
+            request.model, outcome, len(request.sequence.prompt), time.monotonic() - request.submitted
+        )
         if silent:
             return
         request.emit(("error", message) if outcome == "error" else ("done", outcome))

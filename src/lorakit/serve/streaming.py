@@ -23,8 +23,9 @@ def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def completion_events(body: protocol.RequestBase, generation: Generation, chat: bool,
-                            request_id: str) -> AsyncIterator[str]:
+async def completion_events(
+    body: protocol.RequestBase, generation: Generation, chat: bool, request_id: str
+) -> AsyncIterator[str]:
     """The server-sent events of one request's generation, as described in the module docstring."""
 
     def chunk(choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> str:
@@ -45,8 +46,9 @@ async def completion_events(body: protocol.RequestBase, generation: Generation, 
     yield "data: [DONE]\n\n"
 
 
-def stream_response(body: protocol.RequestBase, generation: Generation, chat: bool,
-                    request_id: str) -> StreamingResponse:
+def stream_response(
+    body: protocol.RequestBase, generation: Generation, chat: bool, request_id: str
+) -> StreamingResponse:
     """The HTTP response that sends `completion_events` as they come."""
     events = completion_events(body, generation, chat, request_id)
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

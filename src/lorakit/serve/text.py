@@ -7,6 +7,8 @@ with text that could be the start of a stop string.
 
 from __future__ import annotations
 
+from typing import cast
+
 from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT = "\ufffd"
@@ -21,7 +23,7 @@ class TextStream:
         self.stopped = False
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(self.tokens, skip_special_tokens=True))  # one sequence: one string
 
     def push(self, token: int) -> str:
         """Add a token; returns the text that is now certain (possibly ""). Sets `stopped` at a stop string."""
@@ -29,8 +31,9 @@ class TextStream:
             return ""
         self.tokens.append(token)
         text = self._text()
-        earliest = min((i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0),
-                       default=-1)
+        earliest = min(
+            (i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0), default=-1
+        )
         if earliest >= 0:
             self.stopped = True
             return self._hand_out(text[:earliest])
@@ -38,8 +41,15 @@ class TextStream:
         while safe > self.sent and text[safe - 1] == REPLACEMENT:
             safe -= 1
         # Hold back the longest suffix that may still grow into a stop string.
-        safe -= max((k for stop in self.stop for k in range(1, min(len(stop) - 1, safe - self.sent) + 1)
-                     if text[safe - k : safe] == stop[:k]), default=0)
+        safe -= max(
+            (
+                k
+                for stop in self.stop
+                for k in range(1, min(len(stop) - 1, safe - self.sent) + 1)
+                if text[safe - k : safe] == stop[:k]
+            ),
+            default=0,
+        )
         return self._hand_out(text[:safe])
 
     def finish(self) -> str:
