@@ -33,6 +33,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .config import LoraConfig
 from .inject import add_adapter, check_new_name, merged_names
 from .layers import LoraLayer
 from .saved_module import TrainableCopy
@@ -71,14 +72,28 @@ def combine(
     if not factors:
         raise ValueError(f"adapters {names} adapt no layer")
     saved_sources = _saved_sources(model, names)
+    add_adapter(model, _combined_config(configs, factors), name, activate=activate)
 
+    layers = dict(lora_layers(model))
+    for path, (b, a) in factors.items():
+        layers[path].set_factors(name, b, a)
+    with torch.no_grad():
+        for copy, source in saved_sources:
+            copy.modules_to_save[name].load_state_dict(copy.modules_to_save[source].state_dict())
+    return model
+
+
+def _combined_config(
+    configs: dict[str, LoraConfig], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> LoraConfig:
+    """The new adapter's config: the first input's, with each layer's rank of its combined factors and scaling 1
+    (alpha = r), targeting exactly the combined layers, plain LoRA (the factors already hold everything)."""
     ranks = {path: b.shape[1] for path, (b, _) in factors.items()}
     top = max(ranks.values())
     others = {re.escape(path): r for path, r in ranks.items() if r != top}
-    first = configs[names[0]]
     saved_names = sorted({m for c in configs.values() for m in (c.modules_to_save or [])}) or None
-    config = replace(
-        first,
+    return replace(
+        next(iter(configs.values())),
         r=top,
         alpha=float(top),
         rank_pattern=others,
@@ -93,15 +108,6 @@ def combine(
         use_rslora=False,
         use_dora=False,
     )
-    add_adapter(model, config, name, activate=activate)
-
-    layers = dict(lora_layers(model))
-    for path, (b, a) in factors.items():
-        layers[path].set_factors(name, b, a)
-    with torch.no_grad():
-        for copy, source in saved_sources:
-            copy.modules_to_save[name].load_state_dict(copy.modules_to_save[source].state_dict())
-    return model
 
 
 def _check_arguments(
