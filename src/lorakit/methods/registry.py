@@ -36,15 +36,17 @@ def get_method(name: str) -> FineTuningMethod:
     return _REGISTRY[name]
 
 
-def method_of(model: nn.Module) -> FineTuningMethod | None:
-    """The method applied to `model` (LoRA when it has LoRA adapters), or None."""
+def method_of(model: nn.Module, adapter: str | None = None) -> FineTuningMethod | None:
+    """The method applied to `model` (LoRA when it has LoRA adapters), or None. For LoRA it works on the adapter
+    named `adapter` when the model has it, else on "default", else on the first active adapter."""
     state = method_state(model)
     if state is not None:
         return get_method(state.name)
     names = adapter_names(model)
     if not names:
         return None
-    # The adapter the model trains: "default" when it has one, else its first active adapter.
+    if adapter in names:
+        return LoraMethod(adapter=adapter)
     return _LORA if _LORA.adapter in names else LoraMethod(adapter=(active_adapters(model) or names)[0])
 
 

@@ -17,9 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..inject import adapter_names, delete_adapter
-from ..io import load_adapter, save_adapter
-from ..methods import method_state, restore_method, save_method
+from ..methods import FineTuningMethod, method_of
 from .distributed import Parallel, load_optimizer_state, optimizer_state, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
@@ -63,21 +61,18 @@ class Checkpointer:
     def save_trained(self, model: nn.Module, folder: Path) -> None:
         """The trained tensors: the method's folder when a method of lorakit.methods is applied, else the
         LoRA adapter. Every rank calls it; rank 0 writes."""
-        write = self.parallel.is_main
-        if method_state(model) is not None:
-            save_method(model, folder, write=write, **self.adapter_meta)
-        else:
-            save_adapter(model, folder, self.adapter_name, write=write, **self.adapter_meta)
+        self._method(model).save(model, folder, write=self.parallel.is_main, **self.adapter_meta)
 
     def restore_trained(self, model: nn.Module, folder: Path) -> None:
-        """Put the trained tensors of `folder` into the model, before its optimizer is built."""
-        if method_state(model) is not None:
-            restore_method(model, folder)  # in place: the same parameters, the checkpoint's values
-            return
-        # The adapter is loaded anew, so the optimizer must be built on its new parameters.
-        if self.adapter_name in adapter_names(model):
-            delete_adapter(model, self.adapter_name)
-        load_adapter(model, folder, self.adapter_name)
+        """Put the trained tensors of `folder` into the model, before its optimizer is built (LoRA loads its
+        adapter anew, so the optimizer must be built on the parameters that exist after this)."""
+        self._method(model).restore(model, folder)
+
+    def _method(self, model: nn.Module) -> FineTuningMethod:
+        method = method_of(model, adapter=self.adapter_name)
+        if method is None:
+            raise ValueError("the model has neither a LoRA adapter nor a method of lorakit.methods to train")
+        return method
 
     def restore_state(self, folder: Path, model: nn.Module, state: TrainingState) -> None:
         """Load the optimizer, scheduler and RNG states, step and history of checkpoint `folder`."""
