@@ -176,17 +176,20 @@ def _planned_copies(model: nn.Module, config: LoraConfig, strict: bool) -> list[
     return saved
 
 
-def apply_plan(model: nn.Module, plan: InjectionPlan, name: str, activate: bool) -> None:
+def apply_plan(
+    model: nn.Module, plan: InjectionPlan, name: str, activate: bool, *, autocast_adapter_dtype: bool = True
+) -> None:
     """Install a plan from `plan_injection` as adapter `name` (nothing in here can fail on a valid plan)."""
     config = plan.config
+    options = {"use_dora": config.use_dora, "autocast_adapter_dtype": autocast_adapter_dtype}
     for path, wrapper, is_new in plan.layers:
         wrapper.add_adapter(
-            name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init, use_dora=config.use_dora
+            name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init, **options
         )
         if is_new:
             model.set_submodule(path, wrapper)
     for path, copy, is_new in plan.saved:
-        copy.add_adapter(name)
+        copy.add_adapter(name, autocast_adapter_dtype=autocast_adapter_dtype)
         if is_new:
             model.set_submodule(path, copy)
     state = attach_state(model)
@@ -219,17 +222,25 @@ def _activate(model: nn.Module, names: list[str]) -> None:
 
 
 # -- public operations ----------------------------------------------------------------------------
-def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True) -> nn.Module:
+def add_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    name: str = "default",
+    activate: bool = True,
+    *,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:
     """Add a LoRA adapter to `model` in place and return the model.
 
     Every base parameter is frozen; the new adapter's A/B (plus its `modules_to_save` copies and the
     biases its `bias` mode names) are trainable. With `activate` (the default) the new adapter becomes the
     only active one; otherwise the active set is kept (the first adapter is always activated).
+    On a bf16 / fp16 base its trainable tensors are float32 (as in PEFT) unless `autocast_adapter_dtype=False`.
     """
     plan = plan_injection(model, config, name)
     if adapter_state(model) and any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge before adding another")
-    apply_plan(model, plan, name, activate)
+    apply_plan(model, plan, name, activate, autocast_adapter_dtype=autocast_adapter_dtype)
     return model
 
 
@@ -326,7 +337,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for path, layer in list(lora_layers(model)):
         model.set_submodule(path, layer.base_layer)
     for path, copy in list(saved_copies(model)):
-        model.set_submodule(path, copy.current())
+        model.set_submodule(path, copy.unloaded())
     detach_state(model)
     for param in model.parameters():
         param.requires_grad_(True)

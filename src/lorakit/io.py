@@ -164,8 +164,18 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", activate: bool = True) -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    activate: bool = True,
+    *,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:
     """Load an adapter folder (written by lorakit or PEFT) into `model` as adapter `name`.
+
+    As with `add_adapter`, the adapter's tensors are float32 over a bf16 / fp16 base unless
+    `autocast_adapter_dtype=False` (then the base dtype, whatever the file holds).
 
     Every key and shape is checked before the model changes; on any error the model is untouched.
     """
@@ -185,7 +195,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise RuntimeError("the model has merged adapters; unmerge before loading another")
 
-    apply_plan(model, plan, name, activate)
+    apply_plan(model, plan, name, activate, autocast_adapter_dtype=autocast_adapter_dtype)
     with torch.no_grad():
         for module_path, layer, _ in plan.layers:
             for container, value in by_module[module_path].items():

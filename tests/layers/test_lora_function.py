@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit.layers.lora_function import LoraDropoutProduct, keep_mask, keep_threshold
-from support.models import adapt_layer, fill_
+from lorakit.layers.lora_function import LoraDropoutProduct, keep_mask, keep_threshold, lora_dropout_product
+from support.models import adapt_layer, fill_, max_relative_error
 
 
 def dropout_mask(seed: int, shape: torch.Size, p: float) -> torch.Tensor:
@@ -112,3 +112,37 @@ def test_layers_sharing_an_input_save_it_once_and_no_dropped_copy():
     # x once (the plain path keeps a dropped copy and a mask per layer: 3 · (4 + 1) bytes per element),
     # plus each layer's r-wide product A·x and the weights the backward pass multiplies by.
     assert saved <= x.nbytes + 3 * 8 * 32 * 4 * 4 + weights
+
+
+def test_under_autocast_saves_the_input_uncopied_and_everything_in_the_compute_dtype():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
+    a = torch.randn(4, 32, generator=g, requires_grad=True)  # float32 master factors
+    b = torch.randn(16, 4, generator=g, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_dropout_product(x, a, b, 0.5, 0.1)
+    assert out.dtype == torch.bfloat16
+    assert {t.dtype for t in saved} == {torch.bfloat16}
+    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
+    grad_x, grad_a, grad_b = torch.autograd.grad(out.float().sum(), (x, a, b))
+    assert (grad_x.dtype, grad_a.dtype, grad_b.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+
+
+def test_explicit_compute_dtype_matches_the_float64_formula_within_bf16_tolerance():
+    x, a, b = _inputs()
+    out = LoraDropoutProduct.apply(x, a, b, 1.5, 0.2, 123, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    got = torch.autograd.grad(out, (x, a, b), grad_out.to(torch.bfloat16))
+    x2, a2, b2 = _inputs()
+    expected_out = 1.5 * (x2 * dropout_mask(123, x2.shape, 0.2)) @ a2.t() @ b2.t()
+    want = torch.autograd.grad(expected_out, (x2, a2, b2), grad_out)
+    assert max_relative_error(out.double(), expected_out.detach()) < 2e-2
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64 and max_relative_error(g, w) < 3e-2

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .base import LoraLayer, LoraVariant
+from .base import LoraLayer, LoraVariant, adapter_dtype
 from .conv1d import LoraConv1D
 from .conv2d import LoraConv2d
 from .embedding import LoraEmbedding
@@ -53,6 +53,7 @@ __all__ = [
     "LoraLinear",
     "LoraQuantLinear",
     "LoraVariant",
+    "adapter_dtype",
     "is_linear_layer",
     "lora_class_for",
     "supported_types",

@@ -25,6 +25,26 @@ from torch import nn
 
 from ..config import WEIGHT_INITS
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of an adapter's trainable tensors over a base weight of `base_dtype`: float32 master weights
+    over a half-precision base (with `autocast_adapter_dtype`, PEFT's default) or a non-float (quantized) one,
+    else the base dtype."""
+    if not base_dtype.is_floating_point or (autocast_adapter_dtype and base_dtype in HALF_DTYPES):
+        return torch.float32
+    return base_dtype
+
+
+def add_to_weight_(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """`weight += delta` in place, rounded once: a float32 ΔW meets a half-precision weight in float32, and the
+    sum is cast to the weight's dtype (bf16(W0 + ΔW), not W0 + bf16(ΔW))."""
+    if delta.dtype == weight.dtype:
+        weight += delta
+    else:
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+
 
 class LoraVariant:
     """Plain LoRA (also with rsLoRA's scaling or a gaussian A): ΔW = s·B·A, A random, B zero.
@@ -221,7 +241,20 @@ class LoraLayer(nn.Module):
         """The variant of a new adapter with these options (already checked by `check_variant`)."""
         return PLAIN
 
-    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str, use_dora: bool = False) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        scaling: float,
+        dropout: float,
+        init: str,
+        use_dora: bool = False,
+        *,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add adapter `name`. Its trainable tensors are float32 master weights on a bf16 / fp16 (or quantized)
+        base, unless `autocast_adapter_dtype=False` keeps them in the base weight's dtype; on a float32 or
+        float64 base they take its dtype."""
         if name in self.scaling:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if r > self.max_rank():
@@ -235,7 +268,7 @@ class LoraLayer(nn.Module):
         self.variants[name] = variant
         variant.initialise(self, name, init)
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dtype = adapter_dtype(weight.dtype, autocast_adapter_dtype)
         for container in self.adapter_containers:
             holder = getattr(self, container)
             if isinstance(holder[name], nn.Module):
@@ -293,7 +326,7 @@ class LoraLayer(nn.Module):
         base_weight = self.base_layer.weight
         for name in names:
             with torch.no_grad():
-                base_weight += self.delta_weight(name).to(base_weight.dtype)
+                add_to_weight_(base_weight, self.delta_weight(name))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -301,7 +334,7 @@ class LoraLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                base_weight -= self.delta_weight(name).to(base_weight.dtype)
+                add_to_weight_(base_weight, -self.delta_weight(name))
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import LoraLayer
+from .lora_function import autocast_dtype
 
 
 class LoraConv2d(LoraLayer):
@@ -52,5 +53,6 @@ class LoraConv2d(LoraLayer):
         return matrix.reshape(self.base_layer.weight.shape)
 
     def low_rank_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.lora_a_weight(name).dtype)
+        if autocast_dtype(x) is None:  # under autocast the convolutions choose the dtype
+            x = x.to(self.lora_a_weight(name).dtype)
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]

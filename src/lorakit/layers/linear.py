@@ -1,8 +1,9 @@
 """LoRA on `nn.Linear`: A is an (r × in) linear map, B an (out × r) one; ΔW = scaling · B·A.
 
-The low-rank path runs in one of three ways, all computing s·B(A(dropout(x))): the fused autograd function
-of `lora_function.py` while gradients are recorded, two matmuls with the scaling folded into B in inference,
-and the modules themselves under autocast (which must see the matmuls to pick their dtype).
+The low-rank path runs in one of two ways, both computing s·B(A(dropout(x))): the fused autograd function
+of `lora_function.py` while gradients are recorded (also under autocast, in autocast's dtype), and two matmuls
+with the scaling folded into B in inference. Without autocast x is cast to the factors' dtype (float32 master
+factors over a bf16 / fp16 base) and the output back to the base output's dtype by `LoraLayer.forward`.
 
 Linear layers (and GPT-2's Conv1D, a subclass) also implement the variants that depend on the base weight,
 PiSSA / OLoRA initialisation and DoRA (`layers/variants.py`). Their containers live here: the frozen start
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import variants
-from .base import LoraLayer, LoraVariant
-from .lora_function import lora_dropout_product
+from .base import LoraLayer, LoraVariant, add_to_weight_
+from .lora_function import autocast_dtype, lora_dropout_product
 
 
 class LoraLinear(LoraLayer):
@@ -64,9 +65,8 @@ class LoraLinear(LoraLayer):
         scaling = self.scaling[name]
         dropout = self.lora_dropout[name]
         a, b = self.lora_a_weight(name), self.lora_b_weight(name)
-        x = x.to(a.dtype)
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-            return self.lora_B[name](self.lora_A[name](dropout(x))) * scaling
+        if autocast_dtype(x) is None:  # under autocast the matmuls choose the dtype (x is saved uncopied)
+            x = x.to(a.dtype)
         if torch.is_grad_enabled():
             p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
             return lora_dropout_product(x, a, b, scaling, p)
@@ -99,7 +99,7 @@ class LoraLinear(LoraLayer):
             unmerged = self.to_matrix_layout(self.base_weight_unmerged()).clone()  # the weight changes below
             for name in names:
                 delta = self.variants[name].merge(self, name, unmerged)
-                base_weight += self.to_base_layout(delta).to(base_weight.dtype)
+                add_to_weight_(base_weight, self.to_base_layout(delta))
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:

@@ -10,12 +10,19 @@ Bernoulli sampler, which on CPU costs about as much as a 576×576 matrix product
 * the saved tensors are the input itself (q, k and v receive the same tensor, so it is saved once for all
   three) and the r-wide product A·dropout(x); no dropped-out copy is kept.
 
+Under `torch.autocast` the function runs too, as autocast would run the two matmuls: x, A and B are cast to
+the autocast dtype (x, usually already in it, is then saved without a copy), the products and the saved
+r-wide product are in that dtype, and the gradients go back in each input's own dtype (float32 for float32
+master factors). The mask is drawn on x's device by a generator on that device.
+
 The keep probability is quantised to 1/65536 (at p = 0.05 the effective drop rate differs from p by less
 than 1e-5) and the kept values are scaled by the exact inverse of the effective keep rate, so the update is
 unbiased. Gradients equal those of the plain composition with the same mask (tested in float64).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -41,7 +48,8 @@ def keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> t
 
 
 class LoraDropoutProduct(torch.autograd.Function):
-    """scaling · (dropout(x) @ Aᵀ) @ Bᵀ with the mask regenerated from `seed` (p = 0: no mask).
+    """scaling · (dropout(x) @ Aᵀ) @ Bᵀ with the mask regenerated from `seed` (p = 0: no mask), computed in
+    `dtype` (x's dtype when None; the autocast dtype under autocast), gradients in each input's dtype.
 
     Scalars are folded into the small tensors (A, B: r × in, out × r; the r-wide product), so the only
     passes over input-sized tensors are the mask and `where` — one of each in the forward pass, two `where`s
@@ -50,36 +58,73 @@ class LoraDropoutProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float, seed: int
+        ctx,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        p: float,
+        seed: int,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
+        ctx.dtypes = (x.dtype, a.dtype, b.dtype)
+        dtype = dtype or x.dtype
+        x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
         keep_scale = keep_threshold(p)[1] if p > 0 else 1.0
-        dropped = torch.where(keep_mask(seed, x.shape, p, x.device), x, 0.0) if p > 0 else x
-        down = (dropped @ a.t()) * keep_scale
+        with _no_autocast(x):
+            dropped = torch.where(keep_mask(seed, x.shape, p, x.device), x, 0.0) if p > 0 else x
+            down = (dropped @ a.t()) * keep_scale
+            out = down @ (b.t() * scaling)
         ctx.save_for_backward(x, a, b, down)
         ctx.scaling, ctx.p, ctx.seed, ctx.keep_scale = scaling, p, seed, keep_scale
-        return down @ (b.t() * scaling)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, a, b, down = ctx.saved_tensors
-        grad_down = grad_out @ (b * ctx.scaling)
-        keep = keep_mask(ctx.seed, x.shape, ctx.p, x.device) if ctx.p > 0 else None
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_down @ (a * ctx.keep_scale)
-            if keep is not None:
-                grad_x = torch.where(keep, grad_x, 0.0)
-        if ctx.needs_input_grad[1]:
-            dropped = torch.where(keep, x, 0.0) if keep is not None else x
-            grad_a = (
-                grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
-            ) * ctx.keep_scale
-        if ctx.needs_input_grad[2]:
-            grad_b = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ down.reshape(-1, down.shape[-1])) * ctx.scaling
-        return grad_x, grad_a, grad_b, None, None, None
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        with _no_autocast(x):
+            grads = _product_grads(ctx, x, a, b, down, grad_out.to(x.dtype))
+        grad_x, grad_a, grad_b = (None if g is None else g.to(d) for g, d in zip(grads, (x_dtype, a_dtype, b_dtype)))
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def _no_autocast(x: torch.Tensor):
+    """A context that turns autocast off on x's device: the function chose its dtype already."""
+    return (
+        torch.autocast(x.device.type, enabled=False)
+        if x.device.type in ("cpu", "cuda", "mps", "xpu")
+        else nullcontext()
+    )
+
+
+def _product_grads(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, grad_out: torch.Tensor):
+    """(grad x, grad A, grad B) of `LoraDropoutProduct` in the compute dtype (None where not needed)."""
+    grad_down = grad_out @ (b * ctx.scaling)
+    keep = keep_mask(ctx.seed, x.shape, ctx.p, x.device) if ctx.p > 0 else None
+    grad_x = grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_down @ (a * ctx.keep_scale)
+        if keep is not None:
+            grad_x = torch.where(keep, grad_x, 0.0)
+    if ctx.needs_input_grad[1]:
+        dropped = torch.where(keep, x, 0.0) if keep is not None else x
+        grad_a = (grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])) * ctx.keep_scale
+    if ctx.needs_input_grad[2]:
+        grad_b = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ down.reshape(-1, down.shape[-1])) * ctx.scaling
+    return grad_x, grad_a, grad_b
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on x's device, or None when autocast is off there."""
+    device_type = x.device.type
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def lora_dropout_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
-    """The fast path of a training step; draws one seed from the global generator when p > 0."""
+    """The fast path of a training step, in autocast's dtype under autocast (else in x's dtype, which the caller
+    matches to the factors'); draws one seed from the global (CPU) generator when p > 0, without a device sync."""
     seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-    return LoraDropoutProduct.apply(x, a, b, scaling, p, seed)
+    return LoraDropoutProduct.apply(x, a, b, scaling, p, seed, autocast_dtype(x))

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import WEIGHT_INITS
 from .base import PLAIN, LoraLayer, LoraVariant
+from .lora_function import autocast_dtype
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +125,8 @@ class WeightInitVariant(LoraVariant):
         return F.linear(F.linear(x, residual.A), residual.B) * layer.scaling[name]
 
     def output(self, layer: LoraLayer, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        x = x.to(layer.lora_a_weight(name).dtype)
+        if autocast_dtype(x) is None:  # under autocast the matmuls choose the dtype
+            x = x.to(layer.lora_a_weight(name).dtype)
         correction = self.correction(layer, name, x)
         return layer.low_rank_output(name, x) - correction
 
