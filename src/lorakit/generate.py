@@ -1,7 +1,7 @@
 """Batched greedy (or sampled) text generation with whatever adapters are active on the model.
 
 Prompts are complete model inputs (chat formatting is the caller's, see `lorakit.train.data`), padded
-on the left so that every row's new tokens start at the same position.
+on the left so that every row's new tokens start at the same position, and put on the model's device.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import cast
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedTokenizerBase
+
+from .device import model_device, to_device
 
 
 @torch.no_grad()
@@ -36,11 +38,12 @@ def generate_texts(
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outputs: list[str] = []
+    device = model_device(model)
     try:
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, disable=not progress, desc="generating", unit="batch"):
             chunk = list(prompts[start : start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = to_device(tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False), device)
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             out = cast(GenerationMixin, model).generate(
                 **enc,

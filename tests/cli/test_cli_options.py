@@ -163,7 +163,7 @@ def test_eval_takes_left_out_data_options_from_the_run(monkeypatch, tmp_path, ne
         scored.update(dataset=dataset, max_length=max_length, max_new_tokens=max_new_tokens)
         return {"bleu": 1.0}, ["Pub is a pub."]
 
-    monkeypatch.setattr(train_command, "load_with_adapters", lambda model, adapters, task: (None, None, task))
+    monkeypatch.setattr(train_command, "load_with_adapters", lambda model, adapters, task, **_: (None, None, task))
     monkeypatch.setattr(train_command, "evaluate_split", fake_evaluate)
     result = runner.invoke(app, ["eval", "--adapter", str(tmp_path / "run"), "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output

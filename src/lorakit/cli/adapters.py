@@ -16,9 +16,12 @@ from .common import (
     AdapterArgument,
     AdapterFolder,
     AdapterOption,
+    DeviceOption,
     ModelOfAdapter,
     NamedAdapters,
     NamingFolders,
+    SavedPrecision,
+    Target,
     app,
     console,
     fail,
@@ -34,15 +37,20 @@ def merge(
     adapter: AdapterFolder,
     output: Annotated[Path, typer.Option(help="folder for the standalone merged checkpoint")],
     model: ModelOfAdapter = None,
+    device: DeviceOption = "auto",
+    precision: SavedPrecision = "fp32",
 ) -> None:
-    """Fold an adapter into its base model and save a plain transformers checkpoint (no lorakit needed to load it)."""
+    """Fold an adapter into its base model and save a plain transformers checkpoint (no lorakit needed to load it).
+    The merge runs in float32; --precision is the dtype of the checkpoint written."""
     import lorakit
 
     try:
+        target = Target(device, precision)
         if output.exists() and any(output.iterdir()):
             raise ValueError(f"output folder {output} is not empty")
-        base, tokenizer, _ = load_with_adapters(model, [adapter])
+        base, tokenizer, _ = load_with_adapters(model, [adapter], target=Target(device, "fp32"))
         merged: Any = lorakit.merge_and_unload(base)  # a transformers model: save_pretrained
+        merged.to(dtype=target.dtype)
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
         try:

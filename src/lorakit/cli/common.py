@@ -1,6 +1,6 @@
 """What every command shares: the Typer app, consoles, the one-line error exit, and the options that mean
-the same in every command: `--model` (one help text) and `--adapter` (always a folder; where a command
-names its adapters, `--named-adapter NAME=FOLDER`).
+the same in every command: `--model` (one help text), `--adapter` (always a folder; where a command
+names its adapters, `--named-adapter NAME=FOLDER`), and `--device` / `--precision` (`lorakit.device`).
 
 The errors the library raises for bad input (ValueError, KeyError, FileNotFoundError) are shown as one
 line and exit 2, never as a traceback.
@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 
+from ..device import DEVICE_HELP, PRECISION_HELP, resolve_device, resolve_precision
 from ..train.config import MODEL_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Low-Rank Adaptation of transformer models.")
@@ -40,6 +42,20 @@ NamingFolders = Annotated[
 NamedAdapters = Annotated[list[str] | None, typer.Option("--named-adapter", help=NAMED_HELP)]
 AdapterArgument = Annotated[Path | None, typer.Argument(help=f"{ADAPTER_HELP} (or --adapter)", show_default=False)]
 AdapterOption = Annotated[Path | None, typer.Option("--adapter", help=ADAPTER_HELP)]
+DeviceOption = Annotated[str, typer.Option(help=DEVICE_HELP)]
+PrecisionOption = Annotated[str, typer.Option(help=PRECISION_HELP)]
+SavedPrecision = Annotated[
+    str, typer.Option("--precision", help="dtype of the checkpoint written: fp32, bf16 or fp16 (merged in float32)")
+]
+
+
+class Target:
+    """Where a command's model runs and its compute dtype, from `--device` and `--precision` (a device that is
+    not there: ValueError, one line)."""
+
+    def __init__(self, device: str = "auto", precision: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
 
 
 def fail(err: BaseException) -> None:
@@ -81,17 +97,32 @@ def named_folders(folders: list[str], named: list[str]) -> dict[str, Path]:
 
 
 def load_with_adapters(
-    model: str | None, adapters: list[Path], task: str | None = None, names: list[str] | None = None
+    model: str | None,
+    adapters: list[Path],
+    task: str | None = None,
+    names: list[str] | None = None,
+    target: Target | None = None,
 ):
     """Base model (given, or named in the first adapter) with every adapter loaded and active (named by
-    `names`, else by their folder names). A folder of another method (lorakit.methods) is loaded alone."""
+    `names`, else by their folder names). A folder of another method (lorakit.methods) is loaded alone.
+    With `target`, the base is loaded in its dtype and everything is put on its device."""
+    base, tokenizer, task = _load_with_adapters(model, adapters, task, names, target.dtype if target else None)
+    if target is not None:
+        base.to(target.device)
+    return base, tokenizer, task
+
+
+def _load_with_adapters(
+    model: str | None, adapters: list[Path], task: str | None, names: list[str] | None, dtype: torch.dtype | None
+):
     import lorakit
 
     from ..methods import is_method_folder
     from ..models import load_model
 
+    dtype = dtype or torch.float32
     if any(is_method_folder(a) for a in adapters):
-        return _load_with_method(model, adapters, task)
+        return _load_with_method(model, adapters, task, dtype)
     configs = [lorakit.read_adapter(a) for a in adapters]
     if model is None:
         if not configs or not configs[0][0].base_model_name_or_path:
@@ -105,7 +136,7 @@ def load_with_adapters(
         ]
         num_labels = heads[0].shape[0] if heads else None
     task = "seq-cls" if seq_cls else "causal-lm"
-    base, tokenizer = load_model(model, task, num_labels=num_labels)
+    base, tokenizer = load_model(model, task, num_labels=num_labels, dtype=dtype)
     names = list(names) if names else [folder.resolve().name.replace(".", "_") or "default" for folder in adapters]
     for folder, name in zip(adapters, names):
         lorakit.load_adapter(base, folder, name=name)
@@ -114,7 +145,7 @@ def load_with_adapters(
     return base, tokenizer, task
 
 
-def _load_with_method(model: str | None, adapters: list[Path], task: str | None):
+def _load_with_method(model: str | None, adapters: list[Path], task: str | None, dtype: torch.dtype):
     from ..methods import load_method, read_method
     from ..models import load_model
 
@@ -129,6 +160,7 @@ def _load_with_method(model: str | None, adapters: list[Path], task: str | None)
     seq_cls = task == "seq-cls" or (task is None and config.get("task_type") == "SEQ_CLS")
     heads = [t for k, t in tensors.items() if k in ("classifier.weight", "score.weight")]
     task = "seq-cls" if seq_cls else "causal-lm"
-    base, tokenizer = load_model(model, task, num_labels=heads[0].shape[0] if seq_cls and heads else None)
+    num_labels = heads[0].shape[0] if seq_cls and heads else None
+    base, tokenizer = load_model(model, task, num_labels=num_labels, dtype=dtype)
     load_method(base, adapters[0])
     return base, tokenizer, task

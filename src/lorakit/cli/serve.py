@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from .common import USER_ERRORS, NamedAdapters, NamingFolders, RequiredModel, app, console, fail, named_folders
+from .common import (
+    USER_ERRORS,
+    DeviceOption,
+    NamedAdapters,
+    NamingFolders,
+    PrecisionOption,
+    RequiredModel,
+    Target,
+    app,
+    console,
+    fail,
+    named_folders,
+)
 
 
 @app.command()
@@ -32,14 +44,18 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt accepted")] = 2048,
     batch_wait_ms: Annotated[float, typer.Option(help="how long a lone request waits for others to batch with")] = 10.0,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Serve a model and its adapters over HTTP: lorakit serve --model smollm2-135m --named-adapter sql=out/sql"""
     import uvicorn
 
+    from ..device import place
     from ..models import load_model
     from ..serve import ServeConfig, create_app
 
     try:
+        target = Target(device, precision)
         adapters = named_folders(adapter or [], named_adapter or [])
         config = ServeConfig(
             model_name=served_model_name or model,
@@ -51,7 +67,8 @@ def serve(
             api_key=api_key,
             adapter_dirs=tuple(adapter_dir or ()),
         )
-        base, tokenizer = load_model(model, "causal-lm")
+        base, tokenizer = load_model(model, "causal-lm", dtype=target.dtype)
+        place(base, target.device)  # placed and cast before the server starts
         server = create_app(base, tokenizer, config, adapters)
     except USER_ERRORS as err:
         fail(err)

@@ -13,12 +13,25 @@ import typer
 import yaml
 from rich.table import Table
 
+from ..device import autocast
 from ..generate import generate_texts
 from ..train import run as run_module
 from ..train.config import SECTION_PATHS, DataSection, RunConfig, flatten
 from ..train.data import BUILTIN_DATASETS, format_prompt, load_data
 from ..train.evaluate import evaluate_split
-from .common import USER_ERRORS, AdapterFolders, ModelOfAdapter, app, console, err_console, fail, load_with_adapters
+from .common import (
+    USER_ERRORS,
+    AdapterFolders,
+    DeviceOption,
+    ModelOfAdapter,
+    PrecisionOption,
+    Target,
+    app,
+    console,
+    err_console,
+    fail,
+    load_with_adapters,
+)
 from .options import given, options_of, with_options
 
 CONFIG_HELP = (
@@ -85,6 +98,8 @@ def eval_(
     split: Annotated[str, typer.Option(help="train, validation or test (test falls back to validation)")] = "test",
     limit: Annotated[int | None, typer.Option(help="score only the first N examples")] = None,
     output: Annotated[Path | None, typer.Option(help="write metrics and predictions as JSON here")] = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     **options: Any,
 ) -> None:
     """Score a model (with adapters) on a data split: accuracy/F1/MCC or BLEU/NIST/chrF/ROUGE-L.
@@ -102,13 +117,15 @@ def eval_(
         if builtin is not None and split == "test" and "test" not in builtin.files:
             split = "validation"
         task = builtin.task if builtin else trained_with.get("task")
-        base, tokenizer, task = load_with_adapters(model, adapter or [], task)
+        target = Target(device, precision)
+        base, tokenizer, task = load_with_adapters(model, adapter or [], task, target=target)
         dataset = load_data(data, split, task, **fields)
         if limit is not None:
             dataset = replace(dataset, examples=dataset.examples[:limit])
-        metrics, predictions = evaluate_split(
-            base, tokenizer, dataset, settings.max_length, settings.max_new_tokens, progress=True
-        )
+        with autocast(target.device, target.dtype):
+            metrics, predictions = evaluate_split(
+                base, tokenizer, dataset, settings.max_length, settings.max_new_tokens, progress=True
+            )
     except USER_ERRORS as err:
         fail(err)
     table = Table(title=f"{data} / {split} ({len(dataset)} examples)")
@@ -130,6 +147,8 @@ def generate(
     file: Annotated[Path | None, typer.Option(help="a file with one prompt per line")] = None,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.0,
     raw: Annotated[bool, typer.Option("--raw", help="feed the prompt as is, without the chat template")] = False,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     **options: Any,
 ) -> None:
     """Generate text from a model with one or several adapters."""
@@ -142,9 +161,11 @@ def generate(
             prompts += [line for line in file.read_text().splitlines() if line.strip()]
         if not prompts:
             raise ValueError("give a prompt or --file")
-        base, tokenizer, _ = load_with_adapters(model, adapter or [], "causal-lm")
+        target = Target(device, precision)
+        base, tokenizer, _ = load_with_adapters(model, adapter or [], "causal-lm", target=target)
         inputs = prompts if raw else [format_prompt(tokenizer, p) for p in prompts]
-        texts = generate_texts(base, tokenizer, inputs, settings.max_new_tokens, temperature=temperature)
+        with autocast(target.device, target.dtype):
+            texts = generate_texts(base, tokenizer, inputs, settings.max_new_tokens, temperature=temperature)
     except USER_ERRORS as err:
         fail(err)
     for text in texts:

@@ -15,6 +15,8 @@ import psutil
 import torch
 from torch import nn
 
+from ..device import model_device, synchronize, to_device
+
 
 def weights_bytes(folder: str | os.PathLike) -> int:
     """Bytes of the safetensors files directly in `folder` (an adapter's or a method's weights)."""
@@ -64,8 +66,10 @@ class PeakRss:
 
 @torch.no_grad()
 def forward_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time (ms) of one forward pass on `batch` in evaluation mode (labels left out)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    """Median wall time (ms) of one forward pass on `batch` in evaluation mode (labels left out), on the model's
+    device (timed after the device has finished)."""
+    device = model_device(model)
+    inputs = to_device({k: v for k, v in batch.items() if k != "labels"}, device)
     was_training = model.training
     model.eval()
     try:
@@ -73,8 +77,10 @@ def forward_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats
             model(**inputs)
         times = []
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             model(**inputs)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     finally:
         model.train(was_training)

@@ -4,6 +4,7 @@ the metrics history, which is everything an exact resume needs.
 
 A checkpoint is written to a temporary folder and renamed, so it is complete or absent; only the last
 `keep` are kept. Under several processes every rank takes part (FSDP shards are gathered) and rank 0 writes.
+On CUDA the state also holds the CUDA RNG states, and in fp16 the loss scaler's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 
 
+def cuda_rng_state(device: torch.device) -> list[torch.Tensor] | None:
+    """The CUDA generators' states when the run computes on CUDA (dropout draws there), else None."""
+    return torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint of the highest step under `output_dir`, if any."""
     folder = Path(output_dir) / CHECKPOINT_DIR
@@ -42,6 +48,8 @@ class TrainingState:
     # the middle of a step whose dropout masks were already drawn.
     rng_state: torch.Tensor = field(default_factory=torch.get_rng_state)
     history: list[dict[str, Any]] = field(default_factory=list)  # every metrics entry so far
+    cuda_rng: list[torch.Tensor] | None = None  # the CUDA RNG states at the start of step `step`, on CUDA
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling
 
 
 @dataclass
@@ -82,6 +90,11 @@ class Checkpointer:
         torch.set_rng_state(saved["torch_rng"])
         state.rng_state = saved["torch_rng"]
         state.step, state.history = saved["step"], saved["history"]
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+            state.cuda_rng = saved["cuda_rng"]
+        if state.scaler is not None and saved.get("scaler"):
+            state.scaler.load_state_dict(saved["scaler"])
 
     def save(self, trained: nn.Module, state: TrainingState) -> Path:
         """Write `checkpoints/step-N` for the state's step. Every rank must call it; only rank 0 writes."""
@@ -99,6 +112,10 @@ class Checkpointer:
             "torch_rng": state.rng_state,
             "history": state.history,
         }
+        if state.cuda_rng is not None:
+            saved["cuda_rng"] = state.cuda_rng
+        if state.scaler is not None:
+            saved["scaler"] = state.scaler.state_dict()
         if self.parallel.is_main:
             torch.save(saved, tmp / STATE_FILE)
             shutil.rmtree(final, ignore_errors=True)

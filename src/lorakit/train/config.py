@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Union, cast, get_args, get_origin, get_type_
 import yaml
 
 from ..config import LoraConfig
+from ..device import DEVICE_HELP, PRECISION_HELP, precision_name, resolve_device, resolve_precision
 from ..methods import METHODS, MethodOptions
 from ..models import BUILTIN_MODELS
 from .data import BUILTIN_DATASETS, CLASSIFICATION, GENERATION
@@ -40,6 +41,7 @@ RESUME_FREE = {
     "keep_checkpoints",
     "distributed",
     "dist_timeout",
+    "device",  # a run may continue on another device; its precision must stay the same
 }
 
 
@@ -157,6 +159,14 @@ class RunSection:
     dist_timeout: float = option(600.0, "seconds a process waits for the others before failing")
 
 
+@dataclass
+class HardwareSection:
+    """Where the run computes and in which precision (`lorakit.device`)."""
+
+    device: str = option("auto", DEVICE_HELP)
+    precision: str = option("auto", PRECISION_HELP)
+
+
 def recipe_loop() -> LoopSettings:
     """The loop settings `lorakit train` starts from: LoopSettings' own, with the higher learning rate LoRA
     takes and a validation loss every 25 steps."""
@@ -228,6 +238,7 @@ class RunConfig:
     tuning: MethodSection = field(default_factory=MethodSection)
     loop: LoopSettings = field(default_factory=recipe_loop)
     run: RunSection = field(default_factory=RunSection)
+    hardware: HardwareSection = field(default_factory=HardwareSection)
 
     def __init__(
         self,
@@ -236,9 +247,10 @@ class RunConfig:
         tuning: MethodSection | None = None,
         loop: LoopSettings | None = None,
         run: RunSection | None = None,
+        hardware: HardwareSection | None = None,
         **options: Any,
     ) -> None:
-        given = {"dataset": dataset, "base": base, "tuning": tuning, "loop": loop, "run": run}
+        given = {"dataset": dataset, "base": base, "tuning": tuning, "loop": loop, "run": run, "hardware": hardware}
         for f in dataclasses.fields(self):
             default = cast(Callable[[], Any], f.default_factory)
             setattr(self, f.name, given[f.name] if given[f.name] is not None else default())
@@ -276,7 +288,8 @@ class RunConfig:
         return {leaf.field.name: _copy(leaf.value) for leaf in leaves(self)}
 
     def resolved(self) -> RunConfig:
-        """Fill every default that depends on other options."""
+        """Fill every default that depends on other options (precision `auto`: the one the device takes)."""
+        precision = precision_name(resolve_precision(self.precision, resolve_device(self.device)))
         task = self.task
         if task is None:
             builtin_data = BUILTIN_DATASETS.get(self.data.removesuffix("-full"))
@@ -288,14 +301,14 @@ class RunConfig:
         builtin = BUILTIN_MODELS.get(model)
         targets = self.target_modules or (list(builtin.target_modules) if builtin else None)
         name = f"{Path(self.data).stem}-{Path(model).name}"
-        return self.updated(
-            {"task": task, "model": model, "target_modules": targets, "output": self.output or str(Path("runs") / name)}
-        )
+        output = self.output or str(Path("runs") / name)
+        values = {"task": task, "model": model, "target_modules": targets, "output": output, "precision": precision}
+        return self.updated(values)
 
     def changed_since(self, previous: Mapping[str, Any]) -> list[str]:
         """The options (other than RESUME_FREE) that differ from a previous run's saved options, flat or in
         sections; an option the file lacks (written before it existed) had its default."""
-        before = {**RunConfig().to_dict(), **flatten(previous)}
+        before = {**RunConfig().to_dict(), "precision": "fp32", **flatten(previous)}  # older runs ran in fp32
         return sorted(k for k, v in self.to_dict().items() if k not in RESUME_FREE and before[k] != v)
 
 

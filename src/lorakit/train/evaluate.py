@@ -3,7 +3,8 @@ loss that the training loop tracks on held-out data.
 
 With several processes each scores its share of the examples and the results are gathered. Shares are
 padded to equal length so that every process runs the same number of forward passes, which an
-FSDP-sharded model needs (each forward is a collective).
+FSDP-sharded model needs (each forward is a collective). Batches go to the model's device; the caller
+chooses the precision (`lorakit.device.autocast` around these calls).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import model_device, to_device
 from ..generate import generate_texts
 from .distributed import Parallel
 from .encoding import format_prompt
@@ -50,8 +52,9 @@ def mean_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     for start in range(0, len(part), batch_size):
-        batch = collate(part[start : start + batch_size])
+        batch = to_device(collate(part[start : start + batch_size]), device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         if labels.dim() == 2:  # causal LM: token t predicts token t + 1
@@ -62,7 +65,7 @@ def mean_loss(
             per_example, terms = losses.sum(1), (labels != IGNORE_INDEX).sum(1)
         else:
             per_example, terms = F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
-        keep = torch.arange(start, start + len(labels)) < real  # padding examples count for nothing
+        keep = torch.arange(start, start + len(labels), device=device) < real  # padding examples count for nothing
         total += float(per_example[keep].sum())
         count += int(terms[keep].sum())
     model.train(was_training)
@@ -86,7 +89,7 @@ def predict_labels(model: nn.Module, tokenizer, examples: Sequence, max_length: 
             padding=True,
             return_tensors="pt",
         )
-        predictions += model(**enc).logits.argmax(-1).tolist()
+        predictions += model(**to_device(enc, model_device(model))).logits.argmax(-1).tolist()
     model.train(was_training)
     return predictions
 

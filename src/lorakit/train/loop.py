@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import model_device
 from .batches import by_step, micro_batches
-from .checkpoint import CHECKPOINT_DIR, STATE_FILE, Checkpointer, TrainingState, latest_checkpoint
+from .checkpoint import CHECKPOINT_DIR, STATE_FILE, Checkpointer, TrainingState, cuda_rng_state, latest_checkpoint
 from .distributed import Parallel
 from .metrics_log import METRICS_FILE, MetricsLog
 from .settings import LoopSettings
@@ -60,15 +61,22 @@ class _Run:
 
 
 def _start(
-    model: nn.Module, settings: LoopSettings, total: int, checkpointer: Checkpointer, resume: bool
+    model: nn.Module,
+    settings: LoopSettings,
+    total: int,
+    checkpointer: Checkpointer,
+    resume: bool,
+    precision: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, TrainingState]:
     """The module to train (wrapped for the processes) and the optimizer state, both restored from the
-    latest checkpoint when resuming."""
+    latest checkpoint when resuming. fp16 gets a GradScaler, whose state the checkpoint holds too."""
     folder = latest_checkpoint(checkpointer.output) if resume else None
     if folder is not None:
         checkpointer.restore_trained(model, folder)
     trained = checkpointer.parallel.wrap(model)
     state = TrainingState(*build_optimizer(model, settings, total))
+    if precision == torch.float16:
+        state.scaler = torch.amp.GradScaler(model_device(model).type)
     if folder is not None:
         checkpointer.restore_state(folder, model, state)
     return trained, state
@@ -105,6 +113,7 @@ def _train_steps(run: _Run) -> None:
         for step, batches in by_step(plan):
             run.stepper.step(batches, run.state.optimizer, run.state.scheduler)
             run.state.step, run.state.rng_state = step + 1, torch.get_rng_state()
+            run.state.cuda_rng = cuda_rng_state(run.stepper.device)
             run.bar.update(1)
             _after_step(run)
     except KeyboardInterrupt:
@@ -136,13 +145,15 @@ def train_adapter(
     resume: bool = False,
     adapter_meta: dict[str, Any] | None = None,
     parallel: Parallel | None = None,
+    precision: torch.dtype = torch.float32,
 ) -> TrainResult:
     """Train the model's trainable parameters on tokenized `features` (dicts of token lists).
 
     `evaluate(model) -> {"eval_loss": ..., ...}` runs every `eval_every` steps and at the end. With
     `resume`, the latest complete checkpoint in `output_dir/checkpoints` is restored first. Ctrl-C
     writes a checkpoint of the last finished step before stopping. With `parallel` (several processes)
-    every micro-batch is split between the processes and only rank 0 writes files.
+    every micro-batch is split between the processes and only rank 0 writes files. Batches go to the
+    model's device; `precision` is the compute dtype of the forward pass (autocast; fp16 with loss scaling).
     """
     parallel = parallel or Parallel()
     output = Path(output_dir)
@@ -152,13 +163,23 @@ def train_adapter(
     if total <= 0:
         raise ValueError("nothing to train: the data set is empty or max_steps is 0")
     checkpointer = Checkpointer(output, adapter_name, adapter_meta or {}, settings.keep_checkpoints, parallel)
-    trained, state = _start(model, settings, total, checkpointer, resume)
+    trained, state = _start(model, settings, total, checkpointer, resume, precision)
+    device = model_device(model)
     run = _Run(
         model=model,
         settings=settings,
         total=total,
         state=state,
-        stepper=Stepper(trained, features, collate, parallel, settings.max_grad_norm),
+        stepper=Stepper(
+            trained,
+            features,
+            collate,
+            parallel,
+            settings.max_grad_norm,
+            device=device,
+            dtype=precision,
+            scaler=state.scaler,
+        ),
         checkpointer=checkpointer,
         log=MetricsLog(output, state.history, write=parallel.is_main, tensorboard=settings.tensorboard),
         evaluate=evaluate,

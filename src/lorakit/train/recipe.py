@@ -3,6 +3,10 @@ folder, set up the data, the model and the fine-tuning method, score the base mo
 and write the summary. `TrainingRecipe` holds what each phase leaves for the next; the pieces a
 comparison script needs on a model it loaded itself (`apply_tuning`, `measured_training`,
 `method_latency`) are functions of their own.
+
+Device and precision (`lorakit.device`): the model is loaded with its frozen base in the compute dtype and
+put on the device; whatever trains is then float32 (master weights), and every forward pass (training,
+validation loss, scoring, latency) runs under autocast in the compute dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ import yaml
 from torch import nn
 
 from ..atomic import atomic_write
+from ..device import (
+    autocast,
+    peak_memory_mb,
+    place,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+    trainable_to_float32,
+)
 from ..methods import FineTuningMethod, MethodOptions, disabled, get_method
 from ..methods.measure import PeakRss, forward_latency_ms, weights_bytes
 from ..models import load_model, model_reference
@@ -190,12 +203,21 @@ class TrainingRecipe:
             self.collate,
             self.cfg.loop,
             self.out,
-            evaluate=lambda m: {"eval_loss": mean_loss(m, self.val_features, self.collate, parallel=self.parallel)},
+            evaluate=self.validation_loss,
             resume=self.cfg.resume,
             adapter_meta=self.meta,
             parallel=self.parallel,
+            precision=self.dtype,
         )
         return self.summarize(before, self.score("after"), result, memory)
+
+    def autocast(self) -> Any:
+        """The forward passes' autocast (nothing in float32)."""
+        return autocast(self.device, self.dtype)
+
+    def validation_loss(self, model: nn.Module) -> dict[str, float]:
+        with self.autocast():
+            return {"eval_loss": mean_loss(model, self.val_features, self.collate, parallel=self.parallel)}
 
     def setup_run(self) -> None:
         """Refuse what cannot run before anything slow (the method, tensorboard, the output folder), and seed."""
@@ -210,6 +232,8 @@ class TrainingRecipe:
             raise RunError(
                 f"--quantize freezes the base for LoRA (QLoRA); it does not combine with --method {cfg.method}"
             )
+        self.device = resolve_device(cfg.device)  # a device that is not there: a one-line error, nothing written
+        self.dtype = resolve_precision(cfg.precision, self.device)
         self.out = check_output(cfg)
         self.parallel.barrier()  # every process has checked the folder before rank 0 writes into it
         if self.parallel.active:
@@ -233,8 +257,12 @@ class TrainingRecipe:
         cfg = self.cfg
         self.started = time.perf_counter()  # total_time_s counts from here
         num_labels = self.train.num_labels if cfg.task == CLASSIFICATION else None
-        self.model, self.tokenizer = load_model(cfg.model, cfg.task, num_labels=num_labels)
-        self.log(f"model: {cfg.model} loaded in {time.perf_counter() - self.started:.1f}s")
+        self.model, self.tokenizer = load_model(cfg.model, cfg.task, num_labels=num_labels, dtype=self.dtype)
+        place(self.model, self.device)
+        self.log(
+            f"model: {cfg.model} loaded in {time.perf_counter() - self.started:.1f}s "
+            f"on {self.device} in {precision_name(self.dtype)}"
+        )
         try:
             self.train_features = encode(self.train, self.tokenizer, cfg.max_length)
             self.val_features = encode(self.validation, self.tokenizer, cfg.max_length)
@@ -243,7 +271,8 @@ class TrainingRecipe:
         self.collate = Collator(self.tokenizer.pad_token_id)
         # Timed before any method is applied; not under torchrun, where the processes share the cores.
         self.latency_batch = None if self.parallel.active else self.collate(self.val_features[: cfg.batch_size])
-        self.latency = {"base": forward_latency_ms(self.model, self.latency_batch)} if self.latency_batch else {}
+        with self.autocast():
+            self.latency = {"base": forward_latency_ms(self.model, self.latency_batch)} if self.latency_batch else {}
         self.meta = {"task_type": PEFT_TASK_TYPE[cfg.task], "base_model_name_or_path": model_reference(cfg.model)}
 
     def setup_method(self) -> None:
@@ -253,6 +282,9 @@ class TrainingRecipe:
         except (ValueError, TypeError) as err:
             raise RunError(str(err)) from None
         self.trainable, self.total = apply_tuning(self.model, self.method, options, cfg.quantize, self.log)
+        # Master weights: what trains is float32 over a half-precision base (LoRA's factors already are).
+        trainable_to_float32(self.model)
+        place(self.model, self.device)  # what the method added, wherever it was made
 
     def write_config(self) -> dict[str, Any]:
         """Write the resolved options; returns the results a resumed run already has."""
@@ -275,15 +307,16 @@ class TrainingRecipe:
         cfg, scored = self.cfg, self.scored
         if not scored.examples:  # --eval-examples 0: no scoring
             return {}
-        metrics, predictions = evaluate_split(
-            self.model,
-            self.tokenizer,
-            scored,
-            cfg.max_length,
-            cfg.max_new_tokens,
-            progress=cfg.progress,
-            parallel=self.parallel,
-        )
+        with self.autocast():
+            metrics, predictions = evaluate_split(
+                self.model,
+                self.tokenizer,
+                scored,
+                cfg.max_length,
+                cfg.max_new_tokens,
+                progress=cfg.progress,
+                parallel=self.parallel,
+            )
         if not self.parallel.is_main:
             return metrics
         examples: list[Example | ClassExample] = list(scored.examples)
@@ -295,7 +328,9 @@ class TrainingRecipe:
     def summarize(self, before: dict, after: dict, result: TrainResult, memory: PeakRss) -> dict[str, Any]:
         """results.json: the scores, the training figures and what the method costs."""
         if self.latency_batch:
-            self.latency.update(method_latency(self.model, self.method, self.latency_batch, bool(self.cfg.quantize)))
+            with self.autocast():
+                latency = method_latency(self.model, self.method, self.latency_batch, bool(self.cfg.quantize))
+            self.latency.update(latency)
         peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         # What training holds (FSDP's shards, not the whole model that every process loaded first).
         rss_after_training_mb = round(psutil.Process().memory_info().rss / 2**20, 1)
@@ -319,6 +354,9 @@ class TrainingRecipe:
             "rss_after_training_mb": rss_after_training_mb,
             "total_time_s": round(time.perf_counter() - self.started, 1),
         }
+        device_peak = peak_memory_mb(self.device)
+        if device_peak is not None:  # on CUDA: the largest allocation of the whole run
+            summary["peak_device_memory_mb"] = round(device_peak, 1)
         if self.parallel.active:
             gather = self.parallel.gather
             summary["distributed"] = {

@@ -3,11 +3,17 @@ gradient clipping, then the AdamW and schedule update; and the loss and token co
 
 Each optimizer step minimises the mean over all loss terms (target tokens) of its examples, however they
 are split into micro-batches and processes: each micro-batch's mean loss is weighted by its share.
+
+Every batch is moved to the model's device and the forward pass runs under autocast in the compute dtype
+(nothing changes in float32). In fp16 a `torch.amp.GradScaler` scales the loss; a step whose gradients hold
+inf/nan is skipped and counted (`skipped_steps` in the metrics log). The loss stays on the device until a
+log step reads it, so no micro-batch waits for the device.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device import autocast, to_device
 from .distributed import Parallel
 from .examples import IGNORE_INDEX
 from .loss import causal_lm_loss
@@ -48,15 +55,16 @@ def loss_items(feature: dict) -> int:
 class LossWindow:
     """Loss, loss terms and tokens of this process since the last logged step."""
 
-    loss: float = 0.0  # sum of micro-batch mean losses, each times its loss terms
+    loss: float | torch.Tensor = 0.0  # sum of micro-batch mean losses, each times its loss terms (float64)
     items: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
     total_tokens: int = 0  # tokens of every process in the windows closed so far
+    skipped: int | None = None  # fp16 steps skipped for inf/nan gradients (None: no loss scaling)
 
     def close(self, step: int, lr: float, parallel: Parallel) -> dict[str, Any]:
         """The metrics entry of the window (summed over processes); a new window starts."""
-        loss_sum, item_sum, token_sum = parallel.sum(self.loss, self.items, self.tokens)
+        loss_sum, item_sum, token_sum = parallel.sum(float(self.loss), self.items, self.tokens)
         self.total_tokens += int(token_sum)
         now = time.perf_counter()
         entry = {
@@ -65,6 +73,8 @@ class LossWindow:
             "lr": lr,
             "tokens_per_s": token_sum / max(now - self.start, 1e-9),
         }
+        if self.skipped is not None:
+            entry["skipped_steps"], self.skipped = self.skipped, 0
         self.loss, self.items, self.tokens, self.start = 0.0, 0, 0, now
         return entry
 
@@ -79,6 +89,13 @@ class Stepper:
     parallel: Parallel
     max_grad_norm: float | None
     window: LossWindow = field(default_factory=LossWindow)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the model's
+    dtype: torch.dtype = torch.float32  # the compute dtype of autocast
+    scaler: torch.amp.GradScaler | None = None  # fp16's dynamic loss scaling
+
+    def __post_init__(self) -> None:
+        if self.scaler is not None and self.window.skipped is None:
+            self.window.skipped = 0
 
     def step(
         self,
@@ -90,10 +107,21 @@ class Stepper:
         step_items = sum(loss_items(self.features[i]) for indices in batches for i in indices)
         for indices in batches:
             self._backward(indices, step_items)
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # clipping sees the true gradients
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(optimizer)  # skipped when a gradient is inf/nan
+            self.scaler.update()  # ... and then the scale shrinks
+            if self.scaler.get_scale() < scale and self.window.skipped is not None:
+                self.window.skipped += 1
+        with warnings.catch_warnings():  # a skipped first step: the schedule still counts it, on purpose
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
     def _backward(self, indices: list[int], step_items: int) -> None:
@@ -101,9 +129,14 @@ class Stepper:
         part, real = self.parallel.local_part(indices)
         batch = self.collate([self.features[i] for i in part])
         local_items = sum(loss_items(self.features[i]) for i in part) if real else 0
-        loss = causal_lm_loss(self.trained, batch)
+        tokens = int(batch["attention_mask"].sum()) if real else 0  # counted on the host, before the copy
+        batch = to_device(batch, self.device)
+        with autocast(self.device, self.dtype):
+            loss = causal_lm_loss(self.trained, batch)
         # DDP and FSDP average gradients over processes; the factor `world` turns that into the sum.
-        (loss * (local_items / max(step_items, 1) * self.parallel.world)).backward()
-        self.window.loss += loss.item() * local_items
+        scaled = loss * (local_items / max(step_items, 1) * self.parallel.world)
+        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+        # In float64 on the device: the same sum as Python floats of `loss.item()`, read only at log steps.
+        self.window.loss = self.window.loss + loss.detach().double() * local_items
         self.window.items += local_items
-        self.window.tokens += int(batch["attention_mask"].sum()) if real else 0
+        self.window.tokens += tokens
