@@ -75,3 +75,10 @@ def test_only_the_method_registry_compares_method_names(modules):
                 if "lora" in constants:
                     branches.append(f"{module.name}:{node.lineno}")
     assert branches == []
+
+
+def test_test_files_have_unique_names():
+    """Test folders are not packages, so pytest imports test files by their bare name: two files with the same
+    name in different folders stop the whole run at collection."""
+    names = [path.name for path in (SOURCE.parents[1] / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
