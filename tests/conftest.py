@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from support.files import save_tiny_llama
 from support.models import (
     VOCAB,
     assert_same_snapshot,
@@ -80,6 +82,13 @@ def bert(base_copy) -> nn.Module:
 @pytest.fixture
 def convnet(base_copy) -> nn.Module:
     return base_copy("convnet")
+
+
+@pytest.fixture(scope="session")
+def chat_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random llama with a chat template, saved as a pretrained folder once per session (read-only)."""
+    torch.manual_seed(0)
+    return save_tiny_llama(tmp_path_factory.mktemp("chat-llama"), chat=True)
 
 
 @pytest.fixture

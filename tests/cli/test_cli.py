@@ -16,29 +16,15 @@ from typer.testing import CliRunner
 
 import lorakit
 from lorakit.cli import app
-from support.files import save_tiny_bert, save_tiny_llama
+from support.files import E2E_PAIRS, save_tiny_bert, write_pairs
 
 runner = CliRunner()
-
-PAIRS = [
-    ("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
-    ("name[Café Adriatic], near[The Vaults]", "Café Adriatic is near The Vaults."),
-    ("name[The Vaults], priceRange[more than £30]", "The Vaults costs more than £30."),
-    ("name[Blue Spice], eatType[pub]", "Blue Spice is a pub."),
-] * 6
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_tiny_llama(tmp_path_factory.mktemp("llama"), chat=True)
 
 
 @pytest.fixture(scope="module")
 def gen_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"mr": mr, "text": text}) + "\n" for mr, text in PAIRS))
-    return path
+    return write_pairs(path, E2E_PAIRS)
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -76,9 +62,9 @@ def invoke(args: list[str]):
     return result, result.output
 
 
-def test_train_writes_adapter_logs_and_scores(llama_dir, gen_data, tmp_path):
+def test_train_writes_adapter_logs_and_scores(chat_llama_dir, gen_data, tmp_path):
     out = tmp_path / "run"
-    result, output = invoke(train_args(llama_dir, gen_data, out, "--save-every", "3"))
+    result, output = invoke(train_args(chat_llama_dir, gen_data, out, "--save-every", "3"))
     assert result.exit_code == 0, output
     for name in (
         "adapter_config.json",
@@ -103,15 +89,15 @@ def test_train_writes_adapter_logs_and_scores(llama_dir, gen_data, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
 
 
-def test_train_eval_generate_merge_reload(llama_dir, gen_data, tmp_path):
+def test_train_eval_generate_merge_reload(chat_llama_dir, gen_data, tmp_path):
     out = tmp_path / "run"
-    assert invoke(train_args(llama_dir, gen_data, out))[0].exit_code == 0
+    assert invoke(train_args(chat_llama_dir, gen_data, out))[0].exit_code == 0
 
     result, output = invoke(
         [
             "eval",
             "--model",
-            str(llama_dir),
+            str(chat_llama_dir),
             "--adapter",
             str(out),
             "--data",
@@ -126,11 +112,11 @@ def test_train_eval_generate_merge_reload(llama_dir, gen_data, tmp_path):
     assert set(json.loads((tmp_path / "eval.json").read_text())["metrics"]) == {"bleu", "nist", "chrf", "rouge_l"}
 
     # Greedy decoding written out with argmax over the adapted model's logits, as the reference.
-    model = AutoModelForCausalLM.from_pretrained(llama_dir)
-    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(chat_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama_dir)
     lorakit.load_adapter(model, out)
     model.eval()
-    prompt = PAIRS[0][0]
+    prompt = E2E_PAIRS[0][0]
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}],
         add_generation_prompt=True,
@@ -148,13 +134,15 @@ def test_train_eval_generate_merge_reload(llama_dir, gen_data, tmp_path):
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     expected = tokenizer.decode(new, skip_special_tokens=True).strip()
     result, output = invoke(
-        ["generate", "--model", str(llama_dir), "--adapter", str(out), "--max-new-tokens", "8", prompt]
+        ["generate", "--model", str(chat_llama_dir), "--adapter", str(out), "--max-new-tokens", "8", prompt]
     )
     assert result.exit_code == 0, output
     assert result.stdout.strip() == expected
 
     merged_dir = tmp_path / "merged"
-    result, output = invoke(["merge", "--model", str(llama_dir), "--adapter", str(out), "--output", str(merged_dir)])
+    result, output = invoke(
+        ["merge", "--model", str(chat_llama_dir), "--adapter", str(out), "--output", str(merged_dir)]
+    )
     assert result.exit_code == 0, output
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain transformers, no lorakit
     assert not any("lora" in name for name, _ in merged.named_parameters())
@@ -167,15 +155,19 @@ def test_train_eval_generate_merge_reload(llama_dir, gen_data, tmp_path):
     assert result.exit_code == 0 and "q_proj.lora_A" in output and "r=2" in output
 
 
-def test_resume_continues_exactly(llama_dir, gen_data, tmp_path):
+def test_resume_continues_exactly(chat_llama_dir, gen_data, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    assert invoke(train_args(llama_dir, gen_data, full, "--dropout", "0.1"))[0].exit_code == 0
+    assert invoke(train_args(chat_llama_dir, gen_data, full, "--dropout", "0.1"))[0].exit_code == 0
     # A run that stopped after step 3: keep only its step-3 checkpoint, as a crash would.
-    assert invoke(train_args(llama_dir, gen_data, split, "--dropout", "0.1", "--save-every", "3"))[0].exit_code == 0
+    assert (
+        invoke(train_args(chat_llama_dir, gen_data, split, "--dropout", "0.1", "--save-every", "3"))[0].exit_code == 0
+    )
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (split / name).unlink()
     shutil.rmtree(split / "checkpoints" / "step-000006")
-    result, output = invoke(train_args(llama_dir, gen_data, split, "--dropout", "0.1", "--save-every", "3", "--resume"))
+    result, output = invoke(
+        train_args(chat_llama_dir, gen_data, split, "--dropout", "0.1", "--save-every", "3", "--resume")
+    )
     assert result.exit_code == 0, output
     a, b = load_file(full / "adapter_model.safetensors"), load_file(split / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -234,9 +226,9 @@ def test_seq_cls_trains_head_and_adapter(tmp_path):
         ({"--r": "0"}, "r must be a positive integer"),
     ],
 )
-def test_bad_training_input_is_one_line_error(llama_dir, gen_data, tmp_path, change, message):
+def test_bad_training_input_is_one_line_error(chat_llama_dir, gen_data, tmp_path, change, message):
     out = tmp_path / "run"
-    args = train_args(llama_dir, gen_data, out)
+    args = train_args(chat_llama_dir, gen_data, out)
     for flag, value in change.items():
         if flag in args:
             args[args.index(flag) + 1] = value
@@ -248,42 +240,42 @@ def test_bad_training_input_is_one_line_error(llama_dir, gen_data, tmp_path, cha
     assert not out.exists()
 
 
-def test_empty_data_set(llama_dir, tmp_path):
+def test_empty_data_set(chat_llama_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result, output = invoke(train_args(llama_dir, empty, tmp_path / "run"))
+    result, output = invoke(train_args(chat_llama_dir, empty, tmp_path / "run"))
     assert result.exit_code == 2 and "empty" in output
 
 
-def test_output_holding_another_run_is_refused(llama_dir, gen_data, tmp_path):
+def test_output_holding_another_run_is_refused(chat_llama_dir, gen_data, tmp_path):
     out = tmp_path / "run"
-    assert invoke(train_args(llama_dir, gen_data, out))[0].exit_code == 0
+    assert invoke(train_args(chat_llama_dir, gen_data, out))[0].exit_code == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    result, output = invoke(train_args(llama_dir, gen_data, out, "--r", "4"))
+    result, output = invoke(train_args(chat_llama_dir, gen_data, out, "--r", "4"))
     assert result.exit_code == 2 and "already holds a run" in output
-    result, output = invoke(train_args(llama_dir, gen_data, out, "--r", "4", "--resume"))
+    result, output = invoke(train_args(chat_llama_dir, gen_data, out, "--r", "4", "--resume"))
     assert result.exit_code == 2 and "different r" in output
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_config_file_with_flag_override(llama_dir, gen_data, tmp_path):
+def test_config_file_with_flag_override(chat_llama_dir, gen_data, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"r": 3, "alpha": 6, "max_steps": 2, "seed": 5}))
     out = tmp_path / "run"
-    result, output = invoke(train_args(llama_dir, gen_data, out, "--config", str(config)))
+    result, output = invoke(train_args(chat_llama_dir, gen_data, out, "--config", str(config)))
     assert result.exit_code == 0, output
     resolved = yaml.safe_load((out / "train_config.yaml").read_text())
     # The flags in train_args (r=2, max_steps=6) override the file; the rest comes from it.
     assert (resolved["r"], resolved["alpha"], resolved["max_steps"], resolved["seed"]) == (2, 6, 6, 5)
     config.write_text(yaml.safe_dump({"rank": 3}))
-    result, output = invoke(train_args(llama_dir, gen_data, tmp_path / "other", "--config", str(config)))
+    result, output = invoke(train_args(chat_llama_dir, gen_data, tmp_path / "other", "--config", str(config)))
     assert result.exit_code == 2 and "unknown option(s) rank" in output
 
 
-def test_length_grouping_can_be_switched_off(llama_dir, gen_data, tmp_path):
+def test_length_grouping_can_be_switched_off(chat_llama_dir, gen_data, tmp_path):
     grouped, plain = tmp_path / "grouped", tmp_path / "plain"
-    assert invoke(train_args(llama_dir, gen_data, grouped, "--eval-examples", "0"))[0].exit_code == 0
-    result, output = invoke(train_args(llama_dir, gen_data, plain, "--eval-examples", "0", "--no-group-by-length"))
+    assert invoke(train_args(chat_llama_dir, gen_data, grouped, "--eval-examples", "0"))[0].exit_code == 0
+    result, output = invoke(train_args(chat_llama_dir, gen_data, plain, "--eval-examples", "0", "--no-group-by-length"))
     assert result.exit_code == 0, output
     assert yaml.safe_load((grouped / "train_config.yaml").read_text())["group_by_length"] is True
     assert yaml.safe_load((plain / "train_config.yaml").read_text())["group_by_length"] is False

@@ -30,7 +30,7 @@ import lorakit
 import lorakit.train.recipe as recipe
 from lorakit.cli import app
 from lorakit.models import load_model
-from support.files import save_tiny_llama
+from support.files import E2E_PAIRS, write_pairs
 from support.serving import PROMPTS, free_socket, make_model_and_adapters, reference_texts
 
 pytestmark = pytest.mark.gpu
@@ -41,25 +41,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 STEPS = 24
 FP32_CUDA = ["--device", "cuda", "--precision", "fp32"]  # compared with float32 CPU references
-PAIRS = [
-    ("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
-    ("name[Café Adriatic], near[The Vaults]", "Café Adriatic is near The Vaults."),
-    ("name[The Vaults], priceRange[more than £30]", "The Vaults costs more than £30."),
-    ("name[Blue Spice], eatType[pub]", "Blue Spice is a pub."),
-] * 6
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_tiny_llama(tmp_path_factory.mktemp("llama"), chat=True)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"input": mr, "output": text}) + "\n" for mr, text in PAIRS))
-    return path
+    return write_pairs(path, E2E_PAIRS, "input", "output")
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -120,14 +107,14 @@ def token_batch(vocab: int, device: str) -> dict[str, torch.Tensor]:
 
 # -- the library: add_adapter on a half-precision base, training under autocast -------------------------
 @pytest.mark.parametrize("precision", list(DTYPES))
-def test_library_trains_float32_adapters_over_a_cuda_base(llama_dir, precision):
+def test_library_trains_float32_adapters_over_a_cuda_base(chat_llama_dir, precision):
     dtype = DTYPES[precision]
-    reference, _ = load_model(str(llama_dir), "causal-lm")  # float32 on the CPU
+    reference, _ = load_model(str(chat_llama_dir), "causal-lm")  # float32 on the CPU
     batch = token_batch(reference.config.vocab_size, "cpu")
     with torch.no_grad():
         reference_loss = float(reference(**batch).loss)  # B = 0 at the start: the adapter adds nothing yet
 
-    model, _ = load_model(str(llama_dir), "causal-lm", dtype=dtype)
+    model, _ = load_model(str(chat_llama_dir), "causal-lm", dtype=dtype)
     model.to("cuda")
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -175,9 +162,9 @@ def model_at_training(monkeypatch) -> list[dict]:
 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
-def test_train_on_cuda(llama_dir, data, tmp_path, model_at_training, precision):
+def test_train_on_cuda(chat_llama_dir, data, tmp_path, model_at_training, precision):
     out = tmp_path / "run"
-    invoke(train_args(llama_dir, data, out, "--device", "cuda", "--precision", precision))
+    invoke(train_args(chat_llama_dir, data, out, "--device", "cuda", "--precision", precision))
     losses = logged_losses(out)
     assert len(losses) == STEPS
     assert_loss_went_down(losses)
@@ -187,17 +174,17 @@ def test_train_on_cuda(llama_dir, data, tmp_path, model_at_training, precision):
     )
 
 
-def test_resume_on_cuda_continues_exactly(llama_dir, data, tmp_path):
+def test_resume_on_cuda_continues_exactly(chat_llama_dir, data, tmp_path):
     """The CUDA RNG state (dropout) is checkpointed too: stopping half-way and resuming gives the run
     that never stopped."""
     full, split = tmp_path / "full", tmp_path / "split"
     extra = ("--device", "cuda", "--precision", "bf16", "--dropout", "0.1", "--save-every", str(STEPS // 2))
-    invoke(train_args(llama_dir, data, full, *extra))
-    invoke(train_args(llama_dir, data, split, *extra))
+    invoke(train_args(chat_llama_dir, data, full, *extra))
+    invoke(train_args(chat_llama_dir, data, split, *extra))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (split / name).unlink()
     shutil.rmtree(split / "checkpoints" / f"step-{STEPS:06d}")
-    invoke(train_args(llama_dir, data, split, *extra, "--resume"))
+    invoke(train_args(chat_llama_dir, data, split, *extra, "--resume"))
     a, b = load_file(full / "adapter_model.safetensors"), load_file(split / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     # atol 1e-5, not the CPU test's 1e-6: CUDA's attention backward may sum in another order from run to run. A
@@ -208,9 +195,9 @@ def test_resume_on_cuda_continues_exactly(llama_dir, data, tmp_path):
     assert any(not torch.equal(middle[k], b[k]) for k in middle)  # the resumed half did train
 
 
-def test_qlora_nf4_on_cuda(llama_dir, data, tmp_path, model_at_training):
+def test_qlora_nf4_on_cuda(chat_llama_dir, data, tmp_path, model_at_training):
     out = tmp_path / "qlora"
-    invoke(train_args(llama_dir, data, out, "--device", "cuda", "--precision", "bf16", "--quantize", "nf4"))
+    invoke(train_args(chat_llama_dir, data, out, "--device", "cuda", "--precision", "bf16", "--quantize", "nf4"))
     losses = logged_losses(out)
     assert_loss_went_down(losses)
     assert_float32_adapter(out)
@@ -221,17 +208,17 @@ def test_qlora_nf4_on_cuda(llama_dir, data, tmp_path, model_at_training):
 
 # -- eval, generate, merge, serve on cuda --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(llama_dir, data, tmp_path_factory) -> Path:
+def trained(chat_llama_dir, data, tmp_path_factory) -> Path:
     """An adapter trained on the CPU in float32 (as today), for the commands below to use on the GPU."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    invoke(train_args(llama_dir, data, out, "--device", "cpu", "--precision", "fp32"))
+    invoke(train_args(chat_llama_dir, data, out, "--device", "cpu", "--precision", "fp32"))
     return out
 
 
-def cpu_adapted(llama_dir: Path, adapter: Path):
-    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+def cpu_adapted(chat_llama_dir: Path, adapter: Path):
+    model = AutoModelForCausalLM.from_pretrained(chat_llama_dir)
     lorakit.load_adapter(model, adapter)
-    return model.eval(), AutoTokenizer.from_pretrained(llama_dir)
+    return model.eval(), AutoTokenizer.from_pretrained(chat_llama_dir)
 
 
 def greedy_reference(model, tokenizer, prompt: str, max_new: int) -> str:
@@ -254,9 +241,9 @@ def greedy_reference(model, tokenizer, prompt: str, max_new: int) -> str:
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def test_eval_on_cuda(llama_dir, data, trained, tmp_path):
+def test_eval_on_cuda(chat_llama_dir, data, trained, tmp_path):
     scores = tmp_path / "eval.json"
-    common = ["eval", "--model", str(llama_dir), "--adapter", str(trained), "--data", str(data), "--limit", "4"]
+    common = ["eval", "--model", str(chat_llama_dir), "--adapter", str(trained), "--data", str(data), "--limit", "4"]
     invoke([*common, "--device", "cuda", "--precision", "fp32", "--output", str(scores)])
     invoke([*common, "--device", "cpu", "--precision", "fp32", "--output", str(tmp_path / "cpu.json")])
     gpu, cpu = (json.loads(p.read_text())["metrics"] for p in (scores, tmp_path / "cpu.json"))
@@ -264,11 +251,11 @@ def test_eval_on_cuda(llama_dir, data, trained, tmp_path):
     assert gpu == pytest.approx(cpu, abs=1e-6)  # fp32 greedy decoding: the same texts, the same scores
 
 
-def test_generate_on_cuda(llama_dir, trained):
-    model, tokenizer = cpu_adapted(llama_dir, trained)
-    prompt = PAIRS[0][0]
+def test_generate_on_cuda(chat_llama_dir, trained):
+    model, tokenizer = cpu_adapted(chat_llama_dir, trained)
+    prompt = E2E_PAIRS[0][0]
     expected = greedy_reference(model, tokenizer, prompt, 8)
-    args = ["generate", "--model", str(llama_dir), "--adapter", str(trained), "--max-new-tokens", "8"]
+    args = ["generate", "--model", str(chat_llama_dir), "--adapter", str(trained), "--max-new-tokens", "8"]
     result = CliRunner().invoke(app, [*args, "--device", "cuda", "--precision", "fp32", prompt])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == expected
@@ -276,10 +263,12 @@ def test_generate_on_cuda(llama_dir, trained):
     assert result.exit_code == 0, result.output  # bf16 may pick other tokens; it must run and print a line
 
 
-def test_merge_on_cuda(llama_dir, trained, tmp_path):
-    model, tokenizer = cpu_adapted(llama_dir, trained)
+def test_merge_on_cuda(chat_llama_dir, trained, tmp_path):
+    model, tokenizer = cpu_adapted(chat_llama_dir, trained)
     merged_dir = tmp_path / "merged"
-    invoke(["merge", "--model", str(llama_dir), "--adapter", str(trained), "--output", str(merged_dir)] + FP32_CUDA)
+    invoke(
+        ["merge", "--model", str(chat_llama_dir), "--adapter", str(trained), "--output", str(merged_dir)] + FP32_CUDA
+    )
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain transformers, on the CPU
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert all(p.dtype == torch.float32 for p in merged.parameters())
@@ -330,14 +319,14 @@ def torchrun(nproc: int, cli_args: list[str], timeout: float = 300) -> subproces
 
 @pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_data_parallel_on_cuda_matches_one_process(llama_dir, data, tmp_path, mode, nproc):
+def test_data_parallel_on_cuda_matches_one_process(chat_llama_dir, data, tmp_path, mode, nproc):
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"{nproc} GPUs needed, {torch.cuda.device_count()} present")
     # Batches of 4 split evenly; dropout 0 so that the per-rank dropout seeds do not matter.
     extra = ("--device", "cuda", "--precision", "fp32", "--dropout", "0", "--max-steps", "6")
     single, parallel = tmp_path / "single", tmp_path / mode
-    invoke(train_args(llama_dir, data, single, *extra))
-    run = torchrun(nproc, train_args(llama_dir, data, parallel, *extra, "--distributed", mode))
+    invoke(train_args(chat_llama_dir, data, single, *extra))
+    run = torchrun(nproc, train_args(chat_llama_dir, data, parallel, *extra, "--distributed", mode))
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = load_file(single / "adapter_model.safetensors"), load_file(parallel / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# E2E-style meaning representations and their texts: a data set small models learn in a few steps.
+E2E_PAIRS = [
+    ("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
+    ("name[Café Adriatic], near[The Vaults]", "Café Adriatic is near The Vaults."),
+    ("name[The Vaults], priceRange[more than £30]", "The Vaults costs more than £30."),
+    ("name[Blue Spice], eatType[pub]", "Blue Spice is a pub."),
+] * 6
+
+
+def write_pairs(path: Path, pairs: list[tuple[str, str]], input_key: str = "mr", target_key: str = "text") -> Path:
+    """(input, target) pairs as a JSONL file with one object per pair under the given keys."""
+    path.write_text("".join(json.dumps({input_key: a, target_key: b}) + "\n" for a, b in pairs))
+    return path
+
 
 CORPUS = [
     "The Vaults is a pub near Café Adriatic with a 5 out of 5 rating.",

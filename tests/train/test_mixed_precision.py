@@ -30,7 +30,7 @@ from lorakit.train.loop import LoopSettings, train_adapter
 from lorakit.train.loss import causal_lm_loss
 from lorakit.train.recipe import TrainingRecipe
 from lorakit.train.step import Stepper, build_optimizer
-from support.files import random_token_rows, save_tiny_llama
+from support.files import random_token_rows, write_pairs
 
 PAIRS = [
     ("name[The Vaults], eatType[pub]", "The Vaults is a pub."),
@@ -39,16 +39,9 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_tiny_llama(tmp_path_factory.mktemp("llama"), chat=True)
-
-
-@pytest.fixture(scope="module")
 def gen_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"mr": mr, "text": text}) + "\n" for mr, text in PAIRS))
-    return path
+    return write_pairs(path, PAIRS)
 
 
 def run_options(model: Path, data: Path, out: Path, **more) -> dict:
@@ -71,9 +64,9 @@ def run_options(model: Path, data: Path, out: Path, **more) -> dict:
     )
 
 
-def test_bf16_run_keeps_master_weights_and_resumes(llama_dir, gen_data, tmp_path):
+def test_bf16_run_keeps_master_weights_and_resumes(chat_llama_dir, gen_data, tmp_path):
     out = tmp_path / "run"
-    cfg = RunConfig(**run_options(llama_dir, gen_data, out, precision="bf16")).resolved()
+    cfg = RunConfig(**run_options(chat_llama_dir, gen_data, out, precision="bf16")).resolved()
     recipe = TrainingRecipe(cfg, Parallel(), print)
     recipe.run()
     trainable = {n: p for n, p in recipe.model.named_parameters() if p.requires_grad}
@@ -91,7 +84,7 @@ def test_bf16_run_keeps_master_weights_and_resumes(llama_dir, gen_data, tmp_path
     (out / "adapter_model.safetensors").unlink()
     shutil.rmtree(out / "checkpoints" / "step-000006")
     runner = CliRunner()
-    args = ["train", "--config", str(_yaml(tmp_path, llama_dir, gen_data, out)), "--precision", "bf16", "--resume"]
+    args = ["train", "--config", str(_yaml(tmp_path, chat_llama_dir, gen_data, out)), "--precision", "bf16", "--resume"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     resumed = load_file(out / "adapter_model.safetensors")
@@ -103,11 +96,11 @@ def test_bf16_run_keeps_master_weights_and_resumes(llama_dir, gen_data, tmp_path
     assert result.exit_code == 2 and "different precision" in result.output
 
 
-def _yaml(tmp_path: Path, llama_dir: Path, gen_data: Path, out: Path) -> Path:
+def _yaml(tmp_path: Path, chat_llama_dir: Path, gen_data: Path, out: Path) -> Path:
     import yaml
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(run_options(llama_dir, gen_data, out)))
+    path.write_text(yaml.safe_dump(run_options(chat_llama_dir, gen_data, out)))
     return path
 
 
@@ -223,9 +216,9 @@ def test_fp32_files_hold_no_mixed_precision_state(tmp_path):
     assert set(state) == {"step", "optimizer", "scheduler", "torch_rng", "history"}
 
 
-def test_merge_in_float32_saved_in_bf16(llama_dir, tmp_path):
+def test_merge_in_float32_saved_in_bf16(chat_llama_dir, tmp_path):
     torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(llama_dir)
+    model = LlamaForCausalLM.from_pretrained(chat_llama_dir)
     base = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj"]))
     layer = model.model.layers[0].self_attn.q_proj
@@ -236,7 +229,7 @@ def test_merge_in_float32_saved_in_bf16(llama_dir, tmp_path):
     a, b = [p.detach().clone() for n, p in sorted(layer.named_parameters()) if "lora_" in n]
     lorakit.save_adapter(model, tmp_path / "adapter")
     out = tmp_path / "merged"
-    args = ["merge", "--adapter", str(tmp_path / "adapter"), "--model", str(llama_dir), "--output", str(out)]
+    args = ["merge", "--adapter", str(tmp_path / "adapter"), "--model", str(chat_llama_dir), "--output", str(out)]
     result = CliRunner().invoke(app, [*args, "--precision", "bf16", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     saved = load_file(out / "model.safetensors")
