@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from ..device import DEVICE_HELP, PRECISION_HELP, resolve_device, resolve_precision
-from ..train.config import MODEL_HELP
+from ..train.sections import MODEL_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Low-Rank Adaptation of transformer models.")
 console = Console()

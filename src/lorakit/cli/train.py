@@ -16,9 +16,10 @@ from rich.table import Table
 from ..device import autocast
 from ..generate import generate_texts
 from ..train import run as run_module
-from ..train.config import SECTION_PATHS, DataSection, RunConfig, flatten
+from ..train.config import SECTION_PATHS, RunConfig, flatten
 from ..train.data import BUILTIN_DATASETS, format_prompt, load_data
 from ..train.evaluate import evaluate_split
+from ..train.sections import DataSection
 from .common import (
     USER_ERRORS,
     AdapterFolders,

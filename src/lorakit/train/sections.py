@@ -1,0 +1,137 @@
+"""The sections of a training job's options (`RunConfig`): each a dataclass whose fields are options.
+
+Every field's metadata carries its help ("help") and, where they differ from the name, its command-line
+spellings ("flags"); its default lives in the field, once. `option` makes such a field, `borrowed` takes one
+from the dataclass that owns the setting (`LoraConfig`, `MethodOptions`) so it is stated once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import LoraConfig
+from ..device import DEVICE_HELP, PRECISION_HELP
+from ..methods import METHODS, MethodOptions
+from .data import CLASSIFICATION, GENERATION
+
+MODEL_HELP = "base model: a built-in name (smollm2-135m, minilm-l6, ...), a local folder or .gguf file, or a hub id"
+
+
+def option(default: Any, help: str, **more: Any) -> Any:
+    """A field holding an option: its default, its help, and optionally "flags" or "default_text" (what the help
+    shows for a default that is computed later)."""
+    return field(default=default, metadata={"help": help, **more})
+
+
+def borrowed(owner: type, name: str, **changes: Any) -> Any:
+    """`owner`'s field `name` as an option: its default and metadata, so they are stated once. `changes` replace
+    the default (say why in the help) or metadata entries."""
+    source = next(f for f in dataclasses.fields(owner) if f.name == name)
+    default = changes.pop("default", source.default)
+    return field(default=default, metadata={**source.metadata, **changes})
+
+
+@dataclass
+class DataSection:
+    """Which data, how it is cut, and how much of it is used."""
+
+    data: str = option("e2e", "built-in (e2e, sst2, mrpc, or <name>-full), a .jsonl/.json/.csv/.tsv file, or hf:<id>")
+    input_field: str | None = option(None, "field holding the input text")
+    target_field: str | None = option(None, "field holding the target text or label")
+    pair_field: str | None = option(None, "second text field for sentence-pair classification")
+    template: str | None = option(None, "prompt template with {field} placeholders")
+    max_length: int = option(256, "maximum tokens per example")
+    max_train_examples: int | None = option(None, "use only the first N training examples")
+    eval_examples: int | None = option(50, "examples scored before and after training (none: the whole split)")
+    val_examples: int = option(64, "held-out examples for the validation loss")
+    max_new_tokens: int = option(64, "generation length when scoring")
+
+
+@dataclass
+class ModelSection:
+    """The base model and the task it is trained for."""
+
+    model: str | None = option(None, MODEL_HELP, default_text="smollm2-135m for causal-lm, minilm-l6 for seq-cls")
+    task: str | None = option(None, f"{GENERATION} or {CLASSIFICATION}", default_text="from the data or model")
+
+
+@dataclass
+class LoraSection:
+    """What builds the `LoraConfig` of `--method lora` (the rest of it follows from the model)."""
+
+    target_modules: list[str] | str | None = borrowed(
+        LoraConfig, "target_modules", default_text="the built-in model's, else all-linear"
+    )
+    quantize: str | None = option(
+        None, "QLoRA: quantize the frozen base's linear layers: nf4 (4-bit, double-quantized), int8 or int8-asym"
+    )
+    r: int = borrowed(LoraConfig, "r")
+    alpha: float = borrowed(LoraConfig, "alpha")
+    # LoraConfig's own default is PEFT's 0; training on small data sets is better regularised.
+    dropout: float = borrowed(
+        LoraConfig,
+        "dropout",
+        default=0.05,
+        help="dropout on the LoRA input (a LoraConfig built in code defaults to 0, as PEFT's)",
+    )
+    init: str = borrowed(LoraConfig, "init")
+    use_rslora: bool = borrowed(LoraConfig, "use_rslora")
+    use_dora: bool = borrowed(LoraConfig, "use_dora")
+
+    def lora_config(self, model_meta: dict[str, Any]) -> LoraConfig:
+        """The adapter's config; the LoRA method adds the model's classification heads as modules_to_save."""
+        return LoraConfig(
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            init=self.init,
+            target_modules=self.target_modules or "all-linear",
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            **model_meta,
+        )
+
+
+@dataclass
+class MethodSection:
+    """The fine-tuning method and the options of each (a method reads its own)."""
+
+    method: str = option("lora", f"fine-tuning method: {', '.join(METHODS)} (head: linear probing)")
+    adapter_size: int = borrowed(MethodOptions, "adapter_size")
+    adapter_nonlinearity: str = borrowed(MethodOptions, "adapter_nonlinearity")
+    adapter_norms: bool = borrowed(MethodOptions, "adapter_norms")
+    prefix_length: int = borrowed(MethodOptions, "prefix_length")
+    prompt_length: int = borrowed(MethodOptions, "prompt_length")
+    lora: LoraSection = field(default_factory=LoraSection)
+
+    def method_options(self, lora: LoraConfig) -> MethodOptions:
+        """What `FineTuningMethod.apply` reads (each method its own fields)."""
+        return MethodOptions(
+            adapter_size=self.adapter_size,
+            adapter_nonlinearity=self.adapter_nonlinearity,
+            adapter_norms=self.adapter_norms,
+            prefix_length=self.prefix_length,
+            prompt_length=self.prompt_length,
+            lora=lora,
+        )
+
+
+@dataclass
+class RunSection:
+    """Where the run goes and how it runs: output folder, resumption, processes."""
+
+    output: str | None = option(None, "output folder", default_text="runs/<data>-<model>")
+    resume: bool = option(False, "continue from the last checkpoint in --output")
+    overwrite: bool = option(False, "replace a run already in --output")
+    distributed: str | None = option(None, "ddp or fsdp, under torchrun (several processes alone mean ddp)")
+    dist_timeout: float = option(600.0, "seconds a process waits for the others before failing")
+
+
+@dataclass
+class HardwareSection:
+    """Where the run computes and in which precision (`lorakit.device`)."""
+
+    device: str = option("auto", DEVICE_HELP)
+    precision: str = option("auto", PRECISION_HELP)
