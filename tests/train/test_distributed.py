@@ -163,3 +163,36 @@ def test_qlora_base_under_ddp(setup, tmp_path):
     run = torchrun(2, args(model, data, ddp_out, "--quantize", "nf4", "--distributed", "ddp"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_adapter(single_out, ddp_out)
+
+
+def test_ranks_reseed_per_step_so_dropout_resumes_exactly(setup, tmp_path):
+    """With dropout on, two processes draw their own masks from (seed, step, rank): stopping after step 2 and
+    resuming with two processes gives the uninterrupted run's adapter."""
+    model, data = setup
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    extra = ("--dropout", "0.3", "--save-every", "2")
+    for out in (whole, resumed):
+        run = torchrun(2, args(model, data, out, *extra))
+        assert run.returncode == 0, run.stderr[-3000:]
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    run = torchrun(2, args(model, data, resumed, *extra, "--resume"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    x, y = (load_file(out / "adapter_model.safetensors") for out in (whole, resumed))
+    assert all(torch.equal(x[key], y[key]) for key in x)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_bf16_two_processes_match_one(setup, tmp_path, mode):
+    """bf16 autocast over a bf16 base with float32 adapters: FSDP all-gathers in bf16 and reduces in float32
+    (its mixed-precision policy), DDP reduces the float32 adapter gradients; both land where one process
+    does, within bf16 rounding."""
+    model, data = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = CliRunner().invoke(app, args(model, data, one, "--precision", "bf16"))
+    assert result.exit_code == 0, result.output
+    run = torchrun(2, args(model, data, two, "--precision", "bf16", "--distributed", mode))
+    assert run.returncode == 0, run.stderr[-3000:]
+    x, y = (load_file(out / "adapter_model.safetensors") for out in (one, two))
+    for key in x:
+        assert y[key].dtype == torch.float32
+        torch.testing.assert_close(y[key], x[key], rtol=2e-2, atol=2e-3)

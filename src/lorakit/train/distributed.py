@@ -5,13 +5,22 @@ global micro-batch between ranks, how to wrap the model (DDP: replicated base, g
 the trainable adapter parameters only; FSDP2 `fully_shard`: every decoder block's parameters, frozen
 base included, sharded across ranks) and how to gather what only rank 0 writes.
 
+Gradients are exchanged once per optimizer step: the micro-batches before the last one of a step
+accumulate locally (DDP `no_sync`, FSDP2 `set_requires_gradient_sync(False)`). In bf16/fp16, FSDP2 runs
+with a mixed-precision policy: parameters all-gathered in the compute dtype, gradients reduced in float32
+onto the float32 (master) adapter shards. Dropout differs between ranks: each rank reseeds its RNG at every
+step from (seed, step, rank), so a run resumed with the same number of processes draws the same masks.
+
 Checkpoints hold full (unsharded) tensors keyed by parameter name, so a run can resume with a different
 number of processes, or none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -64,8 +73,9 @@ class Parallel:
         dist.all_gather_object(parts, items)
         return [item for part in parts for item in part]
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to run forward/backward on. FSDP shards `model` in place and returns it."""
+    def wrap(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The module to run forward/backward on. FSDP shards `model` in place and returns it; below float32
+        it all-gathers parameters in `compute_dtype` and reduces gradients in float32."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -73,13 +83,46 @@ class Parallel:
             return DistributedDataParallel(model, device_ids=device_ids)
         if self.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (self.world,))
+            policy = MixedPrecisionPolicy()
+            if compute_dtype != torch.float32:
+                policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
             for block in _repeated_blocks(model):
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
+
+    @contextmanager
+    def gradient_sync(self, trained: nn.Module, sync: bool) -> Iterator[None]:
+        """Backward passes inside exchange gradients between processes only if `sync` (the last micro-batch
+        of an optimizer step); otherwise they accumulate locally, and the step's last backward reduces the
+        sum. `trained` is what `wrap` returned."""
+        if sync or not self.active:
+            yield
+        elif self.mode == "ddp":
+            with trained.no_sync():  # type: ignore[operator]
+                yield
+        else:
+            trained.set_requires_gradient_sync(False)  # type: ignore[operator]
+            try:
+                yield
+            finally:
+                trained.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Under several processes, seed this rank's RNG (CPU and every GPU) for optimizer step `step`: the ranks
+        draw different dropout masks, and a resumed run draws the ones the uninterrupted run drew. One process
+        keeps its single stream (saved in checkpoints), so nothing changes there."""
+        if self.world > 1:
+            torch.manual_seed(step_seed(seed, step, self.rank))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for (run seed, step, rank), from a hash so that nearby triples give unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:

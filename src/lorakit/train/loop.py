@@ -4,7 +4,8 @@ and exact resume.
 
 Determinism: the data order of epoch e is a permutation drawn from `seed + e`, and each checkpoint
 stores the optimizer, scheduler and RNG states, so a run resumed from step k continues exactly as the
-uninterrupted run would have (evaluation in between draws no random numbers).
+uninterrupted run would have (evaluation in between draws no random numbers). Under several processes each
+rank reseeds its RNG at every step from (seed, step, rank) instead (`Parallel.seed_step`).
 
 The parts live in their own modules: the settings (`settings`), the micro-batch order (`batches`), one
 optimizer step (`step`), checkpoints (`checkpoint`) and the metrics log (`metrics_log`); this module
@@ -73,7 +74,7 @@ def _start(
     folder = latest_checkpoint(checkpointer.output) if resume else None
     if folder is not None:
         checkpointer.restore_trained(model, folder)
-    trained = checkpointer.parallel.wrap(model)
+    trained = checkpointer.parallel.wrap(model, precision)
     state = TrainingState(*build_optimizer(model, settings, total))
     if precision == torch.float16:
         state.scaler = torch.amp.GradScaler(model_device(model).type)
@@ -111,6 +112,7 @@ def _train_steps(run: _Run) -> None:
     plan = micro_batches(len(features), run.settings, run.state.step, lengths)
     try:
         for step, batches in by_step(plan):
+            run.checkpointer.parallel.seed_step(run.settings.seed, step)
             run.stepper.step(batches, run.state.optimizer, run.state.scheduler)
             run.state.step, run.state.rng_state = step + 1, torch.get_rng_state()
             run.state.cuda_rng = cuda_rng_state(run.stepper.device)

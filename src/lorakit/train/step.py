@@ -105,8 +105,9 @@ class Stepper:
     ) -> None:
         """One optimizer step over `batches`, the example indices of each of its micro-batches."""
         step_items = sum(loss_items(self.features[i]) for indices in batches for i in indices)
-        for indices in batches:
-            self._backward(indices, step_items)
+        for number, indices in enumerate(batches):
+            with self.parallel.gradient_sync(self.trained, sync=number == len(batches) - 1):
+                self._backward(indices, step_items)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clipping sees the true gradients
         if self.max_grad_norm:
