@@ -35,10 +35,18 @@ NOTES = {
 
 
 @app.command("estimate")
-@with_options(options_of(RunConfig(), SHARED, notes=NOTES, required=["model"]))
+@with_options(options_of(RunConfig(), SHARED, notes=NOTES, required=["model"], shown={"max_length": "256"}))
 def estimate_(
     compare: Annotated[bool, typer.Option("--all-methods", "--compare", help="every method side by side")] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            "--dtype",
+            help="fp32, bf16 or fp16 (also float32, bfloat16, float16), as lorakit train's --precision: the frozen "
+            "base in that dtype, trainable tensors in float32 (master weights), the forward under autocast",
+        ),
+    ] = "fp32",
     optimizer: Annotated[str, typer.Option(help="adamw or sgd (with momentum)")] = "adamw",
     grad_checkpointing: Annotated[
         bool, typer.Option("--grad-checkpointing", help="recompute activations in the backward pass")
@@ -62,6 +70,8 @@ def estimate_(
     except USER_ERRORS as err:
         fail(err)
     options = {name: getattr(cfg, name) for name in SHARED if name not in ("model", "method")}
+    if options["max_length"] is None:  # a run's "auto" length comes from its data; an estimate has none: 256
+        del options["max_length"]
     if options["target_modules"] == ["all-linear"]:
         options["target_modules"] = "all-linear"
     options.update(dtype=dtype, optimizer=optimizer, grad_checkpointing=grad_checkpointing, device=device)

@@ -13,21 +13,24 @@ How the figures are obtained (assumptions in full):
   (adapter size, prefix and prompt lengths), with lorakit train's LoRA dropout (0.05); LoRA targets the
   built-in model's target modules, else all linear layers. A quantized base (`quantize`, or `qlora`) is
   LoRA's only (QLoRA), as in `lorakit train`.
-* Frozen weights: every parameter that does not train, plus buffers, in `dtype` (quantized linear layers
-  at their stored size: NF4 ≈ 4.127 bits, int8 8 bits + a 32-bit scale per row). Trainable weights,
-  their gradients and the optimizer state are in `dtype` too (PyTorch keeps AdamW's two moments and
-  SGD's momentum in the parameter's dtype): weights + gradients + optimizer = 4 copies with AdamW,
-  3 with SGD with momentum, as in the seeds' accounting.
-* Activations and the peak: one steady-state training step (forward, backward, clipping, optimizer step,
-  with the optimizer state already created) is played on meta with the real transformers code
-  (`simulate.py`), following every tensor's lifetime: the peak of live bytes (saved activations,
-  temporaries such as the B × T × vocab logits and their gradient, gradients as they appear, optimizer
-  state) over the step. Batches are full length (no padding). This tensor peak matches a real CPU step
-  byte for byte (tests/test_estimate.py) and the measured peak RSS within a few percent when malloc
-  returns freed memory at once. With glibc's default malloc the process keeps freed blocks for reuse,
-  so on CPU the total adds `CPU_RUNTIME_BYTES` and `CPU_MALLOC_SLACK` (a fixed part + a share of the
-  activation peak, by kind of method), calibrated against measured peaks (bench/estimate_vs_measured.py).
-  On CUDA add the CUDA context (~0.3–1 GB) and the caching allocator's fragmentation: not modelled.
+* Frozen weights: every parameter that does not train, plus buffers, in `dtype` — the precision, as
+  `lorakit train --precision` takes it: fp32, bf16 or fp16 (or torch's spelling) — with quantized linear
+  layers at their stored size (NF4 ≈ 4.127 bits, int8 8 bits + a 32-bit scale per row). Trainable weights
+  are float32 master weights at every precision, as in training, and so are their gradients and the
+  optimizer state (PyTorch keeps AdamW's two moments and SGD's momentum in the parameter's dtype):
+  weights + gradients + optimizer = 4 copies with AdamW, 3 with SGD with momentum.
+* Activations and the peak: the steady-state training step `lorakit train` runs (forward with the lean
+  gated MLPs and the fused LM-head loss where they apply, under autocast below fp32; backward, clipping,
+  optimizer step, with the optimizer state already created) is played on meta with the real
+  transformers code (`simulate.py`, `autocast.py`), following every tensor's lifetime: the peak of live
+  bytes (saved activations, temporaries, gradients as they appear, optimizer state) over the step.
+  Batches are full length (no padding). This tensor peak matches a real CPU step byte for byte in float32
+  and for LoRA over a bf16 Llama, within 3 % elsewhere below fp32 (tests/estimation/test_estimate.py), and
+  the measured peak RSS within a few percent when malloc returns freed memory at once. With glibc's
+  default malloc the process keeps freed blocks for reuse, so on CPU the total adds `CPU_RUNTIME_BYTES`
+  and `CPU_MALLOC_SLACK` (a fixed part + a share of the activation peak, by kind of method), calibrated
+  against measured peaks (bench/estimate_vs_measured.py). On CUDA add the CUDA context (~0.3–1 GB) and
+  the caching allocator's fragmentation: not modelled.
 * FLOPs: every matmul and attention kernel of the forward and backward pass of the simulated step,
   counted with PyTorch's FLOP formulas (`torch.utils.flop_counter`; attention is counted over the full
   T × T, as those formulas do, though causal kernels skip about half of it). For comparison,

@@ -7,10 +7,12 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..config import LoraConfig
+from ..device import trainable_to_float32
 from ..methods import MethodOptions
 from ..methods.base import text_config
 from .costs import (
@@ -103,6 +105,8 @@ def estimate_one(source: Source, method: str, request: Request) -> Estimate:
         prepared = prepare(model, method, task, options, request.quantize, request.batch_size, request.max_length)
         if request.grad_checkpointing:
             _enable_checkpointing(model)
+    if DTYPES[request.dtype] != torch.float32:
+        trainable_to_float32(model)  # float32 master weights over the half-precision base, as lorakit train
     model.train()
     static = weights(model, request.optimizer)
     step = _step(model, prepared, request, static)
@@ -158,7 +162,9 @@ def _step(model: nn.Module, prepared: Prepared, request: Request, static: Weight
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            profile = simulate_training(model, prepared.make_batch, request.optimizer, request.device)
+            profile = simulate_training(
+                model, prepared.make_batch, request.optimizer, request.device, precision=DTYPES[request.dtype]
+            )
     except Exception as err:  # an architecture whose forward pass needs real values
         first = str(err).splitlines()[0] if str(err) else ""
         return _unsimulated(

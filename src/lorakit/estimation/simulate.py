@@ -1,9 +1,11 @@
 """Training steps played on the meta device: the memory timeline and the FLOPs, from the architecture.
 
-The model (built on `meta`, so it holds no data) runs the real transformers forward pass, backward pass,
-gradient clipping and optimizer step (after the optimizer state was created, as in any step but the first)
-on a batch of B × T meta tokens. Meta tensors carry shapes and dtypes but no storage, so this costs
-milliseconds per layer whatever the model size. Meanwhile
+The model (built on `meta`, so it holds no data) runs the step `lorakit train` runs — the real transformers
+forward pass with the training loop's lean gated MLPs (`train.swiglu`) and its loss (`train.loss`, the
+fused LM-head cross-entropy where it applies), under autocast below float32 (`autocast.MetaAutocast`), then
+the backward pass, gradient clipping and optimizer step (after the optimizer state was created, as in any
+step but the first) — on a batch of B × T meta tokens. Meta tensors carry shapes and dtypes but no storage,
+so this costs milliseconds per layer whatever the model size. Meanwhile
 
 * `LiveBytes` (a dispatch mode) sees every tensor an operation creates and, through a finalizer on its
   storage, the moment the storage is freed: the live bytes over time, split into activations (anything
@@ -26,14 +28,20 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
+
+from ..train.loss import causal_lm_loss
+from ..train.swiglu import fuse_gated_mlps, unfuse_gated_mlps
+from .autocast import MetaAutocast
 
 ACTIVATIONS, GRADIENTS, OPTIMIZER = "activations", "gradients", "optimizer"
 _FLASH = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION
@@ -159,9 +167,15 @@ class _AttentionBackend:
         }
         params.update(dict(zip(names, args)))
         params.update(kwargs)
-        q, k, v = params["query"], params["key"], params["value"]
-        if q.device.type != "meta":
+        if params["query"].device.type != "meta":
             return original(*args, **kwargs)
+        if torch.is_autocast_enabled("cpu"):  # MetaAutocast: attention is on autocast's lower-precision list
+            dtype = torch.get_autocast_dtype("cpu")
+            for name in ("query", "key", "value", "attn_mask"):
+                if isinstance(params[name], torch.Tensor) and params[name].is_floating_point():
+                    params[name] = params[name].to(dtype)
+            args, kwargs = (), {name: params[name] for name in names if name in params}
+        q, k, v = params["query"], params["key"], params["value"]
         if q.dim() != 4 or not self._fused(params):
             self.paths.add("math")
             return original(*args, **kwargs)
@@ -243,8 +257,10 @@ def simulate_training(
     optimizer: str = "adamw",
     device: str = "cpu",
     max_grad_norm: float | None = 1.0,
+    precision: torch.dtype = torch.float32,
 ) -> StepProfile:
-    """Play one steady-state training step (forward, backward, clipping, optimizer step, zero_grad) on meta.
+    """Play one steady-state training step (forward, backward, clipping, optimizer step, zero_grad) on meta,
+    the forward under autocast to `precision` below float32.
 
     `make_batch` returns the model's keyword arguments (meta tensors).
     """
@@ -254,22 +270,20 @@ def simulate_training(
     tracker = LiveBytes(weights)
     attention = _AttentionBackend(device)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.mark(p.grad, GRADIENTS)) for p in trainable]
+    fused_mlps = fuse_gated_mlps(model)
     try:
         with attention, tracker:
             opt = _make_optimizer(trainable, optimizer, device) if trainable else None
             if opt is not None:
-                # The optimizer state as a first step leaves it (created from zero gradients), so that the
-                # one simulated step below is a steady-state step: the state is alive throughout.
-                tracker.kind = OPTIMIZER
-                for param in trainable:
-                    param.grad = torch.zeros_like(param)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                tracker.kind = ACTIVATIONS
-                tracker.reset_peak()
+                _create_optimizer_state(opt, trainable, tracker)
             tracker.flops = 0
             batch = make_batch()  # held through the step, like the training loop's batch
-            loss = model(**batch).loss
+            # The fused loss selects the target tokens with a mask; every token of a simulated batch is one.
+            with (
+                MetaAutocast(precision) if precision != torch.float32 else nullcontext(),
+                fx_config.patch(meta_nonzero_assume_all_nonzero=True),  # type: ignore[attr-defined]
+            ):
+                loss = causal_lm_loss(model, batch)
             forward_flops = tracker.flops
             if trainable:
                 loss.backward()
@@ -284,6 +298,7 @@ def simulate_training(
                 opt.zero_grad(set_to_none=True)
             del opt, batch
     finally:
+        unfuse_gated_mlps(fused_mlps)
         for hook in hooks:
             hook.remove()
     paths = attention.paths
@@ -295,6 +310,18 @@ def simulate_training(
         forward_flops=int(forward_flops),
         attention_path="none" if not paths else "/".join(sorted(paths)),
     )
+
+
+def _create_optimizer_state(opt: torch.optim.Optimizer, trainable: list[nn.Parameter], tracker: LiveBytes) -> None:
+    """The optimizer state as a first step leaves it (created from zero gradients), so that the one simulated
+    step after it is a steady-state step: the state is alive throughout."""
+    tracker.kind = OPTIMIZER
+    for param in trainable:
+        param.grad = torch.zeros_like(param)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tracker.kind = ACTIVATIONS
+    tracker.reset_peak()
 
 
 def _make_optimizer(params: list[nn.Parameter], name: str, device: str) -> torch.optim.Optimizer:

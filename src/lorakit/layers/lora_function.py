@@ -118,7 +118,9 @@ def _product_grads(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down:
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast gives matmuls on x's device, or None when autocast is off there."""
     device_type = x.device.type
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+    if device_type == "meta":  # `lorakit estimate` simulates a CPU step on meta tensors (estimation.autocast)
+        device_type = "cpu"
+    if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
