@@ -19,7 +19,15 @@ bench/train_step.py measures it), `torch.cuda.max_memory_allocated` on CUDA. Rat
     .venv/bin/python bench/precision.py --device cuda --steps 20
     .venv/bin/python bench/precision.py --steps 1 --shapes 1x16 --no-save  # smoke check (seconds, nothing written)
 
-Results: bench/results/precision_<device type>.json, with the machine (CPU and its flags, GPU) and the load.
+First, and alone with `--gemm-only`, the matrix products a step is made of (SmolLM2's MLP shape, 512 rows):
+GFLOP/s in float32, bfloat16, float16 and under bf16 autocast over float32 operands. This is the measurement
+behind `--precision auto` on the CPU: where bf16 products are not faster than float32 (no AVX512-BF16 or AMX,
+so PyTorch falls back to a scalar path), a bf16 step cannot be either.
+
+    .venv/bin/python bench/precision.py --gemm-only                        # seconds
+
+Results: bench/results/precision_<device type>.json (precision_<device type>_gemm.json with --gemm-only),
+with the machine (CPU and its flags, GPU) and the load.
 """
 
 from __future__ import annotations
@@ -160,6 +168,43 @@ def run_all(args: argparse.Namespace, device: torch.device, setups: list[str]) -
     return out
 
 
+# -- matrix products ----------------------------------------------------------------------------------------
+GEMM_SHAPE = (512, 576, 1536)  # rows (4 × 128 tokens) × SmolLM2's hidden width × its MLP width
+
+
+def gemm_rates(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an (m × k) @ (k × n) product per operand dtype, and under bf16 autocast over float32."""
+    m, k, n = GEMM_SHAPE
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    cases: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        x, y = a.to(dtype), b.to(dtype)
+        cases[name] = lambda x=x, y=y: x @ y
+
+    def autocast_product() -> torch.Tensor:
+        with autocast(device, torch.bfloat16):
+            return a @ b
+
+    cases["bf16 autocast"] = autocast_product
+    rates = {}
+    for name, product in cases.items():
+        product()  # warm-up: kernel selection, first-touch of the output
+        synchronize(device)
+        began = time.perf_counter()
+        for _ in range(repeats):
+            product()
+        synchronize(device)
+        rates[name] = 2 * m * k * n * repeats / (time.perf_counter() - began) / 1e9
+    return rates
+
+
+def gemm_table(rates: dict[str, float]) -> str:
+    m, k, n = GEMM_SHAPE
+    lines = [f"| {m}×{k} @ {k}×{n} | GFLOP/s | ×fp32 |", "|---|---|---|"]
+    lines += [f"| {name} | {rate:.1f} | {rate / rates['fp32']:.3f} |" for name, rate in rates.items()]
+    return "\n".join(lines)
+
+
 # -- report -------------------------------------------------------------------------------------------------
 def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(device), **machine()}
@@ -204,6 +249,7 @@ def main() -> None:
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, of: " + ", ".join(SETUPS))
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory processes")
     parser.add_argument("--no-save", dest="save", action="store_false", help="print only, write no results file")
+    parser.add_argument("--gemm-only", action="store_true", help="only the matrix-product rates (seconds)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -215,14 +261,17 @@ def main() -> None:
         parser.error(f"unknown setup(s) {', '.join(sorted(unknown))}; expected: {', '.join(SETUPS)}")
     results: dict[str, Any] = {"machine": device_info(device), "steps": args.steps, "model": MODEL}
     began = time.perf_counter()
-    print(f"training steps on {device}", flush=True)
-    results["shapes"] = run_all(args, device, setups)
+    results["gemm_gflops"] = gemm_rates(device)
+    print(gemm_table(results["gemm_gflops"]), flush=True)
+    if not args.gemm_only:
+        print(f"training steps on {device}", flush=True)
+        results["shapes"] = run_all(args, device, setups)
+        print(table(results["shapes"]))
     results.update(minutes=(time.perf_counter() - began) / 60, load_after=machine()["load_average"])
-    print(table(results["shapes"]))
     info = results["machine"]
     print(f"\n{info.get('gpu', info['cpu'])}; cpu flags {' '.join(info['cpu_flags'])}; torch {info['torch']}")
     if args.save:
-        path = RESULTS / f"precision_{device.type}.json"
+        path = RESULTS / f"precision_{device.type}{'_gemm' if args.gemm_only else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2))
         print(f"written to {path}")

@@ -6,7 +6,9 @@ from contextlib import contextmanager
 
 import torch
 
-from lorakit.train.distributed import Parallel, step_seed
+from lorakit.train.distributed import LossOf, Parallel, step_seed, training_loss, unwrap
+from lorakit.train.loss import fused_head
+from support.models import make_llama
 
 
 def draws(parallel: Parallel, step: int) -> torch.Tensor:
@@ -64,3 +66,27 @@ def test_a_single_process_never_touches_the_wrapper():
     with Parallel().gradient_sync(wrapper, sync=False):  # type: ignore[arg-type]
         pass
     assert wrapper.events == []
+
+
+def test_ddp_wraps_the_training_loss_fused_head_included():
+    """What DDP wraps computes the loop's loss (the fused LM-head path) and equals the model's own loss."""
+    torch.manual_seed(0)
+    model = make_llama().double()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    wrapped = LossOf(model)
+    assert fused_head(wrapped.module) is not None
+
+    class FakeDDP(torch.nn.Module):  # DDP's shape: the wrapped module under `.module`, forward passed through
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, **batch):
+            return self.module(**batch)
+
+    fake = FakeDDP(wrapped)
+    expected = model(**batch).loss.double()  # transformers computes it from float32 logits
+    torch.testing.assert_close(training_loss(fake, batch), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(training_loss(model, batch), expected, rtol=1e-6, atol=0)
+    assert unwrap(fake) is model and unwrap(model) is model

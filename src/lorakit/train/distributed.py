@@ -5,6 +5,10 @@ global micro-batch between ranks, how to wrap the model (DDP: replicated base, g
 the trainable adapter parameters only; FSDP2 `fully_shard`: every decoder block's parameters, frozen
 base included, sharded across ranks) and how to gather what only rank 0 writes.
 
+DDP wraps `LossOf(model)`, whose forward is the training loss (`train.loss.causal_lm_loss`, the fused LM-head
+loss included): DDP's gradient hooks need the forward pass to go through the wrapped module, and the loss
+is what the loop wants from it. `training_loss` is the one call the loop makes, wrapped or not.
+
 Gradients are exchanged once per optimizer step: the micro-batches before the last one of a step
 accumulate locally (DDP `no_sync`, FSDP2 `set_requires_gradient_sync(False)`). In bf16/fp16, FSDP2 runs
 with a mixed-precision policy: parameters all-gathered in the compute dtype, gradients reduced in float32
@@ -30,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..io import unsharded
+from .loss import causal_lm_loss
 
 MODES = ("ddp", "fsdp")
 
@@ -80,7 +85,7 @@ class Parallel:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-            return DistributedDataParallel(model, device_ids=device_ids)
+            return DistributedDataParallel(LossOf(model), device_ids=device_ids)
         if self.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -134,8 +139,28 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return list(longest)
 
 
+class LossOf(nn.Module):
+    """`model` with the training loss as its forward: `LossOf(model)(**batch) == causal_lm_loss(model, batch)`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self.module, batch)
+
+
+def training_loss(trained: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean loss of `batch` on what `Parallel.wrap` returned (through DDP's forward when it wraps)."""
+    if isinstance(getattr(trained, "module", None), LossOf):
+        return trained(**batch)
+    return causal_lm_loss(trained, batch)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+    """The model inside what `Parallel.wrap` returned."""
+    inner = getattr(model, "module", model)
+    return inner.module if isinstance(inner, LossOf) else inner
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

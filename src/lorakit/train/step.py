@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from ..device import autocast, to_device
-from .distributed import Parallel
+from .distributed import Parallel, training_loss
 from .examples import IGNORE_INDEX
-from .loss import causal_lm_loss
 from .optim import param_groups
 from .settings import LoopSettings
 
@@ -133,7 +132,7 @@ class Stepper:
         tokens = int(batch["attention_mask"].sum()) if real else 0  # counted on the host, before the copy
         batch = to_device(batch, self.device)
         with autocast(self.device, self.dtype):
-            loss = causal_lm_loss(self.trained, batch)
+            loss = training_loss(self.trained, batch)
         # DDP and FSDP average gradients over processes; the factor `world` turns that into the sum.
         scaled = loss * (local_items / max(step_items, 1) * self.parallel.world)
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
