@@ -9,12 +9,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from ..config import LoraConfig
 from ..device import trainable_to_float32
 from ..methods import MethodOptions
-from ..methods.base import text_config
+from ..train.checkpointing import enable_checkpointing
 from .costs import (
     DEVICES,
     OPTIMIZERS,
@@ -104,7 +103,7 @@ def estimate_one(source: Source, method: str, request: Request) -> Estimate:
         warnings.simplefilter("ignore")
         prepared = prepare(model, method, task, options, request.quantize, request.batch_size, request.max_length)
         if request.grad_checkpointing:
-            _enable_checkpointing(model)
+            enable_checkpointing(model)
     if DTYPES[request.dtype] != torch.float32:
         trainable_to_float32(model)  # float32 master weights over the half-precision base, as lorakit train
     model.train()
@@ -198,15 +197,3 @@ def _step(model: nn.Module, prepared: Prepared, request: Request, static: Weight
 
 def _unsimulated(static: Weights, notes: list[str]) -> Step:
     return Step(None, None, None, "unknown", static.static_bytes, 0, notes)
-
-
-def _enable_checkpointing(model: PreTrainedModel) -> None:
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.x's name
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for config in (model.config, text_config(model)):
-        config.use_cache = False  # what transformers switches to itself, with a warning, under checkpointing

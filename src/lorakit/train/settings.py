@@ -31,6 +31,13 @@ class LoopSettings:
     tensorboard: bool = field(
         default=False, metadata={"help": "also log to <output>/tensorboard (needs the tensorboard package)"}
     )
+    grad_checkpointing: str = field(
+        default="auto",
+        metadata={
+            "help": "recompute activations in the backward pass: on, off, or auto (on when the estimated step "
+            "would not fit in free memory)"
+        },
+    )
     group_by_length: bool = field(
         default=True,
         metadata={

@@ -1,0 +1,27 @@
+"""The memory a training run plans for: `lorakit estimate`'s figure for the run's step, which decides
+`--grad-checkpointing auto` (`train.checkpointing.wanted`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..estimation import estimate
+
+
+def planned_step_bytes(model: nn.Module, method: str, options: dict[str, Any], precision: str) -> int | None:
+    """`lorakit estimate`'s figure for a training step of `model` (its config: nothing is run) with `method` and
+    the estimate options of the run (r, alpha, dropout, target_modules, quantize, batch_size, max_length, ...):
+    the peak above the weights. None when the estimate cannot be made (an architecture it cannot build)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    device = "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
+    try:
+        est = estimate(config, method, dtype=precision, device=device, **options)
+    except ValueError:
+        return None
+    if est.activation_bytes is None:  # the step could not be simulated: no activation figure to plan with
+        return None
+    return est.total_bytes - est.frozen_weight_bytes - est.trainable_weight_bytes
