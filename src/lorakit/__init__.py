@@ -10,6 +10,7 @@ from .analysis import analyze_adapter, subspace_similarity  # the rest: lorakit.
 from .combine import combine
 from .config import LoraConfig
 from .estimation import estimate  # compare, Estimate and the report: lorakit.estimation
+from .export import export_gguf, export_gguf_lora  # ExportError, GGUF_TYPES: lorakit.export
 from .inject import (
     active_adapters,
     adapter_config,
@@ -42,6 +43,8 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "estimate",
+    "export_gguf",
+    "export_gguf_lora",
     "load_adapter",
     "merge",
     "merge_and_unload",

@@ -4,7 +4,7 @@ Each command is a thin layer over the library: it parses options, calls one func
 library's specific errors into a one-line message and a non-zero exit code.
 """
 
-from . import adapters, analyze, estimate, serve, train  # noqa: F401  (importing registers the commands)
+from . import adapters, analyze, estimate, export, serve, train  # noqa: F401  (importing registers the commands)
 from .common import app
 
 __all__ = ["app", "main"]
