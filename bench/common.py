@@ -1,5 +1,6 @@
 """What every bench script shares: this process's memory as the kernel counts it, returning freed heap to the
-system, the machine's description and load, and one measurement run in a fresh child process.
+system, the machine's description and load, one measurement run in a fresh child process, and the matrix-product
+rate per dtype (the peak that model FLOPs utilisation is measured against).
 
 Scripts in bench/ import it as `common` (their folder is on sys.path when run as `python bench/x.py`); the
 scripts in bench/experiments/ put bench/ on sys.path first.
@@ -13,12 +14,15 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.device import autocast, synchronize
 from lorakit.methods.measure import release_free_memory
 
 # glibc raises its mmap threshold as large blocks are freed and then keeps the freed heap; a fixed threshold of
@@ -132,3 +136,33 @@ def run_child(script: str | Path, args: list[str], env: dict[str, str] | None = 
             f"{Path(script).name} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
         )
     return json.loads(results[-1][len(RESULT_PREFIX) :])
+
+
+# -- matrix products ------------------------------------------------------------------------------------------
+GEMM_SHAPE = (512, 576, 1536)  # rows (4 × 128 tokens) × SmolLM2's hidden width × its MLP width
+
+
+def gemm_rates(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an (m × k) @ (k × n) product per operand dtype, and under bf16 autocast over float32."""
+    m, k, n = GEMM_SHAPE
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    cases: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        x, y = a.to(dtype), b.to(dtype)
+        cases[name] = lambda x=x, y=y: x @ y
+
+    def autocast_product() -> torch.Tensor:
+        with autocast(device, torch.bfloat16):
+            return a @ b
+
+    cases["bf16 autocast"] = autocast_product
+    rates = {}
+    for name, product in cases.items():
+        product()  # warm-up: kernel selection, first-touch of the output
+        synchronize(device)
+        began = time.perf_counter()
+        for _ in range(repeats):
+            product()
+        synchronize(device)
+        rates[name] = 2 * m * k * n * repeats / (time.perf_counter() - began) / 1e9
+    return rates

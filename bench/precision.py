@@ -45,7 +45,17 @@ from train_step import MODEL, TARGETS
 
 from lorakit.device import autocast, resolve_device, synchronize
 
-from common import MMAP_THRESHOLD_ENV, machine, own_weights, release_and_reset_peak, report, run_child, status_mb
+from common import (
+    GEMM_SHAPE,
+    MMAP_THRESHOLD_ENV,
+    gemm_rates,
+    machine,
+    own_weights,
+    release_and_reset_peak,
+    report,
+    run_child,
+    status_mb,
+)
 
 RESULTS = Path(__file__).parent / "results"
 SETUPS = ("lorakit fp32", "lorakit bf16", "peft fp32", "peft bf16")
@@ -169,35 +179,6 @@ def run_all(args: argparse.Namespace, device: torch.device, setups: list[str]) -
 
 
 # -- matrix products ----------------------------------------------------------------------------------------
-GEMM_SHAPE = (512, 576, 1536)  # rows (4 × 128 tokens) × SmolLM2's hidden width × its MLP width
-
-
-def gemm_rates(device: torch.device, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of an (m × k) @ (k × n) product per operand dtype, and under bf16 autocast over float32."""
-    m, k, n = GEMM_SHAPE
-    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-    cases: dict[str, Callable[[], torch.Tensor]] = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        x, y = a.to(dtype), b.to(dtype)
-        cases[name] = lambda x=x, y=y: x @ y
-
-    def autocast_product() -> torch.Tensor:
-        with autocast(device, torch.bfloat16):
-            return a @ b
-
-    cases["bf16 autocast"] = autocast_product
-    rates = {}
-    for name, product in cases.items():
-        product()  # warm-up: kernel selection, first-touch of the output
-        synchronize(device)
-        began = time.perf_counter()
-        for _ in range(repeats):
-            product()
-        synchronize(device)
-        rates[name] = 2 * m * k * n * repeats / (time.perf_counter() - began) / 1e9
-    return rates
-
-
 def gemm_table(rates: dict[str, float]) -> str:
     m, k, n = GEMM_SHAPE
     lines = [f"| {m}×{k} @ {k}×{n} | GFLOP/s | ×fp32 |", "|---|---|---|"]

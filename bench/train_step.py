@@ -4,8 +4,13 @@ SmolLM2-135M-Instruct (fp32, CPU), LoRA r=8 α=16 on q,k,v,o with dropout 0.05, 
 loop does (fused LoRA dropout product, gated MLPs saving two of three intermediates, fused LM head + loss):
 
 1. Training step (forward, backward, gradient clipping, AdamW step) at batch 4 × 128 and 4 × 512 random
-   tokens, every position a target. Step time: the three set-ups live in one process and take turns, one
-   step each per round (A/B/C alternation, so drift in the machine's load hits all three alike); the
+   tokens, every position a target, beside the **floor**: the frozen model's forward plus the input-gradient
+   half of its backward (gradients reach the input embeddings, no weight gets one, no optimizer), with
+   lorakit's loss — what any LoRA step must at least cost. FLOPs per step are counted on one real step of
+   each set-up (`torch.utils.flop_counter`), and model FLOPs utilisation (MFU) is the achieved FLOP/s over
+   the float32 matrix-product rate measured in the same run (`common.gemm_rates`, SmolLM2's MLP shape).
+   Step time: the four set-ups live in one process and take turns, one step each per round (alternation,
+   so drift in the machine's load hits all alike); the
    median over rounds is reported. Peak memory: one fresh process per set-up and length with
    MALLOC_MMAP_THRESHOLD_=131072 (freed blocks go back to the system, so the RSS follows live tensors);
    the peak is the kernel's high-water mark during 3 steps minus the RSS just before them (model loaded,
@@ -37,12 +42,21 @@ from pathlib import Path
 
 import torch
 
-from common import MMAP_THRESHOLD_ENV, own_weights, release_and_reset_peak, report, run_child, status_mb, uptime
+from common import (
+    MMAP_THRESHOLD_ENV,
+    gemm_rates,
+    own_weights,
+    release_and_reset_peak,
+    report,
+    run_child,
+    status_mb,
+    uptime,
+)
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-SETUPS = ("lorakit", "peft", "full")
+SETUPS = ("floor", "lorakit", "peft", "full")
 LENGTHS = (128, 512)
 BATCH = 4
 
@@ -69,6 +83,8 @@ def build(setup: str):
             model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
         )
         loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
+    elif setup == "floor":
+        return _floor(model)
     else:
         loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
     model.train()
@@ -84,6 +100,35 @@ def build(setup: str):
         return float(loss)
 
     return model, step, sum(p.numel() for p in params)
+
+
+def _floor(model):
+    """The frozen model's step without any weight gradient: forward, and backward to the input embeddings."""
+    from lorakit.train.loss import causal_lm_loss
+    from lorakit.train.swiglu import fuse_gated_mlps
+
+    model.requires_grad_(False)
+    fuse_gated_mlps(model)
+    model.train()
+    embed = model.get_input_embeddings()
+
+    def step(batch):
+        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+        inputs["inputs_embeds"] = embed(batch["input_ids"]).detach().requires_grad_()
+        loss = causal_lm_loss(model, inputs)
+        loss.backward()
+        return float(loss)
+
+    return model, step, 0
+
+
+def step_flops(step, batch) -> int:
+    """FLOPs of one step as PyTorch's formulas count them (matmuls, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return counter.get_total_flops()
 
 
 def token_batch(length: int, vocab: int = 49152) -> dict[str, torch.Tensor]:
@@ -109,12 +154,12 @@ def _in_child(part: str, *args: str) -> dict:
 
 def bench_steps(rounds: dict[int, int]) -> dict:
     built = {setup: build(setup) for setup in SETUPS}
-    out = {"trainable": {s: built[s][2] for s in SETUPS}, "lengths": {}}
+    gemm = gemm_rates(torch.device("cpu"))["fp32"]
+    out = {"trainable": {s: built[s][2] for s in SETUPS}, "gemm_fp32_gflops": gemm, "lengths": {}}
     for length in LENGTHS:
         batch = token_batch(length)
         times = {s: [] for s in SETUPS}
-        for setup in SETUPS:  # one warm-up step each
-            built[setup][1](batch)
+        flops = {s: step_flops(built[s][1], batch) for s in SETUPS}  # also the warm-up step of each
         for _ in range(rounds[length]):
             for setup in SETUPS:
                 begin = time.perf_counter()
@@ -122,7 +167,14 @@ def bench_steps(rounds: dict[int, int]) -> dict:
                 times[setup].append(time.perf_counter() - begin)
         memory = {s: _in_child("memory", s, str(length))["peak_above_loaded_mb"] for s in SETUPS}
         out["lengths"][length] = {
-            s: {"step_s": statistics.median(times[s]), "step_times": times[s], "peak_mb": memory[s]} for s in SETUPS
+            s: {
+                "step_s": statistics.median(times[s]),
+                "step_times": times[s],
+                "peak_mb": memory[s],
+                "flops": flops[s],
+                "mfu": flops[s] / statistics.median(times[s]) / (gemm * 1e9),
+            }
+            for s in SETUPS
         }
         print(
             f"  {BATCH}×{length}: "
@@ -289,18 +341,20 @@ def _table(results: dict) -> str:
     lines = []
     if "steps" in results:
         lines += [
-            "| batch | setup | step (median) | ×PEFT | ×full | peak above model | ×PEFT |",
-            "|---|---|---|---|---|---|---|",
+            "| batch | setup | step (median) | ×floor | ×PEFT | ×full | GFLOP | MFU | peak above model | ×PEFT |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for length, row in results["steps"]["lengths"].items():
             for setup in SETUPS:
                 r = row[setup]
                 lines.append(
                     f"| {BATCH}×{length} | {setup} | {r['step_s']:.2f} s | "
+                    f"{r['step_s'] / row['floor']['step_s']:.2f} | "
                     f"{r['step_s'] / row['peft']['step_s']:.2f} | "
-                    f"{r['step_s'] / row['full']['step_s']:.2f} | {r['peak_mb']:.0f} MB | "
-                    f"{r['peak_mb'] / row['peft']['peak_mb']:.2f} |"
+                    f"{r['step_s'] / row['full']['step_s']:.2f} | {r['flops'] / 1e9:.0f} | {100 * r['mfu']:.0f} % | "
+                    f"{r['peak_mb']:.0f} MB | {r['peak_mb'] / row['peft']['peak_mb']:.2f} |"
                 )
+        lines.append(f"\nfloat32 matrix products: {results['steps']['gemm_fp32_gflops']:.1f} GFLOP/s (MFU's peak)")
     if "e2e" in results:
         e = results["e2e"]
         lines += [
