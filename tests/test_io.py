@@ -51,6 +51,17 @@ def test_round_trip_gives_identical_outputs(saved, base_copy, input_ids):
     assert lorakit.active_adapters(model) == ["default"]
 
 
+def test_contents_read_by_the_caller_load_like_the_folder(saved, base_copy, input_ids):
+    folder, trained = saved
+    adapter = lorakit_io.read_adapter_contents(
+        (folder / CONFIG).read_bytes(), (folder / WEIGHTS).read_bytes(), where="uploaded"
+    )
+    model = base_copy("llama")
+    lorakit.load_adapter(model, adapter, name="uploaded")
+    assert torch.equal(model(input_ids).logits, trained(input_ids).logits)
+    assert lorakit.adapter_config(model, "uploaded") == lorakit.adapter_config(trained, "default")
+
+
 def test_round_trip_with_bias_and_rank_patterns(llama_bias, base_copy, input_ids, tmp_path):
     config = LoraConfig(
         r=4,
@@ -246,10 +257,10 @@ def _corrupt_bin_garbage(folder):
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (_corrupt_truncated, "not a readable safetensors file"),
-        (_corrupt_garbage, "not a readable safetensors file"),
-        (_corrupt_empty, "not a readable safetensors file"),
-        (_corrupt_pickle, "not a readable safetensors file"),
+        (_corrupt_truncated, "does not fit its header: the tensors need .* bytes of data, the file holds"),
+        (_corrupt_garbage, "safetensors header of .* bytes, over the .* limit"),
+        (_corrupt_empty, "is not a safetensors file: 0 bytes"),
+        (_corrupt_pickle, "safetensors header of .* bytes, over the .* limit"),
         (_corrupt_no_tensors, "holds no tensors"),
         (_corrupt_no_weights, f"has no {WEIGHTS}"),
         (_corrupt_no_config, f"has no {CONFIG}"),

@@ -137,6 +137,8 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
         self._validate()
 
     def _validate(self) -> None:
@@ -153,16 +155,25 @@ class LoraConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ValueError('target_modules is required, e.g. ["q_proj", "v_proj"] or "all-linear"')
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
             _check_names(name, getattr(self, name))
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must map module names to values, got {getattr(self, name)!r}")
+        if self.fan_in_fan_out not in (None, True, False):
+            raise ValueError(f"fan_in_fan_out must be true, false or null, got {self.fan_in_fan_out!r}")
+        for name in ("task_type", "base_model_name_or_path"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
             _check_regex("rank_pattern", key)
         for key, alpha in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{key!r}]", alpha)
             _check_regex("alpha_pattern", key)
-        if self.layers_to_transform is not None and not all(
-            isinstance(i, int) and i >= 0 for i in self.layers_to_transform
+        if self.layers_to_transform is not None and not (
+            isinstance(self.layers_to_transform, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)
         ):
             raise ValueError(f"layers_to_transform must be non-negative integers, got {self.layers_to_transform!r}")
         if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):

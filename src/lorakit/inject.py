@@ -1,5 +1,6 @@
-"""Putting adapters into a model and managing them: add / set / disable / delete, merge / unmerge / unload,
-which parameters train, and the planning of an injection (which modules an adapter wraps).
+"""Putting adapters into a model and managing them: add / set / disable / delete, which parameters train,
+and the planning of an injection (which modules an adapter wraps). Merging lives in `lorakit.merging`
+(re-exported here).
 
 The model keeps its own class: target modules are replaced in place by `LoraLayer` wrappers around the
 original module, and `modules_to_save` by `TrainableCopy` wrappers. The adapters' configs and the active
@@ -14,12 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .layers import LoraLayer, is_linear_layer, lora_class_for, supported_types
-from .quant import QuantLinear, dequantize
+from .merging import merge, merge_and_unload, merged_names, unmerge
+from .quant import QuantLinear
 from .saved_module import TrainableCopy
 from .state import (  # AdapterState, active_adapters, adapter_config: re-exported for `from lorakit.inject import`
     AdapterState,
@@ -33,7 +34,7 @@ from .state import (  # AdapterState, active_adapters, adapter_config: re-export
     require_adapters,
     saved_copies,
 )
-from .targets import layer_index, name_matches, output_head, own_weight, weight_owners
+from .targets import layer_index, name_matches, output_head
 
 
 @dataclass
@@ -257,7 +258,8 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes exactly the base model's outputs (merged adapters are undone)."""
+    """Within the block the model computes exactly the base model's outputs: merged adapters are undone first
+    (bit for bit after a reversible merge, see `lorakit.merging`) and merged again after the block."""
     merged = merged_names(model)
     if merged:
         unmerge(model)
@@ -271,77 +273,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.disabled = False
         if merged:
             merge(model, merged)
-
-
-def merged_names(model: nn.Module) -> list[str]:
-    """The adapters merged into the base weights (in the order the layers report them)."""
-    names: list[str] = []
-    for _, layer in lora_layers(model):
-        names += [n for n in layer.merged_adapters if n not in names]
-    return names
-
-
-def merge(model: nn.Module, names: list[str] | None = None) -> None:
-    """Fold scaling·B·A of the active adapters (or the given active ones) into the base weights."""
-    state = adapter_state(model)
-    names = list(state.active) if state and names is None else list(names or [])
-    state = require_adapters(model, names)
-    if not names:
-        raise RuntimeError("no active adapter to merge")
-    inactive = [n for n in names if n not in state.active]
-    if inactive:
-        raise RuntimeError(f"adapters {inactive} are not active; merging them would change the model's outputs")
-    already = [n for n in names if n in merged_names(model)]
-    if already:
-        raise RuntimeError(f"adapters {already} are already merged")
-    _check_untied(model)
-    for _, layer in lora_layers(model):
-        layer.merge([n for n in names if n in layer.scaling])
-
-
-def _check_untied(model: nn.Module) -> None:
-    owners = weight_owners(model)
-    for path, layer in lora_layers(model):
-        sharing = [p for p in owners.get(id(own_weight(layer.base_layer)), []) if p != f"{path}.base_layer"]
-        if sharing:
-            raise RuntimeError(
-                f"{path}'s weight is tied to {sharing}; merging would change those modules too. "
-                "Untie the weights first, or run unmerged."
-            )
-
-
-def unmerge(model: nn.Module) -> None:
-    """Subtract every merged adapter from the base weights again."""
-    if not merged_names(model):
-        raise RuntimeError("no adapter is merged")
-    for _, layer in lora_layers(model):
-        layer.unmerge()
-
-
-def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Merge the active adapters and remove every LoRA module: a plain model of the original class.
-
-    On a quantized base (`lorakit.quantize`) the merged layers are re-quantized (adding rounding error, see
-    `lorakit.quant.requantization_errors`) unless `dtype` is given: then every quantized layer is first
-    decoded into a plain nn.Linear of that dtype, and the merge is exact in float.
-    """
-    state = adapter_state(model)
-    if not state:
-        raise RuntimeError("the model has no adapters")
-    if dtype is not None:
-        dequantize(model, dtype)
-    # After a partial merge (`merge(model, ["a"])`) the other active adapters still have to go in.
-    pending = [n for n in state.active if n not in merged_names(model)]
-    if pending:
-        merge(model, pending)
-    for path, layer in list(lora_layers(model)):
-        model.set_submodule(path, layer.base_layer)
-    for path, copy in list(saved_copies(model)):
-        model.set_submodule(path, copy.unloaded())
-    detach_state(model)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -3,8 +3,14 @@
 
 Keys are PEFT's: `base_model.model.<module path>.lora_A.weight` (adapter name removed), embeddings'
 `...lora_embedding_A`, full copies of `modules_to_save` under the module's own path, and trained biases
-under their path in the model. Saving writes to temporary files and renames them into place; loading
-checks every key and shape against the model before changing anything.
+under their path in the model.
+
+Saving writes the config and weights as one unit (`lorakit.atomic.write_files`): a folder holding only the
+adapter is replaced whole; in a folder that holds more (a training run's output) lorakit's readers still
+never see new weights beside an old config. Reading refuses, with one line naming the file, configs and
+safetensors files that are damaged, oversized or hostile and NaN / infinite weights (`lorakit.safe_files`);
+`read_adapter_contents` applies the same checks to contents a caller read itself (the server, which opens
+files without following links). Loading checks every key and shape against the model before changing it.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import committed_files, write_files
 from .config import WEIGHT_INITS, LoraConfig
 from .inject import InjectionPlan, apply_plan, plan_injection
 from .layers import LoraLayer
+from .safe_files import FLOAT_DTYPES, UnsafeFileError, check_finite, parse_json, read_bounded, read_safetensors
 from .saved_module import TrainableCopy
 from .state import adapter_config, lora_layers, saved_copies
 from .targets import name_matches
@@ -97,7 +103,7 @@ def save_adapter(
     convert_to_lora: bool = False,
     **config_extra,
 ) -> Path:
-    """Write adapter `name` to the folder `path` (created if needed). Each file is replaced atomically.
+    """Write adapter `name` to the folder `path` (created if needed), config and weights as one unit.
 
     `config_extra` adds fields to `adapter_config.json` (e.g. `base_model_name_or_path`, `task_type`).
     Under FSDP every rank must call this (the shards are gathered); pass `write=False` on all but one.
@@ -116,13 +122,14 @@ def save_adapter(
         return out
     config_dict = config.to_peft_dict()
     config_dict.update({k: v for k, v in config_extra.items() if v is not None})
-    # Serialised before any file is replaced: a config that cannot be written must not leave new weights
-    # beside the old config.
     config_text = json.dumps(config_dict, indent=2, sort_keys=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
-    return out
+    return write_files(
+        out,
+        {
+            WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+            CONFIG_NAME: lambda tmp: Path(tmp).write_text(config_text),
+        },
+    )
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -131,55 +138,87 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterFileError(f"no adapter folder at {folder}")
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
+    files = committed_files(folder, [WEIGHTS_NAME, CONFIG_NAME])
+    if not files[CONFIG_NAME].is_file():
         raise AdapterFileError(f"{folder} has no {CONFIG_NAME}")
     try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{config_file} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{config_file} must hold a JSON object, not {type(data).__name__}")
+        config = _config_from_bytes(read_bounded(files[CONFIG_NAME]), files[CONFIG_NAME])
+        if files[WEIGHTS_NAME].is_file():
+            tensors, _ = read_safetensors(files[WEIGHTS_NAME], files[WEIGHTS_NAME], FLOAT_DTYPES)
+        elif (folder / LEGACY_WEIGHTS_NAME).is_file():
+            tensors = _read_legacy(folder / LEGACY_WEIGHTS_NAME)
+        else:
+            raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}")
+    except UnsafeFileError as err:
+        raise AdapterFileError(str(err)) from None
+    return config, _adapter_tensors(tensors, files[WEIGHTS_NAME])
+
+
+def read_adapter_contents(
+    config_bytes: bytes, weights_bytes: bytes, where: str
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """`read_adapter` for the contents of `adapter_config.json` and `adapter_model.safetensors` that the caller
+    read itself (e.g. opened without following links); `where` names the adapter in error messages. The same
+    checks apply: bounded sizes, the safetensors header against the data before any tensor is allocated,
+    float dtypes, finite values, a valid config."""
     try:
-        config = LoraConfig.from_peft_dict(data)
+        config = _config_from_bytes(config_bytes, f"{where}/{CONFIG_NAME}")
+        tensors, _ = read_safetensors(weights_bytes, f"{where}/{WEIGHTS_NAME}", FLOAT_DTYPES)
+    except UnsafeFileError as err:
+        raise AdapterFileError(str(err)) from None
+    return config, _adapter_tensors(tensors, f"{where}/{WEIGHTS_NAME}")
+
+
+def _config_from_bytes(data: bytes, where: str | os.PathLike) -> LoraConfig:
+    document = parse_json(data, where)
+    if not isinstance(document, dict):
+        raise AdapterFileError(f"{where} must hold a JSON object, not {type(document).__name__}")
+    try:
+        return LoraConfig.from_peft_dict(document)
     except (TypeError, ValueError) as err:
-        raise AdapterFileError(f"{config_file}: {err}") from None
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        try:
-            tensors = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise AdapterFileError(
-                f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}"
-            ) from None
-    elif (folder / LEGACY_WEIGHTS_NAME).is_file():
-        try:
-            tensors = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for a bad pickle
-            raise AdapterFileError(f"{folder / LEGACY_WEIGHTS_NAME} cannot be read: {err}") from None
-    else:
-        raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}")
+        raise AdapterFileError(f"{where}: {err}") from None
+
+
+def _read_legacy(file: Path) -> dict[str, torch.Tensor]:
+    """PEFT's old pickle format, read with `weights_only=True` (no code runs), checked like safetensors."""
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad or hostile pickle
+        raise AdapterFileError(f"{file} cannot be read: {str(err).splitlines()[0]}") from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in tensors.items()
+    ):
+        raise AdapterFileError(f"{file} must hold a mapping of names to floating-point tensors")
+    check_finite(tensors, file)
+    return tensors
+
+
+def _adapter_tensors(tensors: dict[str, torch.Tensor], where: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not tensors:
-        raise AdapterFileError(f"{weights} holds no tensors")
-    return config, {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+        raise AdapterFileError(f"{where} holds no tensors")
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
 def load_adapter(
     model: nn.Module,
-    path: str | os.PathLike,
+    source: str | os.PathLike | tuple[LoraConfig, dict[str, torch.Tensor]],
     name: str = "default",
     activate: bool = True,
     *,
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
-    """Load an adapter folder (written by lorakit or PEFT) into `model` as adapter `name`.
+    """Load an adapter folder (written by lorakit or PEFT) into `model` as adapter `name`. `source` is the
+    folder, or what `read_adapter` / `read_adapter_contents` returned.
 
     As with `add_adapter`, the adapter's tensors are float32 over a bf16 / fp16 base unless
     `autocast_adapter_dtype=False` (then the base dtype, whatever the file holds).
 
     Every key and shape is checked before the model changes; on any error the model is untouched.
     """
-    config, tensors = read_adapter(path)
+    if isinstance(source, tuple):
+        (config, tensors), where = source, "the adapter"
+    else:
+        (config, tensors), where = read_adapter(source), f"adapter at {source}"
     lora_keys, saved_keys, bias_keys = _sort_keys(model, config, tensors)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key in lora_keys:
@@ -188,7 +227,7 @@ def load_adapter(
     try:
         plan = plan_injection(model, config, name, target_paths=sorted(by_module))
     except (ValueError, TypeError) as err:
-        raise AdapterFileError(f"adapter at {path} does not fit this model: {err}") from None
+        raise AdapterFileError(f"{where} does not fit this model: {err}") from None
     for module_path, layer, _ in plan.layers:
         _check_shapes(module_path, layer, config.rank_for(module_path), by_module[module_path], config.use_dora)
     saved_states = _match_saved_modules(plan, saved_keys)
@@ -305,4 +344,11 @@ def _match_saved_modules(plan: InjectionPlan, saved_keys: dict[str, torch.Tensor
     return states
 
 
-__all__ = ["AdapterFileError", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = [
+    "AdapterFileError",
+    "adapter_state_dict",
+    "load_adapter",
+    "read_adapter",
+    "read_adapter_contents",
+    "save_adapter",
+]

@@ -1,11 +1,13 @@
 """The contract every LoRA layer type keeps, for every variant it supports: the output equals the base at
 init; merging adds exactly ΔW, written out here in float64 from the factors (scaling·B·A in the base layout;
-for DoRA m ⊙ (W0 + ΔW)/‖W0 + ΔW‖ − W0); the merged output equals the unmerged one; unmerging restores W0;
+for DoRA m ⊙ (W0 + ΔW)/‖W0 + ΔW‖ − W0); the merged output equals the unmerged one; unmerging restores W0
+(bit for bit after a reversible merge, up to rounding after `reversible=False`);
 gradients reach only the adapter's parameters; invalid ranks and unsupported variants are refused, leaving
 the layer unchanged; the public views of an adapter (factors, deltas, layouts) agree with each other.
 
 A quantized base re-quantizes on merge, so there "exactly" means: the stored weight is the quantization of
-W0 + ΔW, and outputs and the restored W0 are off by no more than the recorded rounding error.
+W0 + ΔW, outputs are off by no more than the recorded rounding error, and unmerge gives the original codes back
+(after `reversible=False`: W0 off by no more than the two recorded rounding errors).
 """
 
 from __future__ import annotations
@@ -164,8 +166,11 @@ def test_merge_adds_delta_w_and_unmerge_restores_w0(kind, variant):
     torch.testing.assert_close(base.weight.detach(), w0 + expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(holder(x), unmerged, rtol=0, atol=1e-12)
     lorakit.unmerge(holder)
-    torch.testing.assert_close(base.weight.detach(), w0, rtol=0, atol=1e-12)
+    assert torch.equal(base.weight.detach(), w0)  # the bits kept by the reversible merge
     torch.testing.assert_close(holder(x), unmerged, rtol=0, atol=1e-12)
+    lorakit.merge(holder, reversible=False)  # no copy kept: unmerge subtracts, exact up to rounding
+    lorakit.unmerge(holder)
+    torch.testing.assert_close(base.weight.detach(), w0, rtol=0, atol=1e-12)
 
 
 def _check_quantized_merge(
@@ -182,8 +187,13 @@ def _check_quantized_merge(
     assert merge_error == pytest.approx((merged_weight - (w0 + delta)).abs().max().item(), rel=1e-4, abs=1e-7)
     bound = x.abs().sum(dim=-1, keepdim=True) * merge_error + 1e-5  # |Σ_j x_j·e_ij| ≤ Σ_j |x_j| · max |e|
     assert ((holder(x) - unmerged).abs() <= bound).all()
+    lorakit.unmerge(holder)  # the reversible merge kept the codes: they come back bit for bit
+    assert torch.equal(base.dequantize(torch.float64), w0) and holder.layer.requantization_error == {}
     with pytest.warns(UserWarning, match="re-quantizes"):
-        lorakit.unmerge(holder)
+        lorakit.merge(holder, reversible=False)
+    merge_error = holder.layer.requantization_error["max_abs"]
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        lorakit.unmerge(holder)  # without the kept codes: quantized again
     unmerge_error = holder.layer.requantization_error["max_abs"]
     assert (base.dequantize(torch.float64) - w0).abs().max() <= merge_error + unmerge_error + 1e-6
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from ..atomic import write_folder
 from .common import (
     USER_ERRORS,
     AdapterArgument,
@@ -51,16 +49,8 @@ def merge(
         base, tokenizer, _ = load_with_adapters(model, [adapter], target=Target(device, "fp32"))
         merged: Any = lorakit.merge_and_unload(base)  # a transformers model: save_pretrained
         merged.to(dtype=target.dtype)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-        try:
-            merged.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if output.exists():
-                output.rmdir()
-            os.replace(tmp, output)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Whole or not at all, with the file modes open() gives (save_pretrained's safetensors files are 0600).
+        write_folder(output, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     except USER_ERRORS as err:
         fail(err)
     console.print(f"merged model written to [bold]{output}[/]")

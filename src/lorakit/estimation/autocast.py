@@ -61,7 +61,10 @@ class MetaAutocast(TorchFunctionMode):
         super().__init__()
         self.dtype = dtype
         self.autocast = torch.autocast("cpu", dtype=dtype)
-        self.cache: dict[int, torch.Tensor] = {}  # id of a trainable leaf -> its low-precision copy
+        # id of a trainable leaf -> (the leaf, its low-precision copy); the leaf is held, as autocast holds a weak
+        # reference to it, so that its id is not reused by another tensor while cached (leaf views made inside
+        # an autograd Function's forward, like the fused loss's chunks, come and go)
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __enter__(self) -> MetaAutocast:
         self.autocast.__enter__()
@@ -87,5 +90,5 @@ class MetaAutocast(TorchFunctionMode):
         if not (value.is_leaf and value.requires_grad and dtype == self.dtype):
             return value.to(dtype)
         if id(value) not in self.cache:
-            self.cache[id(value)] = value.to(dtype)
-        return self.cache[id(value)]
+            self.cache[id(value)] = (value, value.to(dtype))
+        return self.cache[id(value)][1]

@@ -10,6 +10,13 @@ A and B are built, how B·A maps onto the base weight's layout and how the low-r
 variant (chosen once, when the adapter is added) says how A and B start, what the adapter adds to the output
 and what merging adds to the weight. Merging, unmerging, activation and the forward sum live here once.
 
+Merging: `merge(names)` adds each adapter's update to the base weight, rounded once to the weight's dtype.
+A reversible merge (the default) first keeps an exact copy of the base layer's tensors (`unmerged_state`,
+taken at the layer's first merge), and `unmerge` puts those bits back: W0 is restored bit for bit, whatever
+the layer type or dtype, quantized bases included (one extra copy of the base tensors while merged). After
+`merge(names, reversible=False)` no copy exists and `unmerge` subtracts the updates again (`subtract_merged`),
+exact only up to float rounding. `lorakit.merging` states the model-level guarantees.
+
 Layouts: a *matrix* is (out × in), the layout of `nn.Linear.weight` (in = in_channels·kh·kw for Conv2d, the
 vocabulary size for Embedding); the *base layout* is the shape and orientation of `base_layer.weight`.
 """
@@ -124,6 +131,8 @@ class LoraLayer(nn.Module):
         self.variants: dict[str, LoraVariant] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        # The base layer's tensors as they were before the first reversible merge, restored by `unmerge`.
+        self.unmerged_state: dict[str, torch.Tensor] | None = None
         self.disabled = False  # set by lorakit.disable_adapters: the base layer's output alone
 
     # -- to be provided by each base-layer type -------------------------------------------------
@@ -320,21 +329,49 @@ class LoraLayer(nn.Module):
                 raise RuntimeError(f"adapter {name!r} is already merged")
             merged.add(name)
 
-    def merge(self, names: Iterable[str]) -> None:
+    def merge(self, names: Iterable[str], *, reversible: bool = True) -> None:
+        """Fold the adapters `names` into the base weight. `reversible` keeps the exact base tensors (at the
+        layer's first merge) so that `unmerge` restores them bit for bit."""
         names = list(names)
         self.check_mergeable(names)
+        if not names:
+            return
+        if reversible and not self.merged_adapters:
+            self.unmerged_state = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+        self.merge_into_base(names)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out: the kept exact base tensors, or (without them) a subtraction."""
+        if not self.merged_adapters:
+            return
+        if self.unmerged_state is None:
+            self.subtract_merged()
+            return
+        with torch.no_grad():
+            self.base_layer.load_state_dict(self.unmerged_state)  # copies in place: the same bits as before
+        self.unmerged_state = None
+        self.merged_adapters.clear()
+        self.forget_merges()
+
+    def merge_into_base(self, names: list[str]) -> None:
+        """Add each adapter's update to the base weight (rounded once) and record it as merged."""
         base_weight = self.base_layer.weight
         for name in names:
             with torch.no_grad():
                 add_to_weight_(base_weight, self.delta_weight(name))
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
+    def subtract_merged(self) -> None:
+        """Subtract every merged adapter's update again (exact up to float rounding) and forget the merges."""
         base_weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
                 add_to_weight_(base_weight, -self.delta_weight(name))
+        self.forget_merges()
+
+    def forget_merges(self) -> None:
+        """Drop what a layer type records about its merges once none is left (nothing here)."""
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -8,12 +8,11 @@ factors over a bf16 / fp16 base) and the output back to the base output's dtype 
 Linear layers (and GPT-2's Conv1D, a subclass) also implement the variants that depend on the base weight,
 PiSSA / OLoRA initialisation and DoRA (`layers/variants.py`). Their containers live here: the frozen start
 factors in `lora_residual`, DoRA's magnitudes in `lora_magnitude_vector` (PEFT's name), and the factors
-f = m / ‖W0 + ΔW‖ of merged DoRA adapters, which unmerging needs to recover W0 exactly.
+f = m / ‖W0 + ΔW‖ of merged DoRA adapters, from which W0 is recovered (up to rounding) when no exact copy
+was kept (see `LoraLayer.merge`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +74,13 @@ class LoraLinear(LoraLayer):
 
     # -- merging --------------------------------------------------------------------------------
     def base_weight_unmerged(self) -> torch.Tensor:
-        """W0: the base weight without the merged adapters (the weight itself when none is merged)."""
+        """W0: the base weight without the merged adapters (the weight itself when none is merged): the exact copy
+        kept by a reversible merge, else recovered from the merged weight."""
         weight = self.base_layer.weight
         if not self.merged_adapters:
             return weight
+        if self.unmerged_state is not None and "weight" in self.unmerged_state:
+            return self.unmerged_state["weight"]
         with torch.no_grad():  # a frozen quantity, also when computed in a forward pass
             plain = [self.low_rank_delta(n) for n in self.merged_adapters if n not in self.dora_merged_factor]
             dora = [
@@ -89,11 +91,9 @@ class LoraLinear(LoraLayer):
             current = self.to_matrix_layout(weight.detach()).to(self.lora_a_weight(self.merged_adapters[0]).dtype)
             return self.to_base_layout(variants.unmerged_weight(current, plain, dora)).to(weight.dtype)
 
-    def merge(self, names: Iterable[str]) -> None:
-        names = list(names)
+    def merge_into_base(self, names: list[str]) -> None:
         if not any(self.variants[n].needs_base_weight for n in names):
-            return super().merge(names)
-        self.check_mergeable(names)
+            return super().merge_into_base(names)
         base_weight = self.base_layer.weight
         with torch.no_grad():
             unmerged = self.to_matrix_layout(self.base_weight_unmerged()).clone()  # the weight changes below
@@ -102,10 +102,13 @@ class LoraLinear(LoraLayer):
                 add_to_weight_(base_weight, self.to_base_layout(delta))
                 self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
+    def subtract_merged(self) -> None:
         if not self.dora_merged_factor:
-            return super().unmerge()
+            return super().subtract_merged()
         with torch.no_grad():
             self.base_layer.weight.copy_(self.base_weight_unmerged())
         self.merged_adapters.clear()
+        self.forget_merges()
+
+    def forget_merges(self) -> None:
         self.dora_merged_factor.clear()

@@ -8,9 +8,10 @@ subtracts and quantizes again. Each re-quantization rounds anew, so
 - a merged layer is *not* exactly base + ΔW: the difference is recorded on the layer as
   `requantization_error` (`max_abs`, `rel_frobenius` of the re-quantized minus the exact merged weight),
   logged, and gathered by `lorakit.quant.requantization_errors(model)`;
-- unmerge does not restore the original codes bit for bit: it leaves W' ≈ W with a second rounding error
-  (also recorded). Keep the adapter unmerged on a quantized base, or use
-  `merge_and_unload(model, dtype=torch.float32)` for an exact merge into a float model.
+- unmerge after a reversible merge (the default) puts the original codes and scales back bit for bit (the
+  copy is small: the quantized tensors); after `merge(..., reversible=False)` it decodes, subtracts and
+  quantizes again, leaving W' ≈ W with a second rounding error (also recorded). For an exact merge into a
+  float model use `merge_and_unload(model, dtype=torch.float32)`.
 
 If the base was turned back into a float `nn.Linear` (`lorakit.quant.dequantize`), the plain LoRA merge
 applies.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -75,13 +75,9 @@ class LoraQuantLinear(LoraLinear):
             stacklevel=3,
         )
 
-    def merge(self, names: Iterable[str]) -> None:
+    def merge_into_base(self, names: list[str]) -> None:
         if not self._quantized():
-            return super().merge(names)
-        names = list(names)
-        self.check_mergeable(names)
-        if not names:
-            return
+            return super().merge_into_base(names)
         with torch.no_grad():
             weight = self.base_layer.dequantize(torch.float32)
             for name in names:
@@ -89,13 +85,15 @@ class LoraQuantLinear(LoraLinear):
         self._requantize(weight, "merge")
         self.merged_adapters.extend(names)
 
-    def unmerge(self) -> None:
+    def subtract_merged(self) -> None:
         if not self._quantized():
-            return super().unmerge()
-        if not self.merged_adapters:
-            return
+            return super().subtract_merged()
         with torch.no_grad():
             weight = self.base_layer.dequantize(torch.float32)
             while self.merged_adapters:
                 weight -= self.delta_weight(self.merged_adapters.pop()).to(torch.float32)
         self._requantize(weight, "unmerge")
+
+    def forget_merges(self) -> None:
+        super().forget_merges()
+        self.requantization_error = {}  # the base holds its original codes again

@@ -3,8 +3,9 @@ adds: base model, task type) and `method_model.safetensors` (every trainable ten
 name: the method's own, a classification head's, or all of them for full fine-tuning).
 
 This module reads and writes such folders and checks tensors against a model; which method a folder
-names is resolved by the registry. Writing replaces each file atomically; readers check everything
-before a caller changes the model.
+names is resolved by the registry. Writing puts config and weights in place as one unit
+(`lorakit.atomic.write_files`); readers refuse damaged, oversized or hostile files and NaN / infinite
+weights (`lorakit.safe_files`) and check everything before a caller changes the model.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import atomic_write
+from ..atomic import committed_files, write_files
 from ..io import unsharded
+from ..safe_files import FLOAT_DTYPES, parse_json, read_bounded, read_safetensors
 from .base import MethodOptions
 
 CONFIG_NAME = "method_config.json"
@@ -29,7 +30,7 @@ WEIGHTS_NAME = "method_model.safetensors"
 
 
 def is_method_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG_NAME).is_file()
+    return _files(Path(path))[CONFIG_NAME].is_file()
 
 
 def method_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -38,28 +39,26 @@ def method_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_folder(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write `config` and `tensors` to `folder` (created if needed), each file replaced atomically."""
-    out = Path(folder)
-    # Serialised before any file is replaced: a config that cannot be written must not leave new weights behind.
-    text = json.dumps(config, indent=2, sort_keys=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    return out
+    """Write `config` and `tensors` to `folder` (created if needed) as one unit."""
+    text = json.dumps(config, indent=2, sort_keys=True)  # before any file is written: it may fail
+    return write_files(
+        Path(folder),
+        {
+            WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+            CONFIG_NAME: lambda tmp: Path(tmp).write_text(text),
+        },
+    )
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """A method folder's config: a JSON object whose `options`, if any, is an object."""
     folder = Path(path)
-    config_file = folder / CONFIG_NAME
+    config_file = _files(folder)[CONFIG_NAME]
     if not folder.is_dir():
         raise FileNotFoundError(f"no method folder at {folder}")
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    config = parse_json(read_bounded(config_file), config_file)
     if not isinstance(config, dict) or not isinstance(config.get("options", {}), dict):
         raise ValueError(f"{config_file} must hold an object with 'method' and 'options'")
     return config
@@ -74,16 +73,18 @@ def read_folder(
     config = read_config(folder)
     check_method(str(config.get("method")))
     saved_options(config, folder / CONFIG_NAME)
-    weights = folder / WEIGHTS_NAME
+    weights = _files(folder)[WEIGHTS_NAME]
     if not weights.is_file():
         raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    tensors, _ = read_safetensors(weights, weights, FLOAT_DTYPES)
     if not tensors:
         raise ValueError(f"{weights} holds no tensors")
     return config, tensors
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Where the folder's files are (see `lorakit.atomic.committed_files`)."""
+    return committed_files(folder, [WEIGHTS_NAME, CONFIG_NAME])
 
 
 def saved_options(config: dict[str, Any], where: str | os.PathLike) -> MethodOptions:

@@ -10,7 +10,9 @@ quantization, original dtype), so that loading can rebuild the layers before fil
 
 Only the base is saved: LoRA tensors are left out (adapters have their own files, `lorakit.save_adapter`)
 and wrapper paths are written as the plain model's (`q_proj.base_layer.x` → `q_proj.x`). Tied tensors
-are stored once and recorded as aliases. Loading checks every key and shape before changing the model.
+are stored once and recorded as aliases. Loading checks the file (header against data, bounded sizes,
+finite floats: `lorakit.safe_files`), then every key, shape and dtype against the model, and reads every
+tensor before changing the model.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_write
+from ..safe_files import DTYPES, UnsafeFileError, layout_of_file, read_safetensors
 from .linear import QuantLinear, codec_from_spec, is_quantized, quantized_layers
 
 _LAYERS_KEY = "lorakit.quantized_layers"
@@ -97,8 +99,11 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"quantized model file not found: {file}")
     if is_quantized(model):
         raise ValueError("the model is already quantized; load into a float model")
-    layers, aliases, shapes = _read_layout(file)
-    _check_fits(model, file, layers, aliases, shapes)
+    layers, aliases, entries = _read_layout(file)
+    _check_fits(model, file, layers, aliases, entries)
+    tensors, _ = read_safetensors(file, file)  # every tensor read (and checked) before the model changes
+    for alias, target in aliases.items():
+        tensors[alias] = tensors[target]
     for layer_path, spec in layers.items():
         linear = cast(nn.Linear, model.get_submodule(layer_path))  # _check_fits found a Linear there
         layer = QuantLinear(
@@ -112,9 +117,6 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             double_quant=spec.get("double_quant", True),
         )
         model.set_submodule(layer_path, layer)
-    tensors = load_file(str(file))
-    for alias, target in aliases.items():
-        tensors[alias] = tensors[target]
     model.load_state_dict(tensors, strict=True)
     for _, layer in quantized_layers(model):
         if layer.bias is not None:
@@ -122,50 +124,72 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _read_layout(file: Path) -> tuple[dict[str, dict], dict[str, str], dict[str, tuple]]:
-    """The file's quantized layers (path → spec), its aliases (tied key → stored key) and every tensor's shape."""
-    try:
-        with safe_open(str(file), "pt") as handle:
-            metadata = handle.metadata() or {}
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
-    if _LAYERS_KEY not in metadata:
+def _read_layout(file: Path) -> tuple[dict[str, dict], dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The file's quantized layers (path → spec), its aliases (tied key → stored key) and every tensor's
+    (dtype, shape), from its checked header alone."""
+    layout = layout_of_file(file)
+    if _LAYERS_KEY not in layout.metadata:
         raise ValueError(f"{file} holds no lorakit quantization layout (not written by save_quantized)")
-    return json.loads(metadata[_LAYERS_KEY]), json.loads(metadata.get(_ALIASES_KEY, "{}")), shapes
+    try:
+        layers, aliases = json.loads(layout.metadata[_LAYERS_KEY]), json.loads(layout.metadata.get(_ALIASES_KEY, "{}"))
+    except (ValueError, RecursionError):
+        raise UnsafeFileError(f"{file}: its quantization layout is not valid JSON") from None
+    if not (isinstance(layers, dict) and all(isinstance(s, dict) for s in layers.values())):
+        raise UnsafeFileError(f"{file}: its quantization layout must map layer paths to specs")
+    if not (isinstance(aliases, dict) and all(isinstance(v, str) and v in layout.tensors for v in aliases.values())):
+        raise UnsafeFileError(f"{file}: its aliases must name tensors the file holds")
+    return layers, aliases, {key: (entry.dtype, entry.shape) for key, entry in layout.tensors.items()}
 
 
 def _check_fits(
-    model: nn.Module, file: Path, layers: dict[str, dict], aliases: dict[str, str], shapes: dict[str, tuple]
+    model: nn.Module,
+    file: Path,
+    layers: dict[str, dict],
+    aliases: dict[str, str],
+    entries: dict[str, tuple[str, tuple[int, ...]]],
 ) -> None:
-    """Raise ValueError unless the file holds exactly the keys and shapes of `model` once its layers are quantized."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Raise ValueError unless the file holds exactly the keys, shapes and dtypes of `model` once its layers are
+    quantized (floating-point tensors may be of another float dtype; codes and integer tensors may not)."""
+    expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
     for layer_path, spec in layers.items():
-        try:
-            module = model.get_submodule(layer_path)
-        except AttributeError:
-            raise ValueError(f"{file}: layer {layer_path!r} does not exist in {type(model).__name__}") from None
-        if not isinstance(module, nn.Linear) or (module.in_features, module.out_features) != (
-            spec["in_features"],
-            spec["out_features"],
-        ):
-            raise ValueError(
-                f"{file}: layer {layer_path!r} is a {spec['in_features']}→{spec['out_features']} linear "
-                f"layer in the file but {module} in the model"
-            )
         expected.pop(f"{layer_path}.weight", None)
-        empty = codec_from_spec(spec).empty(spec["out_features"], spec["in_features"], "meta")
-        expected.update({f"{layer_path}.{name}": tuple(tensor.shape) for name, tensor in empty.items()})
-    available = {**shapes, **{alias: shapes.get(target) for alias, target in aliases.items()}}
+        empty = _quantized_buffers(model, file, layer_path, spec)
+        expected.update({f"{layer_path}.{name}": (t.dtype, tuple(t.shape)) for name, t in empty.items()})
+    available = {**entries, **{alias: entries[target] for alias, target in aliases.items()}}
     missing = sorted(set(expected) - set(available))
     unexpected = sorted(set(available) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{file} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    for key, shape in expected.items():
-        if available[key] != shape:
-            raise ValueError(f"{file}: {key} has shape {available[key]} in the file but {shape} in the model")
+    for key, (dtype, shape) in expected.items():
+        file_dtype, file_shape = DTYPES[available[key][0]], available[key][1]
+        if file_shape != shape:
+            raise ValueError(f"{file}: {key} has shape {file_shape} in the file but {shape} in the model")
+        if file_dtype != dtype and not (file_dtype.is_floating_point and dtype.is_floating_point):
+            raise ValueError(f"{file}: {key} is {file_dtype} in the file but {dtype} in the model")
+
+
+def _quantized_buffers(model: nn.Module, file: Path, layer_path: str, spec: dict) -> dict[str, torch.Tensor]:
+    """The (meta) buffers a quantized layer described by `spec` holds, after checking the spec against the model."""
+    try:
+        module = model.get_submodule(layer_path)
+    except AttributeError:
+        raise ValueError(f"{file}: layer {layer_path!r} does not exist in {type(model).__name__}") from None
+    shape = (spec.get("in_features"), spec.get("out_features"))
+    if not isinstance(module, nn.Linear) or (module.in_features, module.out_features) != shape:
+        raise ValueError(
+            f"{file}: layer {layer_path!r} is a {shape[0]}→{shape[1]} linear layer in the file "
+            f"but {module} in the model"
+        )
+    compute_dtype = getattr(torch, str(spec.get("dtype")), None)
+    floating = isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+    if not (isinstance(spec.get("bias"), bool) and isinstance(spec.get("double_quant", True), bool) and floating):
+        raise ValueError(f"{file}: layer {layer_path!r} has a malformed spec {spec}")
+    try:
+        return codec_from_spec(spec).empty(module.out_features, module.in_features, "meta")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{file}: layer {layer_path!r} has a malformed spec: {err}") from None
 
 
 __all__ = ["load_quantized", "save_quantized"]

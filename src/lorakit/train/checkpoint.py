@@ -2,9 +2,15 @@
 adapter folder, or the method's) and `trainer_state.pt` with the optimizer, scheduler and RNG states and
 the metrics history, which is everything an exact resume needs.
 
-A checkpoint is written to a temporary folder and renamed, so it is complete or absent; only the last
-`keep` are kept. Under several processes every rank takes part (FSDP shards are gathered) and rank 0 writes.
-On CUDA the state also holds the CUDA RNG states, and in fp16 the loss scaler's.
+A checkpoint is built in a temporary sibling folder, fsynced and renamed into place
+(`lorakit.atomic.write_folder`), so a `step-N` folder is complete or absent, also after a crash or SIGKILL;
+hidden leftovers of an interrupted write are removed by the next save. Only the last `keep` are kept.
+Under several processes every rank takes part (FSDP shards are gathered) and rank 0 writes. On CUDA the
+state also holds the CUDA RNG states, and in fp16 the loss scaler's.
+
+The state holds only tensors, numbers, strings, lists and dicts, and is read with `weights_only=True`: a
+checkpoint someone else wrote cannot run code, and a damaged one is refused (one line naming the file)
+before the model or the optimizer changes.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import write_folder
 from ..methods import FineTuningMethod, method_of
+from ..safe_files import check_finite
 from .distributed import Parallel, load_optimizer_state, optimizer_state, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
@@ -35,6 +43,31 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     folder = Path(output_dir) / CHECKPOINT_DIR
     complete = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()] if folder.is_dir() else []
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint `folder`, loaded with `weights_only=True` (no code runs) and checked."""
+    file = folder / STATE_FILE
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or hostile pickle
+        raise ValueError(f"{file} cannot be read as a trainer state: {str(err).splitlines()[0]}") from None
+    expected = {"step": int, "optimizer": dict, "scheduler": dict, "torch_rng": torch.Tensor, "history": list}
+    if not isinstance(saved, dict) or any(not isinstance(saved.get(k), t) for k, t in expected.items()):
+        raise ValueError(f"{file} is not a lorakit trainer state (expected {', '.join(expected)})")
+    optimizer = saved["optimizer"]
+    if not (
+        isinstance(optimizer.get("state"), dict)
+        and all(isinstance(entry, dict) for entry in optimizer["state"].values())
+        and isinstance(optimizer.get("param_groups"), list)
+        and isinstance(optimizer.get("names"), list)
+    ):
+        raise ValueError(f"{file}: the optimizer state is malformed")
+    if saved["torch_rng"].dtype != torch.uint8 or saved["step"] < 0:
+        raise ValueError(f"{file}: malformed RNG state or step")
+    moments = {f"{name}.{key}": v for name, entry in saved["optimizer"]["state"].items() for key, v in entry.items()}
+    check_finite({k: v for k, v in moments.items() if isinstance(v, torch.Tensor)}, file)
+    return saved
 
 
 @dataclass
@@ -73,7 +106,9 @@ class Checkpointer:
 
     def restore_trained(self, model: nn.Module, folder: Path) -> None:
         """Put the trained tensors of `folder` into the model, before its optimizer is built (LoRA loads its
-        adapter anew, so the optimizer must be built on the parameters that exist after this)."""
+        adapter anew, so the optimizer must be built on the parameters that exist after this). The folder's
+        trainer state is checked first, so a damaged checkpoint leaves the model as it was."""
+        read_state(folder)
         self._method(model).restore(model, folder)
 
     def _method(self, model: nn.Module) -> FineTuningMethod:
@@ -84,7 +119,7 @@ class Checkpointer:
 
     def restore_state(self, folder: Path, model: nn.Module, state: TrainingState) -> None:
         """Load the optimizer, scheduler and RNG states, step and history of checkpoint `folder`."""
-        saved = torch.load(folder / STATE_FILE, weights_only=False)
+        saved = read_state(folder)
         load_optimizer_state(model, state.optimizer, saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
@@ -100,11 +135,6 @@ class Checkpointer:
         """Write `checkpoints/step-N` for the state's step. Every rank must call it; only rank 0 writes."""
         model = unwrap(trained)
         final = self.folder / f"step-{state.step:06d}"
-        tmp = self.folder / f".tmp-step-{state.step:06d}"
-        if self.parallel.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.save_trained(model, tmp)
         saved = {
             "step": state.step,
             "optimizer": optimizer_state(model, state.optimizer),
@@ -117,12 +147,22 @@ class Checkpointer:
         if state.scaler is not None:
             saved["scaler"] = state.scaler.state_dict()
         if self.parallel.is_main:
-            torch.save(saved, tmp / STATE_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # a checkpoint folder is complete or absent
+            self._drop_leftovers()
+            write_folder(final, lambda tmp: self._write(model, tmp, saved))
             self._prune(final)
+        else:
+            self.save_trained(model, final)  # this rank's part of gathering the tensors; rank 0 writes
         self.parallel.barrier()
         return final
+
+    def _write(self, model: nn.Module, folder: Path, saved: dict[str, Any]) -> None:
+        self.save_trained(model, folder)
+        torch.save(saved, folder / STATE_FILE)
+
+    def _drop_leftovers(self) -> None:
+        """Remove the hidden temporary folders of a save that was killed (only this run writes here)."""
+        for leftover in self.folder.glob(".*") if self.folder.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def save_interrupted(self, model: nn.Module, state: TrainingState) -> None:
         """The checkpoint written on Ctrl-C. The other processes are being interrupted too, at other points,
