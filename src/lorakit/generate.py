@@ -1,4 +1,5 @@
-"""Batched greedy (or sampled) text generation with whatever adapters are active on the model.
+"""Batched text generation with whatever adapters are active on the model, and how its tokens are chosen
+(`Decoding`: greedy, beam search as the LoRA paper decodes E2E, or sampling).
 
 Prompts are complete model inputs (chat formatting is the caller's, see `lorakit.train.data`), padded
 on the left so that every row's new tokens start at the same position, and put on the model's device.
@@ -7,13 +8,47 @@ on the left so that every row's new tokens start at the same position, and put o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedTokenizerBase
 
 from .device import model_device, to_device
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How each next token is chosen. The defaults are greedy decoding; the LoRA paper decodes E2E with
+    num_beams=10, length_penalty=0.9, no_repeat_ngram_size=4."""
+
+    num_beams: int = 1  # beam search width (1: no beam search)
+    length_penalty: float = 1.0  # beam scores are divided by length ** length_penalty (< 1 favours shorter)
+    no_repeat_ngram_size: int = 0  # never generate an n-gram of this size twice in a row's text (0: off)
+    temperature: float = 0.0  # > 0: sample (from the beams, with num_beams > 1)
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or more, got {self.no_repeat_ngram_size}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+
+    def generate_options(self) -> dict[str, Any]:
+        """transformers' `generate` arguments (the length penalty only with beam search, the one place it applies)."""
+        options: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": self.temperature > 0}
+        if self.num_beams > 1:
+            options["length_penalty"] = self.length_penalty
+        if self.no_repeat_ngram_size:
+            options["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.temperature > 0:
+            options["temperature"] = self.temperature
+        return options
+
+
+GREEDY = Decoding()
 
 
 @torch.no_grad()
@@ -23,7 +58,7 @@ def generate_texts(
     prompts: Sequence[str],
     max_new_tokens: int = 64,
     batch_size: int = 16,
-    temperature: float = 0.0,
+    decoding: Decoding = GREEDY,
     progress: bool = False,
     synced: bool = False,
 ) -> list[str]:
@@ -44,14 +79,13 @@ def generate_texts(
         for start in tqdm(starts, disable=not progress, desc="generating", unit="batch"):
             chunk = list(prompts[start : start + batch_size])
             enc = to_device(tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False), device)
-            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             out = cast(GenerationMixin, model).generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 synced_gpus=synced,
-                **sampling,
+                **decoding.generate_options(),
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

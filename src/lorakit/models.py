@@ -29,7 +29,7 @@ from transformers import (
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("causal-lm", "seq-cls")
+TASKS = ("causal-lm", "seq-cls", "regression")  # regression: a seq-cls model with one output and MSE loss
 _CACHE_STAMP = "lorakit-source.json"
 
 
@@ -132,7 +132,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer from a built-in name, a local folder or .gguf file, or a hub id.
 
-    task is "causal-lm" or "seq-cls"; None means the built-in's own task, else "causal-lm".
+    task is "causal-lm", "seq-cls" or "regression" (a sequence-classification model with one output, which
+    transformers trains with MSE); None means the built-in's own task, else "causal-lm".
     num_labels sets the classification head size (seq-cls only).
     """
     entry = BUILTIN_MODELS.get(name_or_path)
@@ -141,7 +142,9 @@ def load_model(
         raise ValueError(f"unknown task '{task}'; expected one of: {', '.join(TASKS)}")
     if num_labels is not None and task != "seq-cls":
         raise ValueError(f"num_labels applies to task 'seq-cls', not '{task}'")
-    head_kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    head_kwargs: dict = {"num_labels": num_labels} if num_labels is not None else {}
+    if task == "regression":
+        head_kwargs = {"num_labels": 1, "problem_type": "regression"}
 
     if entry is not None:
         source = entry.locate()

@@ -222,7 +222,7 @@ def test_seq_cls_trains_head_and_adapter(tmp_path):
         ({"--data": "missing.jsonl"}, "data file not found"),
         ({"--target-field": "answer"}, "no target field 'answer'"),
         ({"--target-modules": "q_proj,v_prj"}, "v_prj"),
-        ({"--max-length": "8"}, "max_length"),
+        ({"--long-rows": "cut"}, "unknown --long-rows 'cut'"),
         ({"--r": "0"}, "r must be a positive integer"),
     ],
 )

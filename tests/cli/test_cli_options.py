@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from lorakit.cli import app
 from lorakit.cli.common import named_folders, one_adapter
+from lorakit.metrics import Scores
 from lorakit.train import run as run_module
 from lorakit.train.config import RunConfig, leaves
 
@@ -55,10 +56,11 @@ def test_estimate_shares_the_training_defaults():
         "--alpha",
         "--dropout",
         "--batch-size",
-        "--max-length",
     ):
         assert default_shown(estimate, flag) == default_shown(train, flag), flag
     assert default_shown(estimate, "--prefix-length") == "10"
+    # A run's max length is "auto" (from its data); an estimate has no data and takes 256 tokens.
+    assert default_shown(estimate, "--max-length") == "256"
 
 
 def test_model_has_one_help_text():
@@ -159,9 +161,9 @@ def test_eval_takes_left_out_data_options_from_the_run(monkeypatch, tmp_path, ne
     (tmp_path / "run" / run_module.CONFIG_FILE).write_text(yaml.safe_dump(run.to_dict(nested=nested)))
     scored = {}
 
-    def fake_evaluate(model, tokenizer, dataset, max_length, max_new_tokens, progress):
+    def fake_evaluate(model, tokenizer, dataset, max_length, max_new_tokens, progress, metrics, decoding):
         scored.update(dataset=dataset, max_length=max_length, max_new_tokens=max_new_tokens)
-        return {"bleu": 1.0}, ["Pub is a pub."]
+        return Scores({"bleu": 1.0}), ["Pub is a pub."]
 
     monkeypatch.setattr(train_command, "load_with_adapters", lambda model, adapters, task, **_: (None, None, task))
     monkeypatch.setattr(train_command, "evaluate_split", fake_evaluate)

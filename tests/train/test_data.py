@@ -228,15 +228,15 @@ def test_prompt_formats():
     assert format_prompt(tiny_tokenizer(chat=True), "Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_long_prompt_is_an_error_and_long_target_is_cut():
+def test_long_target_is_cut_after_a_whole_short_prompt():
     tokenizer = tiny_tokenizer()
-    example = Example("name[The Vaults], eatType[pub]", "The Vaults is a pub near Café Adriatic.", [])
+    example = Example("name[The Vaults], eatType[pub]", "The Vaults is a pub near Café Adriatic. " * 4, [])
     n_prompt = len(encode_prompt(tokenizer, example.prompt))
-    with pytest.raises(DataError, match=f"prompt is {n_prompt} tokens.*max_length {n_prompt}"):
-        encode_causal(tokenizer, example, max_length=n_prompt)
-    row = encode_causal(tokenizer, example, max_length=n_prompt + 3)
-    assert len(row["input_ids"]) == n_prompt + 3
-    assert row["labels"][-1] != tokenizer.eos_token_id
+    row = encode_causal(tokenizer, example, max_length=2 * n_prompt + 3)  # the prompt takes under half
+    assert row["input_ids"][:n_prompt] == encode_prompt(tokenizer, example.prompt)
+    assert len(row["input_ids"]) == 2 * n_prompt + 3
+    target_ids = tokenizer(example.target, add_special_tokens=False).input_ids
+    assert row["labels"][n_prompt:] == target_ids[: n_prompt + 3]  # its start, without the EOS
 
 
 def test_classification_encoding_and_collation():

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from ..device import DEVICE_HELP, PRECISION_HELP, resolve_device, resolve_precision
+from ..train.examples import CLASSIFICATION, REGRESSION
 from ..train.sections import MODEL_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Low-Rank Adaptation of transformer models.")
@@ -96,6 +97,14 @@ def named_folders(folders: list[str], named: list[str]) -> dict[str, Path]:
     return adapters
 
 
+HEAD_TASKS = (CLASSIFICATION, REGRESSION)  # the tasks of a model with a sequence-classification head
+
+
+def head_task(task: str | None) -> str:
+    """The task of a model with a classification head: regression when the run says so, else seq-cls."""
+    return REGRESSION if task == REGRESSION else CLASSIFICATION
+
+
 def load_with_adapters(
     model: str | None,
     adapters: list[Path],
@@ -128,14 +137,14 @@ def _load_with_adapters(
         if not configs or not configs[0][0].base_model_name_or_path:
             raise ValueError("--model is required (the adapter does not name its base model)")
         model = configs[0][0].base_model_name_or_path
-    seq_cls = task == "seq-cls" or (task is None and configs and configs[0][0].task_type == "SEQ_CLS")
+    seq_cls = task in HEAD_TASKS or (task is None and configs and configs[0][0].task_type == "SEQ_CLS")
     num_labels = None
-    if seq_cls:
+    if seq_cls and task != REGRESSION:  # a regression head has one output, always
         heads = [
             t for _, tensors in configs for k, t in tensors.items() if k.endswith(("classifier.weight", "score.weight"))
         ]
         num_labels = heads[0].shape[0] if heads else None
-    task = "seq-cls" if seq_cls else "causal-lm"
+    task = head_task(task) if seq_cls else "causal-lm"
     base, tokenizer = load_model(model, task, num_labels=num_labels, dtype=dtype)
     names = list(names) if names else [folder.resolve().name.replace(".", "_") or "default" for folder in adapters]
     for folder, name in zip(adapters, names):
@@ -157,10 +166,10 @@ def _load_with_method(model: str | None, adapters: list[Path], task: str | None,
     model = model or config.get("base_model_name_or_path")
     if not model:
         raise ValueError("--model is required (the method folder does not name its base model)")
-    seq_cls = task == "seq-cls" or (task is None and config.get("task_type") == "SEQ_CLS")
+    seq_cls = task in HEAD_TASKS or (task is None and config.get("task_type") == "SEQ_CLS")
     heads = [t for k, t in tensors.items() if k in ("classifier.weight", "score.weight")]
-    task = "seq-cls" if seq_cls else "causal-lm"
-    num_labels = heads[0].shape[0] if seq_cls and heads else None
+    task = head_task(task) if seq_cls else "causal-lm"
+    num_labels = heads[0].shape[0] if task == CLASSIFICATION and heads else None
     base, tokenizer = load_model(model, task, num_labels=num_labels, dtype=dtype)
     load_method(base, adapters[0])
     return base, tokenizer, task

@@ -1,11 +1,11 @@
-"""`lorakit train`, `lorakit eval` and `lorakit generate`: fine-tune, score, and sample. Their options that a
-training run has too are generated from the run's config fields (`lorakit.train.config`)."""
+"""`lorakit train`, `lorakit eval` and `lorakit generate`: fine-tune, score (`lorakit.metrics`), and sample. Their
+options that a training run has too are generated from the run's config fields (`lorakit.train.config`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,12 +14,13 @@ import yaml
 from rich.table import Table
 
 from ..device import autocast
-from ..generate import generate_texts
+from ..generate import Decoding, generate_texts
+from ..metrics import Scores
 from ..train import run as run_module
 from ..train.config import SECTION_PATHS, RunConfig, flatten
 from ..train.data import BUILTIN_DATASETS, format_prompt, load_data
 from ..train.evaluate import evaluate_split
-from ..train.sections import DataSection
+from ..train.sections import DataSection, ScoringSection
 from .common import (
     USER_ERRORS,
     AdapterFolders,
@@ -75,6 +76,7 @@ def _print_before_after(summary: dict) -> None:
     for key, value in summary["after"].items():
         table.add_row(key, f"{summary['before'].get(key, float('nan')):.2f}", f"{value:.2f}")
     console.print(table)
+    _print_skipped(summary.get("skipped_metrics", {}))
     t = summary["train"]
     console.print(
         f"{t['steps']} steps in {t['wall_time_s']:.0f}s ({t['tokens_per_s']:.0f} tokens/s), final loss "
@@ -82,7 +84,32 @@ def _print_before_after(summary: dict) -> None:
     )
 
 
-RUN_DATA = ("data", "input_field", "target_field", "pair_field", "template")  # what eval takes from the run
+RUN_DATA = ("data", "columns", "input_field", "target_field", "pair_field", "template")  # what eval takes from the run
+
+
+SCORING = tuple(f.name for f in fields(ScoringSection))  # eval also takes these from the run when not given
+
+
+def _print_skipped(skipped: dict[str, str]) -> None:
+    for name, reason in skipped.items():
+        console.print(f"[yellow]{name} not computed:[/] {reason}", highlight=False)
+
+
+def _print_scores(title: str, scores: Scores) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for key, value in scores.metrics.items():
+        table.add_row(key, f"{value:.2f}")
+    console.print(table)
+    _print_skipped(scores.skipped)
+
+
+def _scoring(options: dict[str, Any], trained_with: dict[str, Any]) -> ScoringSection:
+    """The scoring options given, else the run's (train_config.yaml), else the defaults."""
+    values: dict[str, Any] = {k: trained_with[k] for k in SCORING if k in trained_with}
+    values.update(given(ScoringSection(), {k: v for k, v in options.items() if k in SCORING}))
+    return ScoringSection(**values)
 
 
 @app.command("eval")
@@ -92,6 +119,7 @@ RUN_DATA = ("data", "input_field", "target_field", "pair_field", "template")  # 
         (*RUN_DATA, "max_length", "max_new_tokens"),
         shown={"data": "the adapter's training data, else e2e"},
     )
+    + options_of(ScoringSection(), notes={name: "default: the run's" for name in SCORING})
 )
 def eval_(
     model: ModelOfAdapter = None,
@@ -103,11 +131,11 @@ def eval_(
     precision: PrecisionOption = "auto",
     **options: Any,
 ) -> None:
-    """Score a model (with adapters) on a data split: accuracy/F1/MCC or BLEU/NIST/chrF/ROUGE-L.
+    """Score a model (with adapters) on a data split with the task's metrics (--metrics: others).
 
-    Data options left out are taken from the first adapter's train_config.yaml when it has one.
+    Data and scoring options left out are taken from the first adapter's train_config.yaml when it has one.
     """
-    chosen = given(DataSection(), options)
+    chosen = given(DataSection(), {k: v for k, v in options.items() if k not in SCORING})
     run_file = adapter[0] / run_module.CONFIG_FILE if adapter else None
     trained_with = flatten(yaml.safe_load(run_file.read_text()) or {}) if run_file and run_file.is_file() else {}
     fields = {k: chosen.get(k, trained_with.get(k)) for k in RUN_DATA}
@@ -118,44 +146,53 @@ def eval_(
         if builtin is not None and split == "test" and "test" not in builtin.files:
             split = "validation"
         task = builtin.task if builtin else trained_with.get("task")
+        scoring = _scoring(options, trained_with)
         target = Target(device, precision)
         base, tokenizer, task = load_with_adapters(model, adapter or [], task, target=target)
         dataset = load_data(data, split, task, **fields)
         if limit is not None:
             dataset = replace(dataset, examples=dataset.examples[:limit])
         with autocast(target.device, target.dtype):
-            metrics, predictions = evaluate_split(
-                base, tokenizer, dataset, settings.max_length, settings.max_new_tokens, progress=True
+            scores, predictions = evaluate_split(
+                base,
+                tokenizer,
+                dataset,
+                settings.max_length,
+                settings.max_new_tokens,
+                progress=True,
+                metrics=scoring.metrics,
+                decoding=scoring.decoding(),
             )
     except USER_ERRORS as err:
         fail(err)
-    table = Table(title=f"{data} / {split} ({len(dataset)} examples)")
-    table.add_column("metric")
-    table.add_column("score", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.2f}")
-    console.print(table)
+    _print_scores(f"{data} / {split} ({len(dataset)} examples)", scores)
     if output:
-        output.write_text(json.dumps({"metrics": metrics, "predictions": predictions}, indent=2))
+        report = {"metrics": scores.metrics, **scores.report(), "predictions": predictions}
+        output.write_text(json.dumps(report, indent=2))
 
 
 @app.command()
-@with_options(options_of(DataSection(), ["max_new_tokens"]))
+@with_options(
+    options_of(DataSection(), ["max_new_tokens"])
+    + options_of(ScoringSection(), ["num_beams", "length_penalty", "no_repeat_ngram_size"])
+)
 def generate(
     prompt: Annotated[list[str] | None, typer.Argument(help="prompt text(s)")] = None,
     model: ModelOfAdapter = None,
     adapter: AdapterFolders = None,
     file: Annotated[Path | None, typer.Option(help="a file with one prompt per line")] = None,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="0: no sampling (greedy, or beam search with --num-beams)")] = 0.0,
     raw: Annotated[bool, typer.Option("--raw", help="feed the prompt as is, without the chat template")] = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     **options: Any,
 ) -> None:
     """Generate text from a model with one or several adapters."""
-    settings = replace(DataSection(), **given(DataSection(), options))
+    chosen = given(DataSection(), options)
     prompts = list(prompt or [])
     try:
+        decoding = Decoding(**{k: v for k, v in chosen.items() if k in SCORING}, temperature=temperature)
+        max_new_tokens = chosen.get("max_new_tokens", DataSection().max_new_tokens)
         if file is not None:
             if not file.is_file():
                 raise FileNotFoundError(f"prompt file not found: {file}")
@@ -166,7 +203,7 @@ def generate(
         base, tokenizer, _ = load_with_adapters(model, adapter or [], "causal-lm", target=target)
         inputs = prompts if raw else [format_prompt(tokenizer, p) for p in prompts]
         with autocast(target.device, target.dtype):
-            texts = generate_texts(base, tokenizer, inputs, settings.max_new_tokens, temperature=temperature)
+            texts = generate_texts(base, tokenizer, inputs, max_new_tokens, decoding=decoding)
     except USER_ERRORS as err:
         fail(err)
     for text in texts:

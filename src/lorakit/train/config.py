@@ -1,7 +1,7 @@
 """The options of a training job (`lorakit train`, its `--config` files and the run's train_config.yaml),
 as nested sections (defined in `sections`): `dataset`, `base` (model and task), `tuning` (the method, with
-LoRA's options in `tuning.lora`), `loop` (`LoopSettings`), `run` (output folder, resume, processes) and
-`hardware` (device and precision).
+LoRA's options in `tuning.lora`), `loop` (`LoopSettings`), `scoring` (metrics and decoding), `run` (output
+folder, resume, processes) and `hardware` (device and precision).
 
 Option names are unique across sections, so a flat mapping (`r: 4`) and a nested one
 (`tuning: {lora: {r: 4}}`) read the same, and `RunConfig` also answers flat attribute names (`cfg.r`) and flat
@@ -21,7 +21,8 @@ import yaml
 
 from ..device import precision_name, resolve_device, resolve_precision
 from ..models import BUILTIN_MODELS
-from .data import BUILTIN_DATASETS, CLASSIFICATION, GENERATION
+from .data import CLASSIFICATION, GENERATION, REGRESSION, TASKS
+from .long_rows import LONG_ROW_POLICIES
 from .loop import LoopSettings
 from .sections import (
     DataSection,
@@ -29,9 +30,11 @@ from .sections import (
     MethodSection,
     ModelSection,
     RunSection,
+    ScoringSection,
 )
+from .tasks import choose_task
 
-DEFAULT_MODEL = {GENERATION: "smollm2-135m", CLASSIFICATION: "minilm-l6"}
+DEFAULT_MODEL = {GENERATION: "smollm2-135m", CLASSIFICATION: "minilm-l6", REGRESSION: "minilm-l6"}
 # Options that may differ between a run and its resumption.
 RESUME_FREE = {
     "resume",
@@ -122,6 +125,7 @@ class RunConfig:
     base: ModelSection = field(default_factory=ModelSection)
     tuning: MethodSection = field(default_factory=MethodSection)
     loop: LoopSettings = field(default_factory=recipe_loop)
+    scoring: ScoringSection = field(default_factory=ScoringSection)
     run: RunSection = field(default_factory=RunSection)
     hardware: HardwareSection = field(default_factory=HardwareSection)
 
@@ -131,11 +135,20 @@ class RunConfig:
         base: ModelSection | None = None,
         tuning: MethodSection | None = None,
         loop: LoopSettings | None = None,
+        scoring: ScoringSection | None = None,
         run: RunSection | None = None,
         hardware: HardwareSection | None = None,
         **options: Any,
     ) -> None:
-        given = {"dataset": dataset, "base": base, "tuning": tuning, "loop": loop, "run": run, "hardware": hardware}
+        given = {
+            "dataset": dataset,
+            "base": base,
+            "tuning": tuning,
+            "loop": loop,
+            "scoring": scoring,
+            "run": run,
+            "hardware": hardware,
+        }
         for f in dataclasses.fields(self):
             default = cast(Callable[[], Any], f.default_factory)
             setattr(self, f.name, given[f.name] if given[f.name] is not None else default())
@@ -175,13 +188,11 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Fill every default that depends on other options (precision `auto`: the one the device takes)."""
         precision = precision_name(resolve_precision(self.precision, resolve_device(self.device)))
-        task = self.task
-        if task is None:
-            builtin_data = BUILTIN_DATASETS.get(self.data.removesuffix("-full"))
-            builtin_model = BUILTIN_MODELS.get(self.model or "")
-            task = builtin_data.task if builtin_data else (builtin_model.task if builtin_model else GENERATION)
-        if task not in (GENERATION, CLASSIFICATION):
-            raise RunError(f"unknown task {task!r}; expected {GENERATION} or {CLASSIFICATION}")
+        task = choose_task(self.task, self.data, self.model, self.target_field, self.columns).task
+        if task not in TASKS:
+            raise RunError(f"unknown task {task!r}; expected {', '.join(TASKS)}")
+        if self.long_rows not in LONG_ROW_POLICIES:
+            raise RunError(f"unknown --long-rows {self.long_rows!r}; expected {' or '.join(LONG_ROW_POLICIES)}")
         model = self.model or DEFAULT_MODEL[task]
         builtin = BUILTIN_MODELS.get(model)
         targets = self.target_modules or (list(builtin.target_modules) if builtin else None)
@@ -276,9 +287,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping of options; a missing file, bad YAML or another type is a one-line RunError."""
     if not path.is_file():
         raise RunError(f"config file not found: {path}")
+    from ..safe_files import UnsafeFileError, read_bounded  # bounded: PyYAML takes minutes on a 20 MB file
+
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        loaded = yaml.safe_load(read_bounded(path).decode("utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, UnsafeFileError) as err:
         raise RunError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise RunError(f"{path} must hold a mapping of option names to values")

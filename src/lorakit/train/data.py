@@ -1,16 +1,16 @@
-"""Data sets for training and evaluation: reading them and turning their rows into examples.
+"""Data sets for training and evaluation: the built-in ones, and turning the rows of any other into examples.
 
 Sources are the built-in samples shipped in lorakit/samples (`e2e`, `sst2`, `mrpc`; `<name>-full` reads the
-complete originals), local jsonl/json/csv/tsv files, and `hf:<id>` data sets through `datasets.load_dataset`.
-Generation tasks give `Example`s, classification tasks `ClassExample`s (their types: `train/examples.py`).
-Tokenizing them is `train/encoding.py`; this module re-exports both, so `lorakit.train.data` is the one
-import for everything about data.
+complete originals), local jsonl/json/csv/tsv files, and `hf:<id>` data sets through `datasets.load_dataset`
+(reading those: `train/readers.py`). Generation tasks give `Example`s (chat rows with `messages`:
+`train/chat.py`), classification and regression tasks `ClassExample`s (their types: `train/examples.py`).
+Tokenizing them is `train/encoding.py`; this module re-exports all of them, so `lorakit.train.data` is the
+one import for everything about data.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,13 +18,24 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from .chat import MESSAGES_FIELD, conversation_example
 from .encoding import Collator, encode_causal, encode_classification, encode_prompt, format_prompt
-from .examples import CLASSIFICATION, GENERATION, IGNORE_INDEX, ClassExample, DataError, DataSplit, Example
+from .examples import (
+    CLASSIFICATION,
+    GENERATION,
+    IGNORE_INDEX,
+    REGRESSION,
+    TASKS,
+    ClassExample,
+    DataError,
+    DataSplit,
+    Example,
+)
+from .readers import LOCAL_SUFFIXES, load_records, read_hub_records, read_records
 
 INPUT_FIELDS = ("input", "text", "sentence", "prompt", "instruction", "sentence1")
 TARGET_FIELDS = ("target", "output", "label", "response", "completion")
 PAIR_FIELDS = ("text_pair", "sentence2")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 E2E_INSTRUCTION = (
     "Describe this restaurant in one or two sentences, using every attribute of the meaning representation: "
@@ -133,54 +144,6 @@ def load_builtin(name: str, split: str = "train", data_dir: str | Path | None = 
 # ---------------------------------------------------------------- local files and hub data sets
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a local .jsonl, .json (a list of objects), .csv or .tsv file, as dicts."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        if suffix in (".csv", ".tsv"):
-            # TSV convention: fields hold no tabs or newlines, so quotes are plain text.
-            tsv = suffix == ".tsv"
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.DictReader(f)
-            records = list(reader)
-        elif suffix == ".json":
-            records = _parse_json(f.read(), str(path))
-        else:
-            records = [_parse_json(line, f"{path}:{number}") for number, line in enumerate(f, 1) if line.strip()]
-    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-        raise DataError(f"{path}: expected records, i.e. objects with named fields")
-    return records
-
-
-def _parse_json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: invalid JSON: {err}") from None
-
-
-def read_hub_records(
-    dataset_id: str, split: str = "train", options: Mapping[str, Any] | None = None
-) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    """Rows of a split loaded with `datasets.load_dataset(dataset_id, split=..., **options)`, and the
-    label names when the data set declares a ClassLabel column (else empty)."""
-    import datasets  # heavy import, needed only on this path
-
-    try:
-        dataset = datasets.load_dataset(dataset_id, split=split, **(options or {}))
-    except (OSError, ValueError) as err:  # FileNotFoundError, ConnectionError and unknown splits among them
-        raise DataError(f"could not load '{dataset_id}' split '{split}' with datasets: {err}".splitlines()[0]) from err
-    names: tuple[str, ...] = ()
-    for feature in dataset.features.values():
-        if isinstance(feature, datasets.ClassLabel):
-            names = tuple(feature.names)
-    return dataset.to_list(), names
-
-
 def load_data(
     spec: str,
     split: str = "train",
@@ -192,14 +155,16 @@ def load_data(
     pair_field: str | None = None,
     template: str | None = None,
     label_names: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
     hub_options: Mapping[str, Any] | None = None,
 ) -> DataSplit:
     """Load one split of a data set given by spec.
 
     spec: a built-in name (`e2e`, `sst2`, `mrpc`: the shipped sample, or data_dir when given), `<name>-full`
     (the complete data: data_dir, else $LORAKIT_DATA/<subdir>, else ../shared/data/<subdir>), a local file
-    (split is ignored), or `hf:<id>` / `<owner>/<name>` for datasets.load_dataset with hub_options.
-    task is "causal-lm" (default) or "seq-cls" for files and hub data; built-ins know their own.
+    (split is ignored; columns name the fields of a header-less .csv/.tsv), or `hf:<id>` / `<owner>/<name>`
+    for datasets.load_dataset with hub_options.
+    task is "causal-lm" (default), "seq-cls" or "regression" for files and hub data; built-ins know their own.
     The fields, template and label_names apply to files and hub data; see `records_to_split`.
     """
     name = spec.removesuffix("-full")
@@ -208,20 +173,9 @@ def load_data(
             raise DataError(f"data set '{name}' is for task '{BUILTIN_DATASETS[name].task}', not '{task}'")
         folder = data_dir if data_dir is not None or name == spec else full_data_dir(name)
         return load_builtin(name, split, folder)
-
-    hub_names: tuple[str, ...] = ()
-    path = Path(spec).expanduser()
-    if spec.startswith("hf:"):
-        records, hub_names = read_hub_records(spec[3:], split, hub_options)
-    elif path.exists() or path.suffix.lower() in LOCAL_SUFFIXES:
-        records = read_records(path)
-    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        records, hub_names = read_hub_records(spec, split, hub_options)
-    else:
-        raise DataError(
-            f"'{spec}' is not a built-in data set ({', '.join(BUILTIN_DATASETS)}), an existing file, "
-            "or a hub data set (write hf:<id>)"
-        )
+    records, hub_names = load_records(
+        spec, split, columns=columns, hub_options=hub_options, builtin_names=tuple(BUILTIN_DATASETS)
+    )
     return records_to_split(
         records,
         task or GENERATION,
@@ -247,23 +201,32 @@ def records_to_split(
 ) -> DataSplit:
     """Turn rows into examples.
 
-    The input is `template.format(**row)` when a template is given, else input_field, else the first of
-    INPUT_FIELDS present; rows with `instruction` (and no explicit input field) read as Alpaca-style
-    instruction + optional input. The target (a text, or a label for seq-cls) is target_field, else the
-    first of TARGET_FIELDS present. seq-cls also takes pair_field (default: the first of PAIR_FIELDS
-    present, else none). Labels are ids, or names mapped through label_names (default: sorted names).
+    Rows holding `messages` (and no input field or template given) are chat conversations (`train/chat.py`).
+    Otherwise the input is `template.format(**row)` when a template is given, else input_field, else the
+    first of INPUT_FIELDS present; rows with `instruction` (and no explicit input field) read as Alpaca-style
+    instruction + optional input. The target (a text, a label for seq-cls, a number for regression) is
+    target_field, else the first of TARGET_FIELDS present. seq-cls and regression also take pair_field
+    (default: the first of PAIR_FIELDS present, else none). Labels are ids, or names mapped through
+    label_names (default: sorted names).
     """
-    if task not in (GENERATION, CLASSIFICATION):
-        raise DataError(f"unknown task '{task}'; expected {GENERATION} or {CLASSIFICATION}")
+    if task not in TASKS:
+        raise DataError(f"unknown task '{task}'; expected {', '.join(TASKS)}")
     if not records:
         raise DataError(f"{source}: the data set is empty")
     fields = list(records[0])
-    target = _pick_field(fields, target_field, TARGET_FIELDS, "target", source)
+    if MESSAGES_FIELD in fields and template is None and input_field is None:
+        if task != GENERATION:
+            raise DataError(f"{source}: chat data ('{MESSAGES_FIELD}') is for task {GENERATION}, not {task}")
+        chats = [
+            conversation_example(row.get(MESSAGES_FIELD), f"{source}: record {n}") for n, row in enumerate(records, 1)
+        ]
+        return DataSplit(GENERATION, chats)
+    target = pick_field(fields, target_field, TARGET_FIELDS, "target", source)
     alpaca = template is None and input_field is None and "instruction" in fields
-    text = None if template is not None or alpaca else _pick_field(fields, input_field, INPUT_FIELDS, "input", source)
+    text = None if template is not None or alpaca else pick_field(fields, input_field, INPUT_FIELDS, "input", source)
     pair = None
-    if task == CLASSIFICATION and (pair_field or any(name in fields for name in PAIR_FIELDS)):
-        pair = _pick_field(fields, pair_field, PAIR_FIELDS, "pair", source)
+    if task != GENERATION and (pair_field or any(name in fields for name in PAIR_FIELDS)):
+        pair = pick_field(fields, pair_field, PAIR_FIELDS, "pair", source)
 
     inputs, pairs, targets = [], [], []
     for number, record in enumerate(records, 1):
@@ -279,8 +242,18 @@ def records_to_split(
 
     if task == GENERATION:
         return DataSplit(GENERATION, [Example(p, t, [t]) for p, t in zip(inputs, targets)])
+    if task == REGRESSION:
+        values = [_number(t, number, source) for number, t in enumerate(targets, 1)]
+        return DataSplit(REGRESSION, [ClassExample(*row) for row in zip(inputs, pairs, values)])
     ids, names = _label_ids([t.strip() for t in targets], label_names, source)
     return DataSplit(CLASSIFICATION, [ClassExample(*row) for row in zip(inputs, pairs, ids)], names)
+
+
+def _number(value: str, number: int, source: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{source}: record {number} has target {value!r}, not a number (task {REGRESSION})") from None
 
 
 def _value(record: Mapping[str, Any], field: str, number: int, source: str) -> str:
@@ -289,7 +262,7 @@ def _value(record: Mapping[str, Any], field: str, number: int, source: str) -> s
     return str(record[field])
 
 
-def _pick_field(fields: list[str], explicit: str | None, defaults: Sequence[str], role: str, source: str) -> str:
+def pick_field(fields: list[str], explicit: str | None, defaults: Sequence[str], role: str, source: str) -> str:
     if explicit is not None:
         if explicit not in fields:
             raise DataError(f"{source}: no {role} field '{explicit}'; fields present: {', '.join(fields)}")
@@ -339,8 +312,11 @@ __all__ = [
     "IGNORE_INDEX",
     "INPUT_FIELDS",
     "LOCAL_SUFFIXES",
+    "MESSAGES_FIELD",
     "PAIR_FIELDS",
+    "REGRESSION",
     "TARGET_FIELDS",
+    "TASKS",
     "ClassExample",
     "Collator",
     "DataError",
@@ -354,6 +330,8 @@ __all__ = [
     "full_data_dir",
     "load_builtin",
     "load_data",
+    "load_records",
+    "pick_field",
     "read_hub_records",
     "read_records",
     "records_to_split",

@@ -1,7 +1,9 @@
-"""Scoring a model (with whatever adapters are active) on a data split: task metrics, and the mean
-loss that the training loop tracks on held-out data.
+"""Scoring a model (with whatever adapters are active) on a data split: its predictions (generated texts, label
+ids, or regression values: the model's single output) scored with the task's metrics (`lorakit.metrics`), and
+the mean loss that the training loop tracks on held-out data.
 
-With several processes each scores its share of the examples and the results are gathered. Shares are
+With several processes each predicts its share of the examples and the predictions are gathered; only the main
+process computes the metrics (the others get none: a metric may run a Java tool, once is enough). Shares are
 padded to equal length so that every process runs the same number of forward passes, which an
 FSDP-sharded model needs (each forward is a collective). Batches go to the model's device; the caller
 chooses the precision (`lorakit.device.autocast` around these calls).
@@ -18,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import model_device, to_device
-from ..generate import generate_texts
+from ..generate import GREEDY, Decoding, generate_texts
+from ..metrics import Scored, Scores, metrics_for, score
 from .distributed import Parallel
 from .encoding import format_prompt
-from .examples import CLASSIFICATION, IGNORE_INDEX, ClassExample, DataSplit, Example
-from .metrics import classification_metrics, generation_metrics
+from .examples import GENERATION, IGNORE_INDEX, REGRESSION, ClassExample, DataSplit, Example
 
 
 def _share(items: Sequence, parallel: Parallel) -> tuple[list, int]:
@@ -46,7 +48,8 @@ def mean_loss(
     batch_size: int = 16,
     parallel: Parallel | None = None,
 ) -> float:
-    """Mean loss over all target tokens of `features` (for classification: over examples)."""
+    """Mean loss over all target tokens of `features` (classification: cross-entropy over examples; regression:
+    squared error over examples, as transformers' own loss for one output)."""
     parallel = parallel or Parallel()
     part, real = _share(features, parallel)
     was_training = model.training
@@ -63,6 +66,8 @@ def mean_loss(
                 logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
             )
             per_example, terms = losses.sum(1), (labels != IGNORE_INDEX).sum(1)
+        elif labels.is_floating_point():  # regression targets
+            per_example, terms = (logits[:, 0] - labels) ** 2, torch.ones_like(labels, dtype=torch.long)
         else:
             per_example, terms = F.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels)
         keep = torch.arange(start, start + len(labels), device=device) < real  # padding examples count for nothing
@@ -74,10 +79,13 @@ def mean_loss(
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, tokenizer, examples: Sequence, max_length: int, batch_size: int = 32) -> list[int]:
+def predict_labels(
+    model: nn.Module, tokenizer, examples: Sequence, max_length: int | None, batch_size: int = 32, values: bool = False
+) -> list:
+    """The label id the model gives each example (its largest logit), or with `values` its single output."""
     was_training = model.training
     model.eval()
-    predictions: list[int] = []
+    predictions: list = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         pairs = [e.text_pair for e in chunk]
@@ -89,7 +97,8 @@ def predict_labels(model: nn.Module, tokenizer, examples: Sequence, max_length: 
             padding=True,
             return_tensors="pt",
         )
-        predictions += model(**to_device(enc, model_device(model))).logits.argmax(-1).tolist()
+        logits = model(**to_device(enc, model_device(model))).logits
+        predictions += logits[:, 0].float().tolist() if values else logits.argmax(-1).tolist()
     model.train(was_training)
     return predictions
 
@@ -98,20 +107,26 @@ def evaluate_split(
     model: nn.Module,
     tokenizer,
     split: DataSplit,
-    max_length: int = 256,
+    max_length: int | None = 256,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = False,
     parallel: Parallel | None = None,
-) -> tuple[dict[str, float], list]:
-    """Task metrics of the model on `split`, and its predictions (texts or label ids)."""
+    metrics: Sequence[str] | None = None,
+    decoding: Decoding = GREEDY,
+) -> tuple[Scores, list]:
+    """The model's predictions on `split` (texts generated with `decoding`, label ids, or values) scored with
+    `metrics` (else the task's defaults; names that do not fit the task are refused before anything runs)."""
     parallel = parallel or Parallel()
+    names = metrics_for(split.task, metrics)
     examples, real = _share(split.examples, parallel)
-    if split.task == CLASSIFICATION:
-        labels = predict_labels(model, tokenizer, examples, max_length, batch_size)
-        predictions = _gather_in_order(labels, real, parallel)
-        references = [e.label for e in cast(list[ClassExample], split.examples)]
-        return classification_metrics(predictions, references, split.num_labels), predictions
+    if split.task != GENERATION:
+        outputs = predict_labels(model, tokenizer, examples, max_length, batch_size, values=split.task == REGRESSION)
+        predictions = _gather_in_order(outputs, real, parallel)
+        if not parallel.is_main:
+            return Scores(), predictions
+        labels = [e.label for e in cast(list[ClassExample], split.examples)]
+        return score(split.task, Scored(predictions, labels, split.num_labels), names), predictions
     prompts = [format_prompt(tokenizer, e.prompt) for e in examples]
     generated = generate_texts(
         model,
@@ -119,8 +134,12 @@ def evaluate_split(
         prompts,
         max_new_tokens,
         batch_size,
+        decoding,
         progress=progress and parallel.is_main,
         synced=parallel.mode == "fsdp",
     )
     texts = _gather_in_order(generated, real, parallel)
-    return generation_metrics(texts, [e.references for e in cast(list[Example], split.examples)]), texts
+    if not parallel.is_main:
+        return Scores(), texts
+    references = [e.references for e in cast(list[Example], split.examples)]
+    return score(split.task, Scored(texts, references), names), texts

@@ -17,7 +17,7 @@ import random
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +42,24 @@ from ..models import load_model, model_reference
 from ..quant import quantize
 from .config import RunConfig, RunError
 from .data import (
-    BUILTIN_DATASETS,
     CLASSIFICATION,
     GENERATION,
+    REGRESSION,
     ClassExample,
     Collator,
     DataError,
-    DataSplit,
     Example,
-    encode_causal,
-    encode_classification,
-    load_data,
 )
 from .distributed import Parallel
 from .evaluate import evaluate_split, mean_loss
+from .long_rows import auto_max_length, describe, encode_whole, limit_rows, model_context
 from .loop import LoopSettings, TrainResult, latest_checkpoint, train_adapter
+from .splits import load_splits
+from .tasks import choose_task
 
 CONFIG_FILE = "train_config.yaml"
 RESULTS_FILE = "results.json"
-PEFT_TASK_TYPE = {GENERATION: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS"}
+PEFT_TASK_TYPE = {GENERATION: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS", REGRESSION: "SEQ_CLS"}
 Log = Callable[[str], None]
 
 
@@ -106,42 +105,6 @@ def measured_training(
     with PeakRss() as memory:
         result = train_adapter(model, features, collate, settings, out, **loop_options)
     return result, memory
-
-
-def load_splits(cfg: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
-    """(train, validation for the eval loss, evaluation set scored before/after)."""
-    fields = dict(
-        input_field=cfg.input_field, target_field=cfg.target_field, pair_field=cfg.pair_field, template=cfg.template
-    )
-    name = cfg.data.removesuffix("-full")
-    train = load_data(cfg.data, "train", cfg.task, **fields)
-    if name in BUILTIN_DATASETS:
-        validation = load_data(cfg.data, "validation", cfg.task, **fields)
-        scored_split = "test" if "test" in BUILTIN_DATASETS[name].files else "validation"
-        scored = load_data(cfg.data, scored_split, cfg.task, **fields)
-    else:
-        # A single local file: hold out a seeded tenth (at most 200 rows) for evaluation.
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held = max(1, min(200, len(train) // 10))
-        if len(train) < 2:
-            raise RunError(f"{cfg.data}: {len(train)} example(s) is too few to train and evaluate on")
-        validation = scored = replace(train, examples=[train.examples[i] for i in order[:held]])
-        train = replace(train, examples=[train.examples[i] for i in order[held:]])
-    if cfg.max_train_examples is not None:
-        train = replace(train, examples=train.examples[: cfg.max_train_examples])
-    if cfg.eval_examples is not None:
-        scored = replace(scored, examples=scored.examples[: cfg.eval_examples])
-    validation = replace(validation, examples=validation.examples[: cfg.val_examples])
-    return train, validation, scored
-
-
-def encode(split: DataSplit, tokenizer: Any, max_length: int) -> list[dict]:
-    return [
-        encode_classification(tokenizer, example, max_length)
-        if isinstance(example, ClassExample)
-        else encode_causal(tokenizer, example, max_length)
-        for example in split.examples
-    ]
 
 
 def prediction_row(prediction: Any, example: Example | ClassExample) -> dict[str, Any]:
@@ -247,33 +210,65 @@ class TrainingRecipe:
             self.train, self.validation, self.scored = load_splits(cfg)
         except DataError as err:
             raise RunError(str(err)) from None
+        choice = choose_task(None, cfg.data, cfg.model, cfg.target_field, cfg.columns)
+        reason = choice.reason if choice.task == cfg.task else "given"
+        self.log(f"task: {cfg.task} ({reason})")
+        evaluation = f" (from {cfg.eval_data})" if cfg.eval_data else ""
         self.log(
             f"data: {cfg.data} ({cfg.task}) — {len(self.train)} training, {len(self.validation)} validation, "
-            f"{len(self.scored)} scored examples"
+            f"{len(self.scored)} scored examples{evaluation}"
         )
 
     def setup_model(self) -> None:
         """Load the model, encode the data, and time the base model on one fixed batch."""
         cfg = self.cfg
         self.started = time.perf_counter()  # total_time_s counts from here
-        num_labels = self.train.num_labels if cfg.task == CLASSIFICATION else None
+        num_labels = self.train.num_labels if cfg.task == CLASSIFICATION else None  # regression: always one
         self.model, self.tokenizer = load_model(cfg.model, cfg.task, num_labels=num_labels, dtype=self.dtype)
         place(self.model, self.device)
         self.log(
             f"model: {cfg.model} loaded in {time.perf_counter() - self.started:.1f}s "
             f"on {self.device} in {precision_name(self.dtype)}"
         )
-        try:
-            self.train_features = encode(self.train, self.tokenizer, cfg.max_length)
-            self.val_features = encode(self.validation, self.tokenizer, cfg.max_length)
-        except DataError as err:
-            raise RunError(str(err)) from None
+        self.encode_data()
         self.collate = Collator(self.tokenizer.pad_token_id)
         # Timed before any method is applied; not under torchrun, where the processes share the cores.
         self.latency_batch = None if self.parallel.active else self.collate(self.val_features[: cfg.batch_size])
         with self.autocast():
             self.latency = {"base": forward_latency_ms(self.model, self.latency_batch)} if self.latency_batch else {}
         self.meta = {"task_type": PEFT_TASK_TYPE[cfg.task], "base_model_name_or_path": model_reference(cfg.model)}
+
+    def encode_data(self) -> None:
+        """Tokenize the training and validation rows, choose max_length when it is auto, and cut or leave out the
+        rows over it (`lorakit.train.long_rows`)."""
+        cfg = self.cfg
+        try:
+            whole_train = encode_whole(self.train, self.tokenizer)
+            whole_val = encode_whole(self.validation, self.tokenizer)
+            self.max_length = cfg.max_length
+            if self.max_length is None:
+                lengths = [len(row["input_ids"]) for row in whole_train + whole_val]
+                self.max_length = auto_max_length(lengths, model_context(self.model, self.tokenizer))
+                self.log(f"max length: {self.max_length} tokens (auto: the longest row, at most the model's context)")
+            limited = {}
+            for name, split, whole in (
+                ("training", self.train, whole_train),
+                ("validation", self.validation, whole_val),
+            ):
+                limited[name] = limit_rows(split, whole, self.tokenizer, self.max_length, cfg.long_rows, name)
+                line = describe(limited[name][2], name, self.max_length)
+                if line:
+                    self.log(line)
+        except DataError as err:
+            raise RunError(str(err)) from None
+        self.train, self.train_features, train_rows = limited["training"]
+        self.validation, self.val_features, val_rows = limited["validation"]
+        self.data_report = {
+            "max_length": self.max_length,
+            "long_rows": cfg.long_rows,
+            "training": asdict(train_rows),
+            "validation": asdict(val_rows),
+        }
 
     def setup_method(self) -> None:
         cfg = self.cfg
@@ -308,15 +303,18 @@ class TrainingRecipe:
         if not scored.examples:  # --eval-examples 0: no scoring
             return {}
         with self.autocast():
-            metrics, predictions = evaluate_split(
+            scores, predictions = evaluate_split(
                 self.model,
                 self.tokenizer,
                 scored,
-                cfg.max_length,
+                self.max_length,
                 cfg.max_new_tokens,
                 progress=cfg.progress,
                 parallel=self.parallel,
+                metrics=cfg.metrics,
+                decoding=cfg.scoring.decoding(),
             )
+        metrics, self.scoring_report = scores.metrics, scores.report()
         if not self.parallel.is_main:
             return metrics
         examples: list[Example | ClassExample] = list(scored.examples)
@@ -337,6 +335,7 @@ class TrainingRecipe:
         summary = {
             "before": before,
             "after": after,
+            **getattr(self, "scoring_report", {}),  # each metric's implementation, those skipped (if scored)
             "train": {
                 "steps": result.steps,
                 "final_loss": result.final_loss,
@@ -348,6 +347,7 @@ class TrainingRecipe:
                 "rss_growth_mb": round(memory.peak_mb - memory.start_mb, 1),  # above what was held before training
             },
             "method": self.cfg.method,
+            "data": self.data_report,  # the max_length used, and the rows it cut or left out
             "checkpoint_mb": round(weights_bytes(self.out) / 2**20, 3),  # the saved adapter / method weights
             "latency_ms": {k: round(v, 2) for k, v in self.latency.items()},  # one forward pass on a fixed batch
             "peak_rss_mb": peak_rss_mb,

@@ -13,8 +13,10 @@ from typing import Any
 
 from ..config import LoraConfig
 from ..device import DEVICE_HELP, PRECISION_HELP
+from ..generate import Decoding
 from ..methods import METHODS, MethodOptions
-from .data import CLASSIFICATION, GENERATION
+from ..metrics import DEFAULTS_TEXT, METRICS_HELP, check_known
+from .data import CLASSIFICATION, GENERATION, REGRESSION
 
 MODEL_HELP = "base model: a built-in name (smollm2-135m, minilm-l6, ...), a local folder or .gguf file, or a hub id"
 
@@ -38,11 +40,21 @@ class DataSection:
     """Which data, how it is cut, and how much of it is used."""
 
     data: str = option("e2e", "built-in (e2e, sst2, mrpc, or <name>-full), a .jsonl/.json/.csv/.tsv file, or hf:<id>")
+    eval_data: str | None = option(
+        None,
+        "data scored before/after training and used for the validation loss (a file, or hf:<id>: its validation "
+        "split), instead of a tenth held out of --data",
+        flags=("--eval-data", "--validation-data"),
+    )
+    columns: list[str] | None = option(None, "names of the columns of a header-less .csv/.tsv file, in order")
     input_field: str | None = option(None, "field holding the input text")
     target_field: str | None = option(None, "field holding the target text or label")
     pair_field: str | None = option(None, "second text field for sentence-pair classification")
     template: str | None = option(None, "prompt template with {field} placeholders")
-    max_length: int = option(256, "maximum tokens per example")
+    max_length: int | None = option(
+        None, "maximum tokens per example", default_text="auto: the longest row, at most the model's context and 1024"
+    )
+    long_rows: str = option("truncate", "rows over --max-length: truncate (keep the prompt's end) or drop")
     max_train_examples: int | None = option(None, "use only the first N training examples")
     eval_examples: int | None = option(50, "examples scored before and after training (none: the whole split)")
     val_examples: int = option(64, "held-out examples for the validation loss")
@@ -53,8 +65,10 @@ class DataSection:
 class ModelSection:
     """The base model and the task it is trained for."""
 
-    model: str | None = option(None, MODEL_HELP, default_text="smollm2-135m for causal-lm, minilm-l6 for seq-cls")
-    task: str | None = option(None, f"{GENERATION} or {CLASSIFICATION}", default_text="from the data or model")
+    model: str | None = option(None, MODEL_HELP, default_text="smollm2-135m for causal-lm, else minilm-l6")
+    task: str | None = option(
+        None, f"{GENERATION}, {CLASSIFICATION} or {REGRESSION}", default_text="from the data or model"
+    )
 
 
 @dataclass
@@ -116,6 +130,27 @@ class MethodSection:
             prompt_length=self.prompt_length,
             lora=lora,
         )
+
+
+@dataclass
+class ScoringSection:
+    """What the scored examples are scored with (`lorakit.metrics`), and how the text they score is generated."""
+
+    metrics: list[str] | None = option(None, METRICS_HELP, default_text=f"by task: {DEFAULTS_TEXT}")
+    num_beams: int = option(1, "beam search width for generated text (1: greedy; the LoRA paper decodes E2E with 10)")
+    length_penalty: float = option(
+        1.0, "beam search: each beam's score is divided by its length ** this (below 1 favours shorter; the paper: 0.9)"
+    )
+    no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size in a generated text (0: off; paper: 4)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metrics, str):  # a YAML file may write the list as "a,b"
+            self.metrics = [name.strip() for name in self.metrics.split(",") if name.strip()]
+        check_known(self.metrics or [])
+        self.decoding()  # refuses a bad width or n-gram size now, not after training
+
+    def decoding(self) -> Decoding:
+        return Decoding(self.num_beams, self.length_penalty, self.no_repeat_ngram_size)
 
 
 @dataclass
