@@ -38,6 +38,10 @@ def files(tmp_path_factory):
         (["--batch-wait-ms", "-1"], "batch_wait_ms must not be negative"),
         (["--adapter", "sql=does-not-exist"], "does-not-exist"),
         (["--adapter-dir", "no-such-dir"], "adapter folder"),
+        (["--host", "0.0.0.0"], "reachable beyond this machine: set --api-key"),
+        (["--host", "example.org"], "or pass --allow-unauthenticated"),
+        (["--api-key", "k", "--admin-key", "k"], "the admin key must differ from the API key"),
+        (["--max-loaded-adapters", "1", "--pin", "sql"], "1 pinned adapters leave no room"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(files, extra, message):
@@ -45,6 +49,23 @@ def test_bad_options_exit_2_with_one_line(files, extra, message):
     result = CliRunner().invoke(app, ["serve", "--model", str(model_dir), *extra])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "host, key, warned",
+    [("0.0.0.0", None, True), ("::", None, True), ("0.0.0.0", "k", False), ("127.0.0.2", None, False)],
+)
+def test_serving_beyond_loopback_without_a_key_warns_when_allowed(files, monkeypatch, host, key, warned):
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(kwargs["host"]))
+    monkeypatch.delenv("LORAKIT_API_KEY", raising=False)
+    options = ["--allow-unauthenticated"] + (["--api-key", key] if key else [])
+    result = CliRunner().invoke(app, ["serve", "--model", str(files[0]), "--host", host, *options])
+    assert result.exit_code == 0, result.output
+    assert started == [host]
+    assert ("has no --api-key" in result.output) == warned
 
 
 def test_server_process_answers_and_stops_on_ctrl_c(files):

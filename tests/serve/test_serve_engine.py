@@ -134,3 +134,22 @@ def test_row_cache_keeps_each_rows_tokens_when_rows_leave_and_join():
     leave(2)
     leave(4)
     assert cache.rows == 0 and cache.end == 0
+
+
+def test_a_sequence_cancelled_from_the_middle_of_the_batch_leaves_the_others_exact(served):
+    """The scheduler removes a cancelled sequence from its own thread, outside the engine's inference mode: moving
+    the last row into the freed one must work there, and the others go on exactly as alone."""
+    model, tokenizer = served
+    engine = Engine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch_size=3)
+    plan = [("sql", PROMPTS[0]), ("e2e", PROMPTS[1]), ("chat", PROMPTS[3])]
+    seqs = [
+        Sequence(tokenizer(p, add_special_tokens=False).input_ids, a, Sampling(10, ignore_eos=True)) for a, p in plan
+    ]
+    engine.add(seqs)
+    engine.step()
+    engine.remove(seqs[0])  # row 0: the last row moves into it
+    while engine.running:
+        engine.step()
+    for (adapter, prompt), seq in zip(plan[1:], seqs[1:]):
+        expected = reference_tokens(model, tokenizer, adapter, prompt, 10)
+        assert seq.generated[: len(expected)] == expected

@@ -24,6 +24,7 @@ from support.serving import (
 )
 
 KEY = "s3cret"
+ADMIN = "adm1n"
 BASE = "base"
 
 
@@ -43,6 +44,7 @@ def server(tmp_path_factory):
         max_tokens=120,
         max_prompt_tokens=20,
         api_key=KEY,
+        admin_key=ADMIN,
         adapter_dirs=(root / "adapters",),
         max_body_bytes=4096,
     )
@@ -158,7 +160,7 @@ def test_bad_requests_do_not_disturb_a_running_stream(server):
         {"model": "sql"},
     ):
         assert 400 <= post(server, "/v1/completions", body).status_code < 500
-    assert post(server, "/admin/adapters", {"name": "evil", "path": "../model"}).status_code == 403
+    assert post(server, "/admin/adapters", {"name": "evil", "path": "../model"}, key=ADMIN).status_code == 403
     pieces += [chunk.choices[0].text for chunk in stream]
     assert "".join(pieces).strip() == expected
 
@@ -191,7 +193,7 @@ def test_a_client_that_leaves_frees_its_row(server):
     ],
 )
 def test_adapter_loads_outside_the_allowed_folders_are_refused(server, path, status, message):
-    response = post(server, "/admin/adapters", {"name": "x", "path": path})
+    response = post(server, "/admin/adapters", {"name": "x", "path": path}, key=ADMIN)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]["message"]
     assert "x" not in [m.id for m in server["client"].models.list().data]
@@ -199,10 +201,10 @@ def test_adapter_loads_outside_the_allowed_folders_are_refused(server, path, sta
 
 def test_load_generate_and_unload_at_run_time(server):
     client, registry = server["client"], server["app"].state.registry
-    assert post(server, "/admin/adapters", {"name": "sql", "path": "e2e"}).status_code == 409  # name taken
-    assert post(server, "/admin/adapters", {"name": "a.b", "path": "e2e"}).status_code == 400
+    assert post(server, "/admin/adapters", {"name": "sql", "path": "e2e"}, key=ADMIN).status_code == 409  # taken
+    assert post(server, "/admin/adapters", {"name": "a.b", "path": "e2e"}, key=ADMIN).status_code == 400
     absolute = str(server["folders"]["e2e"])
-    loaded = post(server, "/admin/adapters", {"name": "e2e-v2", "path": absolute})
+    loaded = post(server, "/admin/adapters", {"name": "e2e-v2", "path": absolute}, key=ADMIN)
     assert loaded.status_code == 200 and loaded.json()["models"] == [BASE, "sql", "e2e-v2"]
     expected = reference_texts(server["model_dir"], server["folders"]["e2e"], [PROMPTS[3]], 6)[0]
     text = client.completions.create(model="e2e-v2", prompt=PROMPTS[3], max_tokens=6, temperature=0).choices[0].text
@@ -218,7 +220,7 @@ def test_load_generate_and_unload_at_run_time(server):
             unloading = pool.submit(
                 httpx.delete,
                 f"{server['url']}/admin/adapters/e2e-v2",
-                headers={"Authorization": f"Bearer {KEY}"},
+                headers={"Authorization": f"Bearer {ADMIN}"},
                 timeout=60,
             )
             threading.Event().wait(0.3)
@@ -228,14 +230,18 @@ def test_load_generate_and_unload_at_run_time(server):
         assert pending.result(timeout=60).choices[0].text.strip() == expected
         assert unloading.result(timeout=60).json() == {"unloaded": "e2e-v2", "models": [BASE, "sql"]}
     assert (
-        httpx.delete(f"{server['url']}/admin/adapters/e2e-v2", headers={"Authorization": f"Bearer {KEY}"}).status_code
+        httpx.delete(f"{server['url']}/admin/adapters/e2e-v2", headers={"Authorization": f"Bearer {ADMIN}"}).status_code
         == 404
     )
 
 
 def test_run_time_loading_is_off_without_adapter_dirs(server, tmp_path):
     model, tokenizer = load_model(str(server["model_dir"]), "causal-lm")
-    app = create_app(model, tokenizer, ServeConfig(BASE))
+    app = create_app(model, tokenizer, ServeConfig(BASE, admin_key=ADMIN))
     with running(app) as url:
-        response = httpx.post(f"{url}/admin/adapters", json={"name": "x", "path": os.fspath(tmp_path)})
+        response = httpx.post(
+            f"{url}/admin/adapters",
+            json={"name": "x", "path": os.fspath(tmp_path)},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
     assert response.status_code == 403 and "run time is off" in response.json()["error"]["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated
 
@@ -17,9 +18,56 @@ from .common import (
     Target,
     app,
     console,
+    err_console,
     fail,
     named_folders,
 )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to serve beyond loopback without an API key, unless the operator says so."""
+    if api_key is None and not is_loopback(host) and not allow_unauthenticated:
+        raise ValueError(
+            f"--host {host} makes the server reachable beyond this machine: set --api-key "
+            "(or LORAKIT_API_KEY), or pass --allow-unauthenticated to serve it open"
+        )
+
+
+AdapterDirs = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--adapter-dir",
+        help="a folder adapters may be loaded from at run time: admin API, first use (repeat; none: off)",
+    ),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(envvar="LORAKIT_API_KEY", help="require 'Authorization: Bearer KEY' (all but /health and admin)"),
+]
+AdminKey = Annotated[
+    str | None,
+    typer.Option(envvar="LORAKIT_ADMIN_KEY", help="the admin API's key (load / reload / unload); none: it is off"),
+]
+AllowOpen = Annotated[
+    bool, typer.Option(help="allow a non-loopback --host without --api-key (anyone who reaches it may use it)")
+]
+Docs = Annotated[bool, typer.Option(help="serve /docs, /redoc and /openapi.json (behind the API key)")]
+AutoLoad = Annotated[bool, typer.Option(help="load an unknown requested adapter from its folder in an --adapter-dir")]
+MaxLoaded = Annotated[
+    int | None, typer.Option(help="adapters on the model at once; the least recently used go to host memory")
+]
+MaxCpu = Annotated[int | None, typer.Option(help="adapters kept in host memory beyond those; more: read from disk")]
+Pins = Annotated[list[str] | None, typer.Option("--pin", help="an adapter that always stays on the model (repeat)")]
 
 
 @app.command()
@@ -27,17 +75,17 @@ def serve(
     model: RequiredModel,
     adapter: NamingFolders = None,
     named_adapter: NamedAdapters = None,
-    adapter_dir: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="a folder the admin API may load adapters from at run time (repeat; none: run-time loading is off)",
-        ),
-    ] = None,
+    adapter_dir: AdapterDirs = None,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for every interface)")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="LORAKIT_API_KEY", help="require 'Authorization: Bearer KEY' (all but /health)")
-    ] = None,
+    api_key: ApiKey = None,
+    admin_key: AdminKey = None,
+    allow_unauthenticated: AllowOpen = False,
+    docs: Docs = False,
+    auto_load: AutoLoad = True,
+    max_loaded_adapters: MaxLoaded = None,
+    max_cpu_adapters: MaxCpu = None,
+    pin: Pins = None,
     served_model_name: Annotated[str | None, typer.Option(help="the base model's id in the API")] = None,
     max_batch_size: Annotated[int, typer.Option(help="sequences generated together")] = 32,
     max_queue: Annotated[int, typer.Option(help="waiting requests; more get HTTP 429")] = 256,
@@ -55,6 +103,7 @@ def serve(
     from ..serve import ServeConfig, create_app
 
     try:
+        check_exposure(host, api_key, allow_unauthenticated)
         target = Target(device, precision)
         adapters = named_folders(adapter or [], named_adapter or [])
         config = ServeConfig(
@@ -65,13 +114,25 @@ def serve(
             max_prompt_tokens=max_prompt_tokens,
             batch_wait_ms=batch_wait_ms,
             api_key=api_key,
+            admin_key=admin_key,
+            docs=docs,
             adapter_dirs=tuple(adapter_dir or ()),
+            auto_load=auto_load,
+            max_loaded_adapters=max_loaded_adapters,
+            max_cpu_adapters=max_cpu_adapters,
+            pinned=tuple(pin or ()),
         )
         base, tokenizer = load_model(model, "causal-lm", dtype=target.dtype)
         place(base, target.device)  # placed and cast before the server starts
         server = create_app(base, tokenizer, config, adapters)
     except USER_ERRORS as err:
         fail(err)
-    names = ", ".join([config.model_name, *adapters]) or config.model_name
-    console.print(f"serving {names} on http://{host}:{port}/v1", highlight=False)
+    announce(host, port, api_key, [config.model_name, *adapters])
     uvicorn.run(server, host=host, port=port, log_level="info")
+
+
+def announce(host: str, port: int, api_key: str | None, names: list[str]) -> None:
+    """The served models' address, with a warning when anyone beyond this machine may use them."""
+    if api_key is None and not is_loopback(host):
+        err_console.print(f"[bold yellow]warning:[/] {host} is reachable beyond this machine and has no --api-key")
+    console.print(f"serving {', '.join(names)} on http://{host}:{port}/v1", highlight=False)

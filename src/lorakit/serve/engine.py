@@ -142,6 +142,7 @@ class Engine:
                 self.remove(seq)
         return list(zip(sequences, tokens, strict=True))
 
+    @torch.inference_mode()  # the row cache's tensors are inference tensors: moving a row writes into them
     def remove(self, sequence: Sequence) -> None:
         """Take a sequence out of the batch (finished, or cancelled by its client)."""
         row = next((i for i, s in enumerate(self.running) if s is sequence), None)

@@ -11,8 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from . import protocol
+from .allowed_files import Forbidden
 from .context import context_of
-from .registry import Conflict, Forbidden, ModelNotFound
+from .registry import Conflict, ModelNotFound
 from .scheduler import QueueFull
 
 

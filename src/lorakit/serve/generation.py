@@ -40,27 +40,27 @@ class Generation:
         registry: Registry,
         tokenizer: PreTrainedTokenizerBase,
         model: str,
+        adapter: str | None,
         prompts: list[list[int]],
         sampling: Sampling,
         stop: list[str],
     ) -> None:
+        """Queue one sequence per prompt with `adapter`, which the caller has acquired once per prompt (each
+        sequence releases one hold when it ends; those not queued are released here)."""
         self.scheduler = scheduler
         self.prompt_tokens = sum(len(p) for p in prompts)
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue = asyncio.Queue()
         self.streams = [TextStream(tokenizer, stop) for _ in prompts]
         self.requests: list[Request] = []
+        cold = not registry.on_model(adapter)
         try:
             for index, prompt in enumerate(prompts):
-                adapter = registry.acquire(model)  # unknown model: refused before anything is queued
-                request = Request(Sequence(prompt, adapter, sampling), model, self._emitter(index))
-                try:
-                    scheduler.submit(request)
-                except BaseException:
-                    registry.release(adapter)
-                    raise
+                request = Request(Sequence(prompt, adapter, sampling), model, self._emitter(index), cold=cold)
+                scheduler.submit(request)
                 self.requests.append(request)
         except BaseException:
+            registry.release(adapter, count=len(prompts) - len(self.requests))
             self.cancel()
             raise
 

@@ -1,5 +1,6 @@
-"""What a request must satisfy before it is queued: the API key, the body size, the number of prompts, and each
-prompt's length and token budget against the server's limits and the model's context.
+"""What a request must satisfy before it is queued: the API key (the admin key for the admin API), the body
+size, the number of prompts, and each prompt's length and token budget against the server's limits and the
+model's context.
 
 Each check raises `ApiError` (or answers at once, for the body size) with the limit it breaks, so that a bad
 request never reaches the batch that other requests share.
@@ -8,23 +9,25 @@ request never reaches the batch that other requests share.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 
-from fastapi import Header, Request, Response
+from fastapi import Header, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import ServeConfig
 from .context import Context, context_of
 from .errors import ApiError, error_response
 
 
+def _bearer_matches(authorization: str | None, key: str) -> bool:
+    scheme, _, token = (authorization or "").partition(" ")
+    # compare_digest: the time taken must not tell how much of a guessed key is right
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
+
+
 async def require_key(context: Context, authorization: str | None = Header(None)) -> None:
     """Router dependency: with an API key configured, the request must send `Authorization: Bearer <key>`."""
     key = context.config.api_key
-    if key is None:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    # compare_digest: the time taken must not tell how much of a guessed key is right
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+    if key is not None and not _bearer_matches(authorization, key):
         raise ApiError(
             401,
             "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -33,18 +36,45 @@ async def require_key(context: Context, authorization: str | None = Header(None)
         )
 
 
-async def bounded_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """HTTP middleware: a request with a body must declare its length (411), at most `max_body_bytes` (413).
+async def require_admin_key(context: Context, authorization: str | None = Header(None)) -> None:
+    """Router dependency of the admin API: off (403) without an admin key; with one, the request must send
+    `Authorization: Bearer <admin key>` (401). The client API key does not open it."""
+    key = context.config.admin_key
+    if key is None:
+        raise ApiError(403, "the admin API is off; start the server with --admin-key to use it", "permission_error")
+    if not _bearer_matches(authorization, key):
+        raise ApiError(
+            401,
+            "missing or wrong admin key: send 'Authorization: Bearer <admin key>'",
+            "authentication_error",
+            code="invalid_api_key",
+        )
 
-    A middleware rather than a dependency, because FastAPI reads the body before it solves dependencies."""
-    if request.method in ("POST", "PUT", "PATCH"):
-        limit = context_of(request).config.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is None:
-            return error_response(request, ApiError(411, "send the body with a Content-Length header"))
-        if not length.isdigit() or int(length) > limit:
-            return error_response(request, ApiError(413, f"the body is larger than {limit} bytes"))
-    return await call_next(request)
+
+class BoundedBody:
+    """ASGI middleware: a request with a body must declare its length (411), at most `max_body_bytes` (413).
+
+    A middleware rather than a dependency, because FastAPI reads the body before it solves dependencies; a plain
+    ASGI one (not Starlette's `BaseHTTPMiddleware`), so that the routes see the client's own `receive` channel
+    and with it the client's disconnection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            request = Request(scope)
+            limit = context_of(request).config.max_body_bytes
+            length = request.headers.get("content-length")
+            problem = None
+            if length is None:
+                problem = ApiError(411, "send the body with a Content-Length header")
+            elif not length.isdigit() or int(length) > limit:
+                problem = ApiError(413, f"the body is larger than {limit} bytes")
+            if problem is not None:
+                await error_response(request, problem)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def check_prompt_count(count: int, config: ServeConfig) -> None:

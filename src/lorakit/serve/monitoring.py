@@ -31,5 +31,5 @@ async def health(context: Context) -> JSONResponse:
 async def prometheus(context: Context) -> PlainTextResponse:
     """The metrics in the Prometheus text format, with the queue and batch per model at the time of the scrape."""
     queued, running = context.scheduler.counts()
-    text = context.metrics.render(queued, running, context.registry.model_names())
+    text = context.metrics.render(queued, running, context.registry.model_names(), context.registry.residency.tiers())
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

@@ -6,7 +6,9 @@ together), then runs one decode step for every running sequence, and hands each 
 Sequences join and leave between any two steps, so a short request never waits for a long one. When the batch
 is empty, the worker waits up to `wait` seconds after the first arrival so that requests arriving together are
 prefilled together. Each iteration holds the registry's lock, so adapters are loaded and unloaded only between
-forward passes.
+forward passes. A queued request whose adapter is not on the model is admitted once the registry has put it
+there (making room by moving an idle adapter to host memory); until there is room, the requests behind it that
+can run are admitted first.
 
 Tokens reach a request through its `emit` callback, called on the worker thread: a token, then ("done",
 finish_reason), or ("error", message) if the forward pass failed (the other requests of that batch get the
@@ -39,6 +41,8 @@ class Request:
     model: str  # the name the client asked for: the base model or the adapter
     emit: Callable[[tuple], None]  # ("token", id) | ("done", finish_reason) | ("error", message)
     submitted: float = field(default_factory=time.monotonic)
+    cold: bool = False  # its adapter was not on the model when it was queued: it waits for a load
+    running: bool = False  # admitted to the batch
     done: bool = False
 
 
@@ -122,29 +126,62 @@ class Scheduler:
     def _iterate(self) -> None:
         events: list[tuple[Sequence, int]] = []
         with self.registry.lock:
+            self.registry.tidy()
             with self._cond:
                 cancelled, self._cancelled = self._cancelled, []
                 for request, _ in cancelled:
                     if request in self._queue:
                         self._queue.remove(request)
-                admitted = [self._queue.popleft() for _ in range(min(len(self._queue), self.engine.free_rows))]
-                for request in admitted:
-                    self._by_sequence[request.sequence] = request
-            for request, outcome in cancelled:
-                self.engine.remove(request.sequence)
-                self._finish(request, outcome, silent=True)
+                waiting = list(self._queue)
+            admitted = self._admit(waiting)
             try:
+                for request, outcome in cancelled:
+                    self.engine.remove(request.sequence)
+                    self._finish(request, outcome, silent=True)
                 if admitted:
                     events += self.engine.add([r.sequence for r in admitted])
                 events += self.engine.step()
             except Exception as err:  # a failed forward pass: fail this batch, keep serving
                 logger.exception("generation failed")
+                for request, outcome in cancelled:
+                    self._finish(request, outcome, silent=True)
                 for sequence in self.engine.clear():
                     self._finish(self._by_sequence[sequence], "error", f"generation failed: {err}")
                 for request in admitted:
                     self._finish(request, "error", f"generation failed: {err}")
                 return
         self._dispatch(events)
+        if waiting and not admitted and not self.engine.running:
+            with self._cond:  # nothing can run until a request ends or arrives: do not spin
+                self._cond.wait(0.05)
+
+    def _admit(self, waiting: list[Request]) -> list[Request]:
+        """The queued requests that join the batch now, in queue order: as many as there are free rows, each
+        once its adapter is on the model (the registry loads it, if there is room)."""
+        admitted: list[Request] = []
+        failed: list[tuple[Request, Exception]] = []
+        for request in waiting:
+            if len(admitted) == self.engine.free_rows:
+                break
+            try:
+                if self.registry.start(request.sequence.adapter):
+                    admitted.append(request)
+            except Exception as err:  # its adapter could not be put on the model: fail it, keep serving
+                logger.exception("loading adapter %s failed", request.model)
+                failed.append((request, err))
+        now = time.monotonic()
+        with self._cond:
+            for request in admitted + [r for r, _ in failed]:
+                self._queue.remove(request)
+            for request in admitted:
+                self._by_sequence[request.sequence] = request
+                request.running = True
+        for request, problem in failed:
+            self._finish(request, "error", f"adapter {request.model!r} could not be loaded: {problem}")
+        for request in admitted:
+            if request.cold:
+                self.metrics.adapter_waited(request.model, now - request.submitted)
+        return admitted
 
     def _dispatch(self, events: list[tuple[Sequence, int]]) -> None:
         tokens: Counter[str] = Counter()
@@ -165,7 +202,7 @@ class Scheduler:
                 return
             request.done = True
             self._by_sequence.pop(request.sequence, None)
-        self.registry.release(request.sequence.adapter)
+        self.registry.release(request.sequence.adapter, running=request.running)
         self.metrics.finished(
             request.model, outcome, len(request.sequence.prompt), time.monotonic() - request.submitted
         )
