@@ -117,3 +117,34 @@ def test_the_plan_is_the_estimate_of_the_step_above_the_weights():
     planned = planned_step_bytes(model, "lora", options, "fp32")
     assert planned == est.total_bytes - est.frozen_weight_bytes - est.trainable_weight_bytes > 0
     assert planned_step_bytes(torch.nn.Linear(2, 2), "lora", options, "fp32") is None  # no config: no plan
+
+
+PAIRS = [("name[The Vaults], eatType[pub]", "The Vaults is a pub."), ("name[Blue Spice]", "Blue Spice.")] * 8
+
+
+@pytest.mark.parametrize("free_bytes,expected", [(10**15, False), (1000, True)])
+def test_lorakit_train_decides_auto_from_the_estimate(chat_llama_dir, tmp_path, monkeypatch, free_bytes, expected):
+    """`lorakit train`'s default `auto`: the estimate of the run's step against the free memory (here pretended)."""
+    from lorakit.train.config import RunConfig
+    from lorakit.train.distributed import Parallel
+    from lorakit.train.recipe import TrainingRecipe
+    from support.files import write_pairs
+
+    monkeypatch.setattr("lorakit.train.recipe.free_memory_bytes", lambda device: free_bytes)
+    decided: list[bool] = []
+    original = train_adapter
+
+    def recording(model, features, collate, settings, *args, **kwargs):
+        decided.append(settings.grad_checkpointing == "on")
+        return original(model, features, collate, settings, *args, **kwargs)
+
+    monkeypatch.setattr("lorakit.train.recipe.train_adapter", recording)
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    options = dict(model=str(chat_llama_dir), data=str(data), input_field="mr", target_field="text")
+    options.update(r=2, batch_size=4, max_steps=2, eval_examples=2, save_every=None, progress=False)
+    lines: list[str] = []
+    cfg = RunConfig(**options, output=str(tmp_path / "run")).resolved()
+    TrainingRecipe(cfg, Parallel(), lines.append).run()
+    assert decided == [expected]
+    assert any(line.startswith("activation checkpointing: on") for line in lines) is expected
+    assert "grad_checkpointing: auto" in (tmp_path / "run" / "train_config.yaml").read_text()

@@ -11,6 +11,7 @@ validation loss, scoring, latency) runs under autocast in the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import random
@@ -40,6 +41,7 @@ from ..methods import FineTuningMethod, MethodOptions, disabled, get_method
 from ..methods.measure import PeakRss, forward_latency_ms, weights_bytes
 from ..models import load_model, model_reference
 from ..quant import quantize
+from .checkpointing import free_memory_bytes, wanted
 from .config import RunConfig, RunError
 from .data import (
     CLASSIFICATION,
@@ -54,6 +56,7 @@ from .distributed import Parallel
 from .evaluate import evaluate_split, mean_loss
 from .long_rows import auto_max_length, describe, encode_whole, limit_rows, model_context
 from .loop import LoopSettings, TrainResult, latest_checkpoint, train_adapter
+from .memory_plan import planned_step_bytes
 from .splits import load_splits
 from .tasks import choose_task
 
@@ -164,7 +167,7 @@ class TrainingRecipe:
             self.model,
             self.train_features,
             self.collate,
-            self.cfg.loop,
+            self.planned_loop(),
             self.out,
             evaluate=self.validation_loss,
             resume=self.cfg.resume,
@@ -173,6 +176,25 @@ class TrainingRecipe:
             precision=self.dtype,
         )
         return self.summarize(before, self.score("after"), result, memory)
+
+    def planned_loop(self) -> LoopSettings:
+        """The loop settings with `--grad-checkpointing auto` decided: on when `lorakit estimate`'s figure for this
+        step would not fit in the memory free on the device (`train.checkpointing`), said when it is on."""
+        cfg = self.cfg
+        if cfg.grad_checkpointing != "auto":
+            return cfg.loop
+        names = ("r", "alpha", "dropout", "target_modules", "quantize", "batch_size", "adapter_size")
+        options = {name: getattr(cfg, name) for name in (*names, "prefix_length", "prompt_length")}
+        options.update(max_length=self.max_length, task=cfg.task)
+        planned = planned_step_bytes(self.model, cfg.method, options, cfg.precision)
+        free = free_memory_bytes(self.device)
+        on = wanted("auto", planned, free)
+        if on and planned is not None and free is not None:
+            self.log(
+                f"activation checkpointing: on (the step is estimated at {planned / 1e9:.1f} GB above the weights, "
+                f"{free / 1e9:.1f} GB are free)"
+            )
+        return dataclasses.replace(cfg.loop, grad_checkpointing="on" if on else "off")
 
     def autocast(self) -> Any:
         """The forward passes' autocast (nothing in float32)."""
