@@ -37,3 +37,13 @@ def test_a_resumed_run_must_keep_its_data_options():
     assert RunConfig(eval_data="dev.tsv", columns=["a", "b"]).changed_since(saved) == []
     changed = RunConfig(eval_data="other.tsv", long_rows="drop").changed_since(saved)
     assert changed == ["columns", "eval_data", "long_rows"]
+
+
+def test_eval_examples_are_spread_over_the_whole_scored_file(tmp_path):
+    """Not the head of the file: 4 of 10 rows are rows 0, 2, 5 and 7 (i · 10 // 4)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(8)])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": f"d{i}", "completion": "c"} for i in range(10)])
+    _, _, scored = load_splits(RunConfig(data=str(train), eval_data=str(dev), eval_examples=4))
+    assert [e.prompt for e in scored.examples] == ["d0", "d2", "d5", "d7"]
+    _, _, whole = load_splits(RunConfig(data=str(train), eval_data=str(dev), eval_examples=50))
+    assert [e.prompt for e in whole.examples] == [f"d{i}" for i in range(10)]

@@ -56,7 +56,9 @@ class DataSection:
     )
     long_rows: str = option("truncate", "rows over --max-length: truncate (keep the prompt's end) or drop")
     max_train_examples: int | None = option(None, "use only the first N training examples")
-    eval_examples: int | None = option(50, "examples scored before and after training (none: the whole split)")
+    eval_examples: int | None = option(
+        50, "examples scored before and after training, spread evenly over the split (none: the whole split)"
+    )
     val_examples: int = option(64, "held-out examples for the validation loss")
     max_new_tokens: int = option(64, "generation length when scoring")
 

@@ -1,6 +1,7 @@
 """Which rows a training run trains on, computes its validation loss on, and scores before and after:
 a built-in data set's own splits; a separate evaluation file (`--eval-data`); or a seeded tenth (at most 200
-rows) held out of a single file. The options that cap each split apply here.
+rows) held out of a single file. The options that cap each split apply here; `--eval-examples` takes rows spread
+evenly over the scored split, not its head.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ import torch
 
 from .config import RunConfig, RunError
 from .data import BUILTIN_DATASETS, DataSplit, load_data
+
+
+def spread(rows: list, count: int) -> list:
+    """`count` of `rows` evenly spaced from first to last, in order: a subset that represents the whole file
+    (data sets are often ordered, and their head is not typical), the same for every run."""
+    if count >= len(rows):
+        return list(rows)
+    return [rows[(i * len(rows)) // count] for i in range(count)]
 
 
 def load_splits(cfg: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
@@ -44,6 +53,6 @@ def load_splits(cfg: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
     if cfg.max_train_examples is not None:
         train = replace(train, examples=train.examples[: cfg.max_train_examples])
     if cfg.eval_examples is not None:
-        scored = replace(scored, examples=scored.examples[: cfg.eval_examples])
+        scored = replace(scored, examples=spread(scored.examples, cfg.eval_examples))
     validation = replace(validation, examples=validation.examples[: cfg.val_examples])
     return train, validation, scored
