@@ -1,4 +1,5 @@
-"""The README's `lorakit estimate` tables, regenerated from the code instead of kept by hand.
+"""The README's `lorakit estimate` and benchmark tables, regenerated from the code and the saved results instead
+of kept by hand.
 
 Each table sits in README.md between two marker comments, `<!-- table:NAME -->` and `<!-- /table:NAME -->`;
 this script computes it and rewrites what is between them (nothing else in the file changes):
@@ -11,7 +12,9 @@ this script computes it and rewrites what is between them (nothing else in the f
   float32 master weights for what trains), batch 1 × 2048, `--device cuda`, with the time per step at
   400 TFLOP/s;
 * estimate-vs-measured: the peaks bench/estimate_vs_measured.py measured (its saved JSON in bench/results/)
-  against today's estimate of the same configurations, compared as that script compares them.
+  against today's estimate of the same configurations, compared as that script compares them;
+* train-step: bench/train_step.py's saved results (bench/results/train_step.json), as that script prints them,
+  with the machine and its load.
 
     .venv/bin/python bench/readme_tables.py            # rewrite every table in README.md
     .venv/bin/python bench/readme_tables.py --check    # exit 1 when README.md differs from what it would write
@@ -33,6 +36,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import train_step
 from estimate_vs_measured import comparison, estimated, results_file
 
 from lorakit.estimation import Estimate, compare, estimate
@@ -123,11 +127,17 @@ def measured_table() -> str:
     return "\n".join(lines) + "\n\nLoad average (1, 5, 15 min) at the end of each run: " + "; ".join(loads) + "."
 
 
+def train_step_table() -> str:
+    saved = json.loads(train_step.RESULTS.read_text())
+    return train_step.table(saved) + "\n\n" + train_step.machine_text(saved) + "."
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "estimate-smollm2": smollm2_table,
     "estimate-checkpointing": checkpointing_table,
     "estimate-llama-7b": llama_7b_table,
     "estimate-vs-measured": measured_table,
+    "train-step": train_step_table,
 }
 
 

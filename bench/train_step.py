@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -45,6 +44,7 @@ import torch
 from common import (
     MMAP_THRESHOLD_ENV,
     gemm_rates,
+    machine,
     own_weights,
     release_and_reset_peak,
     report,
@@ -337,7 +337,8 @@ def bench_inference(rounds: int) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------
-def _table(results: dict) -> str:
+def table(results: dict) -> str:
+    """The saved results as markdown tables (the README's \"train-step\" table, via bench/readme_tables.py)."""
     lines = []
     if "steps" in results:
         lines += [
@@ -379,6 +380,16 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def machine_text(results: dict) -> str:
+    """The machine and its load around the run, as the results file holds them."""
+    m = results["machine"]
+    return (
+        f"{m['cpu']} (flags: {' '.join(m['cpu_flags'])}), {m['cpus']} cores, torch {m['torch']}, "
+        f"{m['torch_threads']} threads; load before: {results['uptime_before'].split('load average: ')[-1]}, "
+        f"after: {results['uptime_after'].split('load average: ')[-1]}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="step,e2e,infer")
@@ -394,10 +405,7 @@ def main() -> None:
 
     parts = args.parts.split(",")
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results.update(
-        machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        uptime_before=uptime(),
-    )
+    results.update(machine=machine(), uptime_before=uptime())
     if "step" in parts:
         print("training steps", flush=True)
         results["steps"] = bench_steps({128: args.rounds, 512: max(3, args.rounds // 3)})
@@ -413,8 +421,9 @@ def main() -> None:
     results["uptime_after"] = uptime()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
-    print(_table(results))
-    print(f"\n{results['machine']}; {results['uptime_before']} / {results['uptime_after']}\nwritten to {RESULTS}")
+    print(table(results))
+    print(f"\n{machine_text(results)}")
+    print(f"written to {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -100,3 +100,12 @@ def test_eval_of_a_regression_adapter_reports_correlations_of_the_single_output(
     assert all(isinstance(p, float) for p in predictions)
     assert written["metrics"]["pearson"] == pytest.approx(100 * pearsonr(predictions, targets).statistic)
     assert written["metrics"]["spearman"] == pytest.approx(100 * spearmanr(predictions, targets).statistic)
+
+
+def test_a_skipped_metric_prints_its_reason_verbatim(capsys):
+    """Square brackets in a reason (`lorakit[coco]`) are text, not console markup."""
+    from lorakit.cli.train import _print_skipped
+
+    _print_skipped({"meteor": "needs the pycocoevalcap package: pip install 'lorakit[coco]'"})
+    printed = " ".join(capsys.readouterr().out.split())  # the console may wrap the line
+    assert "meteor not computed: needs the pycocoevalcap package: pip install 'lorakit[coco]'" in printed

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from ..device import autocast
@@ -92,7 +93,7 @@ SCORING = tuple(f.name for f in fields(ScoringSection))  # eval also takes these
 
 def _print_skipped(skipped: dict[str, str]) -> None:
     for name, reason in skipped.items():
-        console.print(f"[yellow]{name} not computed:[/] {reason}", highlight=False)
+        console.print(f"[yellow]{name} not computed:[/] {escape(reason)}", highlight=False)  # "[coco]" is not markup
 
 
 def _print_scores(title: str, scores: Scores) -> None:
