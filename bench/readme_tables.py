@@ -1,5 +1,4 @@
-"""The README's `lorakit estimate` and benchmark tables, regenerated from the code and the saved results instead
-of kept by hand.
+"""The README's `lorakit estimate` tables, regenerated from the code instead of kept by hand.
 
 Each table sits in README.md between two marker comments, `<!-- table:NAME -->` and `<!-- /table:NAME -->`;
 this script computes it and rewrites what is between them (nothing else in the file changes):
@@ -12,9 +11,7 @@ this script computes it and rewrites what is between them (nothing else in the f
   float32 master weights for what trains), batch 1 × 2048, `--device cuda`, with the time per step at
   400 TFLOP/s;
 * estimate-vs-measured: the peaks bench/estimate_vs_measured.py measured (its saved JSON in bench/results/)
-  against today's estimate of the same configurations, compared as that script compares them;
-* train-step: the training-step part of bench/train_step.py's saved results (bench/results/train_step.json), as
-  that script prints it, with the machine and its load.
+  against today's estimate of the same configurations, compared as that script compares them.
 
     .venv/bin/python bench/readme_tables.py            # rewrite every table in README.md
     .venv/bin/python bench/readme_tables.py --check    # exit 1 when README.md differs from what it would write
@@ -36,7 +33,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import train_step
 from estimate_vs_measured import comparison, estimated, results_file
 
 from lorakit.estimation import Estimate, compare, estimate
@@ -127,18 +123,11 @@ def measured_table() -> str:
     return "\n".join(lines) + "\n\nLoad average (1, 5, 15 min) at the end of each run: " + "; ".join(loads) + "."
 
 
-def train_step_table() -> str:
-    """The training-step part of bench/train_step.py's saved results (the other parts keep their own dates)."""
-    saved = json.loads(train_step.RESULTS.read_text())
-    return train_step.table({"steps": saved["steps"]}) + "\n\n" + train_step.machine_text(saved) + "."
-
-
 TABLES: dict[str, Callable[[], str]] = {
     "estimate-smollm2": smollm2_table,
     "estimate-checkpointing": checkpointing_table,
     "estimate-llama-7b": llama_7b_table,
     "estimate-vs-measured": measured_table,
-    "train-step": train_step_table,
 }
 
 
