@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..methods.base import text_config
+
 MODES = ("auto", "on", "off")
 HEADROOM = 0.8  # of the free memory a step may plan to use before checkpointing turns on
 
@@ -33,7 +35,7 @@ def enable_checkpointing(model: nn.Module) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
-    for config in {id(c): c for c in _configs(model)}.values():
+    for config in _configs(model):
         config.use_cache = False
 
 
@@ -44,16 +46,15 @@ def disable_checkpointing(model: nn.Module) -> None:
     )
     if disable is not None:
         disable()
-    for config in {id(c): c for c in _configs(model)}.values():
+    for config in _configs(model):
         config.use_cache = True
 
 
 def _configs(model: nn.Module) -> list:
-    config = getattr(model, "config", None)
-    if config is None:
+    """The model's config and its text part's, each once (they are one object for a text-only model)."""
+    if getattr(model, "config", None) is None:
         return []
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return [config, text]
+    return list({id(c): c for c in (model.config, text_config(model))}.values())
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
