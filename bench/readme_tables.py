@@ -11,15 +11,17 @@ this script computes it and rewrites what is between them (nothing else in the f
   float32 master weights for what trains), batch 1 × 2048, `--device cuda`, with the time per step at
   400 TFLOP/s;
 * estimate-vs-measured: the peaks bench/estimate_vs_measured.py measured (its saved JSON in bench/results/)
-  against today's estimate of the same configurations, compared as that script compares them.
+  against today's estimate of the same configurations, compared as that script compares them;
+* memory-length: the training memory against sequence length bench/memory_length.py measured
+  (bench/results/memory_length.json) beside today's estimate of each point, as that script prints it.
 
     .venv/bin/python bench/readme_tables.py            # rewrite every table in README.md
     .venv/bin/python bench/readme_tables.py --check    # exit 1 when README.md differs from what it would write
     .venv/bin/python bench/readme_tables.py --check estimate-smollm2   # only this table
 
-It lives in bench/ beside the measurements it tabulates: it imports estimate_vs_measured's results files and
-comparison as a sibling module (as the bench scripts import `common`), so the README's errors are computed by
-the same code that prints them after a measurement.
+It lives in bench/ beside the measurements it tabulates: it imports estimate_vs_measured's and memory_length's
+results files and comparisons as sibling modules (as the bench scripts import `common`), so the README's errors
+are computed by the same code that prints them after a measurement.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import memory_length
 from estimate_vs_measured import comparison, estimated, results_file
 
 from lorakit.estimation import Estimate, compare, estimate
@@ -123,11 +126,18 @@ def measured_table() -> str:
     return "\n".join(lines) + "\n\nLoad average (1, 5, 15 min) at the end of each run: " + "; ".join(loads) + "."
 
 
+def memory_length_table() -> str:
+    """bench/memory_length.py's saved points (checkpointing off and on) beside today's estimate of each."""
+    saved = json.loads(memory_length.JSON_FILE.read_text())
+    return memory_length.markdown(memory_length.with_todays_estimates(saved))
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "estimate-smollm2": smollm2_table,
     "estimate-checkpointing": checkpointing_table,
     "estimate-llama-7b": llama_7b_table,
     "estimate-vs-measured": measured_table,
+    "memory-length": memory_length_table,
 }
 
 

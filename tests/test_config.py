@@ -65,6 +65,7 @@ def test_collections_are_normalised():
 def test_regex_and_all_linear_targets_are_accepted():
     assert LoraConfig(target_modules=r".*\.(q|v)_proj").target_modules == r".*\.(q|v)_proj"
     assert LoraConfig(target_modules="all-linear").target_modules == "all-linear"
+    assert LoraConfig(target_modules=["all-linear"]).target_modules == "all-linear"  # as the command line splits it
 
 
 def test_rank_and_alpha_patterns_match_the_end_of_the_path_at_a_dot():

@@ -133,6 +133,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if self.target_modules == [ALL_LINEAR]:  # `--target-modules all-linear` arrives as a one-name list
+            self.target_modules = ALL_LINEAR
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int):

@@ -109,3 +109,29 @@ def test_a_skipped_metric_prints_its_reason_verbatim(capsys):
     _print_skipped({"meteor": "needs the pycocoevalcap package: pip install 'lorakit[coco]'"})
     printed = " ".join(capsys.readouterr().out.split())  # the console may wrap the line
     assert "meteor not computed: needs the pycocoevalcap package: pip install 'lorakit[coco]'" in printed
+
+
+def test_a_plain_format_run_is_scored_and_prompted_in_its_format(chat_llama_dir, pairs, tmp_path):
+    out = tmp_path / "run"
+    result = train(chat_llama_dir, pairs, out, "--prompt-format", "plain", "--template", "MR {mr}", "--quiet")
+    assert result.exit_code == 0, result.output
+    scored = [json.loads(line)["prompt"] for line in (out / "predictions_after.jsonl").read_text().splitlines()]
+    assert scored and all(p.startswith("MR ") for p in scored)
+
+    model, tokenizer, _ = load_with_adapters(None, [out], "causal-lm")
+    plain = f"{tokenizer.bos_token}MR name[The Vaults], eatType[pub]\n"  # no chat template: BOS, text, newline
+    expected = generate_texts(model, tokenizer, [plain], 6, decoding=Decoding())
+    result = runner.invoke(
+        app, ["generate", "MR name[The Vaults], eatType[pub]", "--adapter", str(out), "--max-new-tokens", "6"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected[0] + "\n"
+
+    report = tmp_path / "eval.json"
+    result = runner.invoke(
+        app, ["eval", "--adapter", str(out), "--limit", "2", "--max-new-tokens", "6", "--output", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    inputs = [f"{tokenizer.bos_token}MR {mr}\n" for mr, _ in E2E_PAIRS[:2]]  # the file's first two rows
+    expected = generate_texts(model, tokenizer, inputs, 6, decoding=Decoding())
+    assert json.loads(report.read_text())["predictions"] == expected

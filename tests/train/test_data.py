@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from lorakit.train.data import (
+    E2E_INSTRUCTION,
     ClassExample,
     Collator,
     DataError,
     Example,
+    apply_prompt_format,
     encode_causal,
     encode_classification,
     encode_prompt,
@@ -53,6 +55,18 @@ def test_e2e_sample_keeps_every_reference_of_its_mrs():
     full = refs_per_mr(FULL_DATA / "e2e" / "testset_w_refs.csv")
     sample = refs_per_mr(sample_dir("e2e") / "testset_w_refs.csv")
     assert all(full[mr] == n for mr, n in sample.items())
+
+
+def test_e2e_template_writes_the_prompt_from_the_meaning_representation():
+    default, templated = load_data("e2e", "validation"), load_data("e2e", "validation", template="MR: {mr} =>")
+    assert [e.references for e in default.examples] == [e.references for e in templated.examples]
+    for plain, written in zip(default.examples, templated.examples, strict=True):
+        assert plain.prompt.startswith(E2E_INSTRUCTION)
+        assert written.prompt == f"MR: {plain.prompt.removeprefix(E2E_INSTRUCTION)} =>"
+    with pytest.raises(DataError, match="template field 'name' is not in the data"):
+        load_data("e2e", template="{name}")
+    with pytest.raises(DataError, match="'sst2' is for seq-cls, which takes no prompt template"):
+        load_data("sst2", template="{sentence}")
 
 
 def test_e2e_train_has_one_example_per_row():
@@ -226,6 +240,13 @@ def test_causal_encoding_masks_the_prompt(chat):
 def test_prompt_formats():
     assert format_prompt(tiny_tokenizer(), "Hi") == "<s>Hi\n"
     assert format_prompt(tiny_tokenizer(chat=True), "Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    chat = tiny_tokenizer(chat=True)
+    apply_prompt_format(chat, "chat")
+    assert format_prompt(chat, "Hi").startswith("<|im_start|>user")
+    apply_prompt_format(chat, "plain")  # the template goes: BOS, the text, a newline
+    assert format_prompt(chat, "Hi") == "<|im_start|>Hi\n"
+    with pytest.raises(DataError, match="prompt format must be one of chat, plain, got 'raw'"):
+        apply_prompt_format(chat, "raw")
 
 
 def test_long_target_is_cut_after_a_whole_short_prompt():

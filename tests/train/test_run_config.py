@@ -117,6 +117,8 @@ def test_resolved_fills_task_model_targets_and_output():
     assert (local.task, local.target_modules, local.output) == ("causal-lm", None, "runs/e2e-my-model")
     with pytest.raises(RunError, match="unknown task 'nope'"):
         RunConfig(task="nope").resolved()
+    with pytest.raises(RunError, match="unknown --prompt-format 'raw'; expected chat or plain"):
+        RunConfig(prompt_format="raw").resolved()
 
 
 def test_resume_compares_with_the_saved_options_flat_or_nested():

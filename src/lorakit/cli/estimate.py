@@ -72,8 +72,6 @@ def estimate_(
     options = {name: getattr(cfg, name) for name in SHARED if name not in ("model", "method")}
     if options["max_length"] is None:  # a run's "auto" length comes from its data; an estimate has none: 256
         del options["max_length"]
-    if options["target_modules"] == ["all-linear"]:
-        options["target_modules"] = "all-linear"
     options.update(dtype=dtype, optimizer=optimizer, grad_checkpointing=grad_checkpointing, device=device)
     try:
         results: list[Any] = (

@@ -19,7 +19,7 @@ from ..generate import Decoding, generate_texts
 from ..metrics import Scores
 from ..train import run as run_module
 from ..train.config import SECTION_PATHS, RunConfig, flatten
-from ..train.data import BUILTIN_DATASETS, format_prompt, load_data
+from ..train.data import BUILTIN_DATASETS, apply_prompt_format, format_prompt, load_data
 from ..train.evaluate import evaluate_split
 from ..train.sections import DataSection, ScoringSection
 from .common import (
@@ -106,6 +106,12 @@ def _print_scores(title: str, scores: Scores) -> None:
     _print_skipped(scores.skipped)
 
 
+def _trained_with(adapters: list[Path] | None) -> dict[str, Any]:
+    """The options the first adapter was trained with (its run's train_config.yaml, flat), or none."""
+    run_file = adapters[0] / run_module.CONFIG_FILE if adapters else None
+    return flatten(yaml.safe_load(run_file.read_text()) or {}) if run_file and run_file.is_file() else {}
+
+
 def _scoring(options: dict[str, Any], trained_with: dict[str, Any]) -> ScoringSection:
     """The scoring options given, else the run's (train_config.yaml), else the defaults."""
     values: dict[str, Any] = {k: trained_with[k] for k in SCORING if k in trained_with}
@@ -117,7 +123,7 @@ def _scoring(options: dict[str, Any], trained_with: dict[str, Any]) -> ScoringSe
 @with_options(
     options_of(
         DataSection(),
-        (*RUN_DATA, "max_length", "max_new_tokens"),
+        (*RUN_DATA, "prompt_format", "max_length", "max_new_tokens"),
         shown={"data": "the adapter's training data, else e2e"},
     )
     + options_of(ScoringSection(), notes={name: "default: the run's" for name in SCORING})
@@ -137,10 +143,10 @@ def eval_(
     Data and scoring options left out are taken from the first adapter's train_config.yaml when it has one.
     """
     chosen = given(DataSection(), {k: v for k, v in options.items() if k not in SCORING})
-    run_file = adapter[0] / run_module.CONFIG_FILE if adapter else None
-    trained_with = flatten(yaml.safe_load(run_file.read_text()) or {}) if run_file and run_file.is_file() else {}
+    trained_with = _trained_with(adapter)
     fields = {k: chosen.get(k, trained_with.get(k)) for k in RUN_DATA}
     data = fields.pop("data") or "e2e"
+    prompt_format = chosen.get("prompt_format", trained_with.get("prompt_format", DataSection().prompt_format))
     settings = replace(DataSection(), **{k: v for k, v in chosen.items() if k not in RUN_DATA})
     try:
         builtin = BUILTIN_DATASETS.get(data.removesuffix("-full"))
@@ -150,6 +156,7 @@ def eval_(
         scoring = _scoring(options, trained_with)
         target = Target(device, precision)
         base, tokenizer, task = load_with_adapters(model, adapter or [], task, target=target)
+        apply_prompt_format(tokenizer, prompt_format)
         dataset = load_data(data, split, task, **fields)
         if limit is not None:
             dataset = replace(dataset, examples=dataset.examples[:limit])
@@ -174,7 +181,7 @@ def eval_(
 
 @app.command()
 @with_options(
-    options_of(DataSection(), ["max_new_tokens"])
+    options_of(DataSection(), ["prompt_format", "max_new_tokens"], notes={"prompt_format": "default: the run's"})
     + options_of(ScoringSection(), ["num_beams", "length_penalty", "no_repeat_ngram_size"])
 )
 def generate(
@@ -202,6 +209,8 @@ def generate(
             raise ValueError("give a prompt or --file")
         target = Target(device, precision)
         base, tokenizer, _ = load_with_adapters(model, adapter or [], "causal-lm", target=target)
+        default_format = _trained_with(adapter).get("prompt_format", DataSection().prompt_format)
+        apply_prompt_format(tokenizer, chosen.get("prompt_format", default_format))
         inputs = prompts if raw else [format_prompt(tokenizer, p) for p in prompts]
         with autocast(target.device, target.dtype):
             texts = generate_texts(base, tokenizer, inputs, max_new_tokens, decoding=decoding)

@@ -21,7 +21,7 @@ import yaml
 
 from ..device import precision_name, resolve_device, resolve_precision
 from ..models import BUILTIN_MODELS
-from .data import CLASSIFICATION, GENERATION, REGRESSION, TASKS
+from .data import CLASSIFICATION, GENERATION, PROMPT_FORMATS, REGRESSION, TASKS
 from .long_rows import LONG_ROW_POLICIES
 from .loop import LoopSettings
 from .sections import (
@@ -193,6 +193,8 @@ class RunConfig:
             raise RunError(f"unknown task {task!r}; expected {', '.join(TASKS)}")
         if self.long_rows not in LONG_ROW_POLICIES:
             raise RunError(f"unknown --long-rows {self.long_rows!r}; expected {' or '.join(LONG_ROW_POLICIES)}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise RunError(f"unknown --prompt-format {self.prompt_format!r}; expected {' or '.join(PROMPT_FORMATS)}")
         model = self.model or DEFAULT_MODEL[task]
         builtin = BUILTIN_MODELS.get(model)
         targets = self.target_modules or (list(builtin.target_modules) if builtin else None)

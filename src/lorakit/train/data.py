@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from .chat import MESSAGES_FIELD, conversation_example
-from .encoding import Collator, encode_causal, encode_classification, encode_prompt, format_prompt
+from .encoding import (
+    PROMPT_FORMATS,
+    Collator,
+    apply_prompt_format,
+    encode_causal,
+    encode_classification,
+    encode_prompt,
+    format_prompt,
+)
 from .examples import (
     CLASSIFICATION,
     GENERATION,
@@ -97,16 +105,17 @@ def _read_glue_tsv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
-def _read_e2e(path: Path, split: str) -> list[Example]:
+def _read_e2e(path: Path, split: str, template: str | None) -> list[Example]:
     with path.open(encoding="utf-8", newline="") as f:
         rows = [(row["mr"], row["ref"]) for row in csv.DictReader(f)]
     refs: dict[str, list[str]] = {}
     for mr, ref in rows:
         refs.setdefault(mr, []).append(ref)
+    prompts = {mr: e2e_prompt(mr) if template is None else _fill(template, {"mr": mr}, str(path)) for mr in refs}
     if split == "train":
-        return [Example(e2e_prompt(mr), ref, refs[mr]) for mr, ref in rows]
+        return [Example(prompts[mr], ref, refs[mr]) for mr, ref in rows]
     # Evaluation scores one output per meaning representation against all its references.
-    return [Example(e2e_prompt(mr), group[0], group) for mr, group in refs.items()]
+    return [Example(prompts[mr], group[0], group) for mr, group in refs.items()]
 
 
 def _mrpc_train_rows(folder: Path) -> list[dict[str, str]]:
@@ -119,8 +128,13 @@ def _mrpc_train_rows(folder: Path) -> list[dict[str, str]]:
     return [row for row in _read_glue_tsv(original) if (row["#1 ID"], row["#2 ID"]) not in dev]
 
 
-def load_builtin(name: str, split: str = "train", data_dir: str | Path | None = None) -> DataSplit:
-    """A split ("train", "validation", "test" for e2e) of a built-in data set, from data_dir or the shipped sample."""
+def load_builtin(
+    name: str, split: str = "train", data_dir: str | Path | None = None, template: str | None = None
+) -> DataSplit:
+    """A split ("train", "validation", "test" for e2e) of a built-in data set, from data_dir or the shipped sample.
+
+    template (e2e only) writes the prompt from the field `mr`, e.g. "{mr}"; by default the prompt is
+    `E2E_INSTRUCTION` followed by the meaning representation."""
     spec = BUILTIN_DATASETS.get(name)
     if spec is None:
         raise DataError(f"no built-in data set '{name}'; built-in: {', '.join(BUILTIN_DATASETS)}")
@@ -130,8 +144,10 @@ def load_builtin(name: str, split: str = "train", data_dir: str | Path | None = 
     path = folder / spec.files[split]
     if not path.is_file():
         raise DataError(f"data set '{name}': file not found: {path}")
+    if template is not None and spec.task != GENERATION:
+        raise DataError(f"data set '{name}' is for {spec.task}, which takes no prompt template")
     if name == "e2e":
-        return DataSplit(GENERATION, _read_e2e(path, split))
+        return DataSplit(GENERATION, _read_e2e(path, split, template))
     if name == "sst2":
         rows = _read_glue_tsv(path)
         examples = [ClassExample(row["sentence"].strip(), None, int(row["label"])) for row in rows]
@@ -165,14 +181,14 @@ def load_data(
     (split is ignored; columns name the fields of a header-less .csv/.tsv), or `hf:<id>` / `<owner>/<name>`
     for datasets.load_dataset with hub_options.
     task is "causal-lm" (default), "seq-cls" or "regression" for files and hub data; built-ins know their own.
-    The fields, template and label_names apply to files and hub data; see `records_to_split`.
+    The fields and label_names apply to files and hub data (see `records_to_split`), the template also to e2e.
     """
     name = spec.removesuffix("-full")
     if name in BUILTIN_DATASETS:
         if task is not None and task != BUILTIN_DATASETS[name].task:
             raise DataError(f"data set '{name}' is for task '{BUILTIN_DATASETS[name].task}', not '{task}'")
         folder = data_dir if data_dir is not None or name == spec else full_data_dir(name)
-        return load_builtin(name, split, folder)
+        return load_builtin(name, split, folder, template)
     records, hub_names = load_records(
         spec, split, columns=columns, hub_options=hub_options, builtin_names=tuple(BUILTIN_DATASETS)
     )
@@ -318,7 +334,9 @@ __all__ = [
     "TARGET_FIELDS",
     "TASKS",
     "ClassExample",
+    "PROMPT_FORMATS",
     "Collator",
+    "apply_prompt_format",
     "DataError",
     "DataSplit",
     "Example",

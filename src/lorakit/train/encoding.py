@@ -20,6 +20,19 @@ from transformers import PreTrainedTokenizerBase
 from .chat import encode_conversation, render
 from .examples import IGNORE_INDEX, ClassExample, Conversation, DataError, Example, Prompt
 
+PROMPT_FORMATS = ("chat", "plain")
+
+
+def apply_prompt_format(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> None:
+    """Make `format_prompt` write this tokenizer's prompts in `prompt_format`. "chat" keeps the chat template
+    (when the tokenizer has one); "plain" removes it from this tokenizer object, so a prompt is BOS, the text
+    and a newline: shorter rows for a fine-tune on one task (the template's system turn and headers are a
+    third of an E2E row), and a model trained so expects its prompts in that form."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise DataError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    if prompt_format == "plain":
+        tokenizer.chat_template = None
+
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     """The complete model input for a prompt, special tokens written out, to be tokenized with

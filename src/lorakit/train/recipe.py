@@ -51,6 +51,7 @@ from .data import (
     Collator,
     DataError,
     Example,
+    apply_prompt_format,
 )
 from .distributed import Parallel
 from .evaluate import evaluate_split, mean_loss
@@ -248,6 +249,7 @@ class TrainingRecipe:
         num_labels = self.train.num_labels if cfg.task == CLASSIFICATION else None  # regression: always one
         self.model, self.tokenizer = load_model(cfg.model, cfg.task, num_labels=num_labels, dtype=self.dtype)
         place(self.model, self.device)
+        apply_prompt_format(self.tokenizer, cfg.prompt_format)
         self.log(
             f"model: {cfg.model} loaded in {time.perf_counter() - self.started:.1f}s "
             f"on {self.device} in {precision_name(self.dtype)}"
