@@ -14,7 +14,7 @@ from lorakit.cli import app
 from lorakit.cli.common import load_with_adapters
 from lorakit.generate import Decoding, generate_texts
 from lorakit.metrics import METRICS, implementation
-from lorakit.train.data import format_prompt
+from lorakit.train.data import format_prompt, load_data
 from support.files import E2E_PAIRS, save_tiny_bert, write_pairs
 
 runner = CliRunner()
@@ -135,3 +135,16 @@ def test_a_plain_format_run_is_scored_and_prompted_in_its_format(chat_llama_dir,
     inputs = [f"{tokenizer.bos_token}MR {mr}\n" for mr, _ in E2E_PAIRS[:2]]  # the file's first two rows
     expected = generate_texts(model, tokenizer, inputs, 6, decoding=Decoding())
     assert json.loads(report.read_text())["predictions"] == expected
+
+
+def test_eval_without_a_run_prompts_as_a_run_on_that_data_would(chat_llama_dir, tmp_path):
+    report = tmp_path / "eval.json"
+    args = ["eval", "--model", str(chat_llama_dir), "--data", "e2e", "--limit", "2", "--max-new-tokens", "4"]
+    result = runner.invoke(app, [*args, "--output", str(report)])
+    assert result.exit_code == 0, result.output
+    model, tokenizer, _ = load_with_adapters(str(chat_llama_dir), [], "causal-lm")
+    mrs = [e.prompt.split(": ", 1)[1] for e in load_data("e2e", "test").examples[:2]]  # the instruction's MR
+    inputs = [f"{tokenizer.bos_token}{mr}\n" for mr in mrs]  # e2e's defaults: plain format, the MR alone
+    assert json.loads(report.read_text())["predictions"] == generate_texts(
+        model, tokenizer, inputs, 4, decoding=Decoding()
+    )

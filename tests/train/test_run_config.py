@@ -31,7 +31,7 @@ def test_defaults_come_from_the_library_dataclasses():
     )
     assert isinstance(cfg.loop, LoopSettings) and cfg.warmup_ratio == LoopSettings.warmup_ratio
     # What `lorakit train` starts from where it differs from the library's own defaults.
-    assert (cfg.lr, cfg.eval_every, cfg.dropout) == (1e-3, 25, 0.05)
+    assert (cfg.lr, cfg.eval_every, cfg.dropout) == (2e-3, 25, 0.05)
 
 
 def test_flat_and_nested_yaml_give_the_same_config(tmp_path):
@@ -119,6 +119,13 @@ def test_resolved_fills_task_model_targets_and_output():
         RunConfig(task="nope").resolved()
     with pytest.raises(RunError, match="unknown --prompt-format 'raw'; expected chat or plain"):
         RunConfig(prompt_format="raw").resolved()
+
+
+def test_prompt_format_defaults_to_the_data_sets():
+    assert (RunConfig().resolved().prompt_format, RunConfig().resolved().template) == ("plain", "{mr}")  # e2e: one task
+    assert RunConfig(data="e2e-full").resolved().prompt_format == "plain"
+    assert RunConfig(data="sst2").resolved().prompt_format == "chat"
+    assert RunConfig(prompt_format="chat").resolved().prompt_format == "chat"
 
 
 def test_resume_compares_with_the_saved_options_flat_or_nested():

@@ -19,7 +19,7 @@ from ..generate import Decoding, generate_texts
 from ..metrics import Scores
 from ..train import run as run_module
 from ..train.config import SECTION_PATHS, RunConfig, flatten
-from ..train.data import BUILTIN_DATASETS, apply_prompt_format, format_prompt, load_data
+from ..train.data import BUILTIN_DATASETS, apply_prompt_format, format_prompt, load_data, prompt_defaults
 from ..train.evaluate import evaluate_split
 from ..train.sections import DataSection, ScoringSection
 from .common import (
@@ -112,6 +112,25 @@ def _trained_with(adapters: list[Path] | None) -> dict[str, Any]:
     return flatten(yaml.safe_load(run_file.read_text()) or {}) if run_file and run_file.is_file() else {}
 
 
+def _run_prompt_format(trained_with: dict[str, Any]) -> str | None:
+    """The prompt format of the run an adapter comes from ("chat" for runs from before the option), if any."""
+    return (trained_with.get("prompt_format") or "chat") if trained_with else None
+
+
+def _data_options(chosen: dict[str, Any], trained_with: dict[str, Any]) -> dict[str, Any]:
+    """`eval`'s data options (RUN_DATA and the prompt format): those given, else the adapter's run's, else the
+    data set's defaults (`prompt_defaults`), as a run on it without them would have had."""
+    names = (*RUN_DATA, "prompt_format")
+    values: dict[str, Any] = {k: trained_with.get(k) for k in RUN_DATA}
+    values |= {"prompt_format": _run_prompt_format(trained_with)} | {k: v for k, v in chosen.items() if k in names}
+    values["data"] = data = values["data"] or "e2e"
+    if not trained_with:
+        defaults = prompt_defaults(data)
+        values["prompt_format"] = values["prompt_format"] or defaults["prompt_format"]
+        values["template"] = values["template"] if values["template"] is not None else defaults["template"]
+    return values
+
+
 def _scoring(options: dict[str, Any], trained_with: dict[str, Any]) -> ScoringSection:
     """The scoring options given, else the run's (train_config.yaml), else the defaults."""
     values: dict[str, Any] = {k: trained_with[k] for k in SCORING if k in trained_with}
@@ -144,9 +163,8 @@ def eval_(
     """
     chosen = given(DataSection(), {k: v for k, v in options.items() if k not in SCORING})
     trained_with = _trained_with(adapter)
-    fields = {k: chosen.get(k, trained_with.get(k)) for k in RUN_DATA}
-    data = fields.pop("data") or "e2e"
-    prompt_format = chosen.get("prompt_format", trained_with.get("prompt_format", DataSection().prompt_format))
+    fields = _data_options(chosen, trained_with)
+    data, prompt_format = fields.pop("data"), fields.pop("prompt_format")
     settings = replace(DataSection(), **{k: v for k, v in chosen.items() if k not in RUN_DATA})
     try:
         builtin = BUILTIN_DATASETS.get(data.removesuffix("-full"))
@@ -209,8 +227,8 @@ def generate(
             raise ValueError("give a prompt or --file")
         target = Target(device, precision)
         base, tokenizer, _ = load_with_adapters(model, adapter or [], "causal-lm", target=target)
-        default_format = _trained_with(adapter).get("prompt_format", DataSection().prompt_format)
-        apply_prompt_format(tokenizer, chosen.get("prompt_format", default_format))
+        prompt_format = chosen.get("prompt_format") or _run_prompt_format(_trained_with(adapter)) or "chat"
+        apply_prompt_format(tokenizer, prompt_format)
         inputs = prompts if raw else [format_prompt(tokenizer, p) for p in prompts]
         with autocast(target.device, target.dtype):
             texts = generate_texts(base, tokenizer, inputs, max_new_tokens, decoding=decoding)

@@ -59,11 +59,18 @@ class _Builtin:
     full_subdir: str  # its folder inside the full-data root (the ../shared/data layout)
     files: Mapping[str, str]  # split -> file name, identical in the sample and the full data
     label_names: tuple[str, ...] = ()
+    prompt_format: str = "chat"  # the --prompt-format and --template a run on it takes unless told
+    template: str | None = None  # (None: the loader's own prompt)
 
 
 BUILTIN_DATASETS: dict[str, _Builtin] = {
     "e2e": _Builtin(
-        GENERATION, "e2e", {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
+        GENERATION,
+        "e2e",
+        {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"},
+        # One fixed task: the chat template's turns and an instruction would be two thirds of every row.
+        prompt_format="plain",
+        template="{mr}",
     ),
     "sst2": _Builtin(
         CLASSIFICATION, "glue/SST-2", {"train": "train.tsv", "validation": "dev.tsv"}, ("negative", "positive")
@@ -75,6 +82,15 @@ BUILTIN_DATASETS: dict[str, _Builtin] = {
         ("not_equivalent", "equivalent"),
     ),
 }
+
+
+def prompt_defaults(spec: str) -> dict[str, str | None]:
+    """The prompt format and template a run on `spec` takes unless told: the built-in data set's, else the chat
+    template and no template."""
+    builtin = BUILTIN_DATASETS.get(spec.removesuffix("-full"))
+    if builtin is None:
+        return {"prompt_format": "chat", "template": None}
+    return {"prompt_format": builtin.prompt_format, "template": builtin.template}
 
 
 def sample_dir(name: str) -> Path:
@@ -337,6 +353,7 @@ __all__ = [
     "PROMPT_FORMATS",
     "Collator",
     "apply_prompt_format",
+    "prompt_defaults",
     "DataError",
     "DataSplit",
     "Example",

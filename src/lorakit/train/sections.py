@@ -51,10 +51,11 @@ class DataSection:
     target_field: str | None = option(None, "field holding the target text or label")
     pair_field: str | None = option(None, "second text field for sentence-pair classification")
     template: str | None = option(None, "prompt template with {field} placeholders (e2e: {mr})")
-    prompt_format: str = option(
-        "chat",
+    prompt_format: str | None = option(
+        None,
         "chat: prompts in the tokenizer's chat template (when it has one); plain: BOS, the prompt and a newline "
         "(shorter rows; the adapter then expects this form)",
+        default_text="the data set's: plain for e2e, else chat",
     )
     max_length: int | None = option(
         None, "maximum tokens per example", default_text="auto: the longest row, at most the model's context and 1024"

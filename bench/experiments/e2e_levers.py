@@ -1,0 +1,180 @@
+"""Issue 16's levers for the default E2E run, chosen on the validation set: one `lorakit train` per variant,
+then `lorakit eval` of its adapter on E2E validation meaning representations (never the test set).
+
+Data (built from the complete E2E files under $LORAKIT_DATA or ../shared/data, into <workdir>/data/e2e):
+
+* training: the complete training set shuffled with a fixed seed; each run reads its first --train-rows rows
+  (`--max-train-examples`), so every variant sees the same examples in the same order;
+* validation: --dev-mrs meaning representations spread evenly over the 547 of devset.csv, with all their
+  references — the file each run takes its validation loss from and that `lorakit eval --split validation`
+  scores.
+
+The variants (VARIANTS) each change one lever against the recipe before issue 16 (the chat template around an
+instruction and the MR, LoRA on q,k,v,o, lr 1e-3, greedy decoding): the plain prompt format with the MR
+alone, then on top of it LoRA on every linear layer or a higher learning rate, and the paper's beam search
+(scored on an adapter trained above, `--beam-of`). The baseline row is the adapter of the default run before
+issue 16 (`--baseline`; it trained on the 1,000-row sample, in 125 steps), scored the same way. Each process
+uses one torch thread, so two can share the two cores; wall times are comparable only between runs that ran
+side by side, which the JSON's `note` records.
+
+    .venv/bin/python bench/experiments/e2e_levers.py --baseline runs/e2e-smollm2-135m   # hours on 2 cores
+    .venv/bin/python bench/experiments/e2e_levers.py --collect --note "..."             # only the table
+
+Writes bench/results/e2e_levers.json and the "e2e-levers" section of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from methods_runs import update_docs_section, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
+from common import machine  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results" / "e2e_levers.json"
+LORAKIT = str(REPO / ".venv" / "bin" / "lorakit")
+PLAIN = ["--prompt-format", "plain", "--template", "{mr}"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (what it is, `lorakit train` options)
+    "plain-qkvo": ("plain format, the MR alone; q,k,v,o; lr 1e-3", PLAIN),
+    "plain-all-linear": ("as plain-qkvo, LoRA on all linear layers", [*PLAIN, "--target-modules", "all-linear"]),
+    "plain-qkvo-lr2e-3": ("as plain-qkvo, lr 2e-3", [*PLAIN, "--lr", "2e-3"]),
+}
+BEAM = ["--num-beams", "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4"]  # the LoRA paper's
+METRICS = ("bleu", "nist", "rouge_l", "chrf")
+
+
+def build_data(source: Path, workdir: Path, dev_mrs: int) -> Path:
+    """The folder the runs read as $LORAKIT_DATA: e2e/ with shuffled training rows and the validation subset
+    (also as the test file, so nothing a run does touches the test set)."""
+    folder = workdir / "data" / "e2e"
+    folder.mkdir(parents=True, exist_ok=True)
+    train, dev = read_rows(source / "trainset.csv"), read_rows(source / "devset.csv")
+    random.Random(5).shuffle(train)
+    mrs = list(dict.fromkeys(row["mr"] for row in dev))
+    picked = {mrs[i * len(mrs) // dev_mrs] for i in range(dev_mrs)}
+    subset = [row for row in dev if row["mr"] in picked]
+    for name, rows in [("trainset.csv", train[:6000]), ("devset.csv", subset), ("testset_w_refs.csv", subset)]:
+        with (folder / name).open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["mr", "ref"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return folder.parent
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def lorakit(args: list[str], data_root: Path, log: Path) -> None:
+    """One lorakit command on one thread, its output in `log`."""
+    env = {**os.environ, "LORAKIT_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        subprocess.run([LORAKIT, *args], env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+
+
+def train(name: str, options: list[str], workdir: Path, data_root: Path, train_rows: int) -> None:
+    args = ["train", "--data", "e2e-full", "--max-train-examples", str(train_rows), "--eval-examples", "1"]
+    args += ["--output", str(workdir / "runs" / name), "--overwrite", "--no-progress", *options]
+    lorakit(args, data_root, workdir / f"train_{name}.log")
+
+
+def evaluate(name: str, adapter: Path, workdir: Path, data_root: Path, extra: list[str]) -> None:
+    output = workdir / "evals" / f"{name}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    args = ["eval", "--adapter", str(adapter), "--data", "e2e-full", "--split", "validation", "--output", str(output)]
+    lorakit([*args, *extra], data_root, workdir / f"eval_{name}.log")
+
+
+def row(name: str, what: str, workdir: Path, run: Path | None) -> dict[str, Any]:
+    """One table row: validation scores, and the run's training figures when it has a run folder."""
+    scores = json.loads((workdir / "evals" / f"{name}.json").read_text())["metrics"]
+    out: dict[str, Any] = {"name": name, "what": what, **{m: scores.get(m) for m in METRICS}}
+    if run is not None and (run / "results.json").is_file():
+        results = json.loads((run / "results.json").read_text())
+        losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        out.update(
+            steps=results["train"]["steps"],
+            rows=results["data"]["training"]["rows"],
+            train_s=results["train"]["wall_time_s"],
+            tokens_per_s=results["train"]["tokens_per_s"],
+            trainable=results["train"]["trainable_parameters"],
+            val_loss=[entry["eval_loss"] for entry in losses if "eval_loss" in entry][-1],
+        )
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"{meta['dev_mrs']} validation MRs spread over E2E's devset.csv (all references), greedy unless the row says "
+        f"beam; each run: one pass over the first {meta['train_rows']} rows of the shuffled complete training set, "
+        "batch 8, r=8, α=16, dropout 0.05. Command: `python bench/experiments/e2e_levers.py`.",
+        "",
+        "| variant | what | BLEU | NIST | ROUGE-L | chrF | val. loss | trainable | steps | train time | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        train = (
+            [
+                f"{r['val_loss']:.3f}",
+                f"{r['trainable']:,}",
+                str(r["steps"]),
+                f"{r['train_s']:.0f} s",
+                f"{r['tokens_per_s']:.0f}",
+            ]
+            if "steps" in r
+            else ["", "", "", "", ""]
+        )
+        scores = [f"{r[m]:.2f}" if m == "nist" else f"{r[m]:.1f}" for m in METRICS]
+        lines.append("| " + " | ".join([r["name"], r["what"], *scores, *train]) + " |")
+    lines += ["", f"Machine: {meta['machine']['cpu']}, {meta['machine']['cpus']} cores. {meta['note']}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "e2e_levers")
+    parser.add_argument(
+        "--source", type=Path, default=Path(os.environ.get("LORAKIT_DATA", REPO.parent / "shared" / "data")) / "e2e"
+    )
+    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--dev-mrs", type=int, default=120)
+    parser.add_argument("--baseline", type=Path, help="adapter of the earlier default run, scored as the baseline")
+    parser.add_argument("--beam-of", default="plain-qkvo-lr2e-3", help="the variant whose adapter beam search decodes")
+    parser.add_argument("--collect", action="store_true", help="only build the table from the work folder")
+    parser.add_argument("--note", default="", help="how the runs were run (side by side, threads)")
+    args = parser.parse_args()
+
+    data_root = build_data(args.source, args.workdir, args.dev_mrs) if not args.collect else args.workdir / "data"
+    if not args.collect:
+        for name, (_, options) in VARIANTS.items():
+            train(name, options, args.workdir, data_root, args.train_rows)
+            evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
+        evaluate(f"{args.beam_of}+beam", args.workdir / "runs" / args.beam_of, args.workdir, data_root, BEAM)
+        if args.baseline is not None:
+            evaluate("baseline", args.baseline, args.workdir, data_root, [])
+    scored = [("baseline", "before issue 16: chat template, instruction + MR; q,k,v,o; lr 1e-3; 1,000 rows", None)]
+    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in VARIANTS.items()]
+    scored += [(f"{args.beam_of}+beam", "its adapter; beam 10, length penalty 0.9, no repeated 4-gram", None)]
+    rows = [row(n, w, args.workdir, run) for n, w, run in scored if (args.workdir / "evals" / f"{n}.json").is_file()]
+    meta = {"train_rows": args.train_rows, "dev_mrs": args.dev_mrs, "machine": machine(), "note": args.note}
+    write_json(RESULTS, {"meta": meta, "rows": rows})
+    table = markdown(rows, meta)
+    update_docs_section(
+        "e2e-levers", "## Which settings for the default E2E run (issue 16, validation set)\n\n" + table
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

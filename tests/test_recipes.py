@@ -1,0 +1,36 @@
+"""The shipped recipes (recipes/*.yaml) are complete, valid run configurations: every key known, every value of
+its option's type, and the run they describe the one their comments promise."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from lorakit.train.config import RunConfig
+from lorakit.train.data import load_data
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+FULL_E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+
+
+def test_there_are_recipes():
+    assert [p.name for p in RECIPES] == ["e2e-paper.yaml"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_resolves(recipe):
+    config = RunConfig.from_sources(recipe).resolved()
+    assert config.output.startswith("runs/")
+
+
+def test_e2e_paper_recipe_is_one_epoch_of_the_whole_set_scored_on_the_whole_test_set_with_the_papers_beam():
+    config = RunConfig.from_sources(RECIPES[0]).resolved()
+    assert (config.data, config.epochs, config.max_steps, config.max_train_examples) == ("e2e-full", 1, None, None)
+    assert config.eval_examples is None  # every test MR
+    assert (config.num_beams, config.length_penalty, config.no_repeat_ngram_size) == (10, 0.9, 4)
+    defaults = RunConfig().resolved()  # the rest as the default run, chosen on validation
+    for name in ("prompt_format", "template", "lr", "target_modules", "r", "alpha", "batch_size", "model"):
+        assert getattr(config, name) == getattr(defaults, name), name
+    if FULL_E2E.is_dir():  # "5,258 steps of 8" in the recipe's comment
+        rows = len(load_data("e2e", "train", data_dir=FULL_E2E))
+        assert math.ceil(rows / config.batch_size) == 5258
