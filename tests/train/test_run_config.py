@@ -31,7 +31,7 @@ def test_defaults_come_from_the_library_dataclasses():
     )
     assert isinstance(cfg.loop, LoopSettings) and cfg.warmup_ratio == LoopSettings.warmup_ratio
     # What `lorakit train` starts from where it differs from the library's own defaults.
-    assert (cfg.lr, cfg.eval_every, cfg.dropout) == (2e-3, 25, 0.05)
+    assert (cfg.lr, cfg.eval_every, cfg.dropout) == (2e-3, 50, 0.05)
 
 
 def test_flat_and_nested_yaml_give_the_same_config(tmp_path):
