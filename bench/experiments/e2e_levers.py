@@ -13,7 +13,9 @@ The variants (VARIANTS) each change one lever against the recipe before issue 16
 instruction and the MR, LoRA on q,k,v,o, lr 1e-3, greedy decoding): the plain prompt format with the MR
 alone, then on top of it LoRA on every linear layer or a higher learning rate, and the paper's beam search
 (scored on an adapter trained above, `--beam-of`). The baseline row is the adapter of the default run before
-issue 16 (`--baseline`; it trained on the 1,000-row sample, in 125 steps), scored the same way. Each process
+issue 16 (`--baseline`; it trained on the 1,000-row sample, in 125 steps), scored the same way. The decodings
+(DECODINGS) score the adapter of the default run (`--default-run`) greedily, with beam search of width 4 and
+10, and with the ban on repeated 4-grams in the output. Each process
 uses one torch thread, so two can share the two cores; wall times are comparable only between runs that ran
 side by side, which the JSON's `note` records.
 
@@ -50,6 +52,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (what it is, `lorakit 
     "plain-qkvo-lr2e-3": ("as plain-qkvo, lr 2e-3", [*PLAIN, "--lr", "2e-3"]),
 }
 BEAM = ["--num-beams", "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4"]  # the LoRA paper's
+BEAM4 = ["--num-beams", "4", "--length-penalty", "0.9"]
+DECODINGS: dict[str, tuple[str, list[str]]] = {  # name -> (what, `lorakit eval` options) for --default-run's adapter
+    "default-run": ("the default run (`make train`: the shipped 1,800 rows, plain, lr 2e-3); greedy", []),
+    "default-run+no-repeat": ("its adapter; greedy, no repeated 4-gram in the output", BEAM[-2:]),
+    "default-run+beam4": ("its adapter; beam 4, length penalty 0.9", BEAM4),
+    "default-run+beam4+no-repeat": ("its adapter; beam 4, length penalty 0.9, no repeated 4-gram", BEAM4 + BEAM[-2:]),
+    "default-run+beam10": ("its adapter; the paper's beam 10, length penalty 0.9, no repeated 4-gram", BEAM),
+}
 METRICS = ("bleu", "nist", "rouge_l", "chrf")
 
 
@@ -150,6 +160,7 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--dev-mrs", type=int, default=120)
     parser.add_argument("--baseline", type=Path, help="adapter of the earlier default run, scored as the baseline")
+    parser.add_argument("--default-run", type=Path, help="the default run's folder, its adapter scored with DECODINGS")
     parser.add_argument("--beam-of", default="plain-qkvo-lr2e-3", help="the variant whose adapter beam search decodes")
     parser.add_argument("--collect", action="store_true", help="only build the table from the work folder")
     parser.add_argument("--note", default="", help="how the runs were run (side by side, threads)")
@@ -163,9 +174,12 @@ def main() -> None:
         evaluate(f"{args.beam_of}+beam", args.workdir / "runs" / args.beam_of, args.workdir, data_root, BEAM)
         if args.baseline is not None:
             evaluate("baseline", args.baseline, args.workdir, data_root, [])
+        for name, (_, options) in DECODINGS.items() if args.default_run is not None else ():
+            evaluate(name, args.default_run, args.workdir, data_root, options)
     scored = [("baseline", "before issue 16: chat template, instruction + MR; q,k,v,o; lr 1e-3; 1,000 rows", None)]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in VARIANTS.items()]
     scored += [(f"{args.beam_of}+beam", "its adapter; beam 10, length penalty 0.9, no repeated 4-gram", None)]
+    scored += [(n, w, args.default_run if n == "default-run" else None) for n, (w, _) in DECODINGS.items()]
     rows = [row(n, w, args.workdir, run) for n, w, run in scored if (args.workdir / "evals" / f"{n}.json").is_file()]
     meta = {"train_rows": args.train_rows, "dev_mrs": args.dev_mrs, "machine": machine(), "note": args.note}
     write_json(RESULTS, {"meta": meta, "rows": rows})

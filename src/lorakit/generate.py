@@ -13,7 +13,8 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedTokenizerBase
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from .device import model_device, to_device
 
@@ -25,7 +26,7 @@ class Decoding:
 
     num_beams: int = 1  # beam search width (1: no beam search)
     length_penalty: float = 1.0  # beam scores are divided by length ** length_penalty (< 1 favours shorter)
-    no_repeat_ngram_size: int = 0  # never generate an n-gram of this size twice in a row's text (0: off)
+    no_repeat_ngram_size: int = 0  # never generate an n-gram of this size twice in a row's output (0: off)
     temperature: float = 0.0  # > 0: sample (from the beams, with num_beams > 1)
 
     def __post_init__(self) -> None:
@@ -36,16 +37,35 @@ class Decoding:
         if self.temperature < 0:
             raise ValueError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
 
-    def generate_options(self) -> dict[str, Any]:
-        """transformers' `generate` arguments (the length penalty only with beam search, the one place it applies)."""
+    def generate_options(self, prompt_length: int) -> dict[str, Any]:
+        """transformers' `generate` arguments for prompts padded to `prompt_length` tokens (the length penalty
+        only with beam search, the one place it applies; the n-gram ban as `OutputNoRepeatNGram`)."""
         options: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": self.temperature > 0}
         if self.num_beams > 1:
             options["length_penalty"] = self.length_penalty
         if self.no_repeat_ngram_size:
-            options["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+            ban = OutputNoRepeatNGram(self.no_repeat_ngram_size, prompt_length)
+            options["logits_processor"] = LogitsProcessorList([ban])
         if self.temperature > 0:
             options["temperature"] = self.temperature
         return options
+
+
+class OutputNoRepeatNGram(LogitsProcessor):
+    """Bans each token that would complete an n-gram already in the row's generated tokens.
+
+    Semantics: for input_ids (rows × length) whose first `prompt_length` columns are the (left-padded) prompts,
+    a token t gets score −inf when the last n − 1 generated tokens followed by t occur as n consecutive tokens
+    earlier in the generated part. The prompt is not looked at: transformers' own `no_repeat_ngram_size` bans
+    n-grams of prompt and output together, so a decoder-only model could not copy a value of four tokens
+    from its input (an E2E meaning representation's "5 out of 5" became "5 out of five")."""
+
+    def __init__(self, ngram_size: int, prompt_length: int) -> None:
+        self.ban = NoRepeatNGramLogitsProcessor(ngram_size)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.ban(cast(torch.LongTensor, input_ids[:, self.prompt_length :]), scores)
 
 
 GREEDY = Decoding()
@@ -85,7 +105,7 @@ def generate_texts(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 synced_gpus=synced,
-                **decoding.generate_options(),
+                **decoding.generate_options(enc["input_ids"].shape[1]),
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
