@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import lorakit
 from lorakit.device import PRECISIONS, autocast, trainable_to_float32
 from lorakit.estimation import CPU_RUNTIME_BYTES, estimate
+from lorakit.layers.shared_input import group_shared_inputs
 from lorakit.models import BUILTIN_MODELS, model_cache_dir
 from lorakit.targets import head_names
 from lorakit.train.loss import causal_lm_loss
@@ -118,6 +119,7 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int, prec
     baseline = status_bytes("VmRSS")
     model = load_prepared(model_name, method, dtype)
     fuse_gated_mlps(model)  # as the training loop does around training
+    group_shared_inputs(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, max_length))

@@ -13,7 +13,8 @@ this script computes it and rewrites what is between them (nothing else in the f
 * estimate-vs-measured: the peaks bench/estimate_vs_measured.py measured (its saved JSON in bench/results/)
   against today's estimate of the same configurations, compared as that script compares them;
 * memory-length: the training memory against sequence length bench/memory_length.py measured
-  (bench/results/memory_length.json) beside today's estimate of each point, as that script prints it.
+  (bench/results/memory_length.json) beside today's estimate of each point, as that script prints it;
+* train-step: the training-step rows bench/train_step.py saved (bench/results/train_step.json), as it prints them.
 
     .venv/bin/python bench/readme_tables.py            # rewrite every table in README.md
     .venv/bin/python bench/readme_tables.py --check    # exit 1 when README.md differs from what it would write
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import memory_length
+import train_step
 from estimate_vs_measured import comparison, estimated, results_file
 
 from lorakit.estimation import Estimate, compare, estimate
@@ -132,12 +134,19 @@ def memory_length_table() -> str:
     return memory_length.markdown(memory_length.with_todays_estimates(saved))
 
 
+def train_step_table() -> str:
+    """bench/train_step.py's saved training-step rows (floor, lorakit, PEFT, full fine-tuning)."""
+    saved = json.loads(train_step.RESULTS.read_text())
+    return train_step.table({"steps": saved["steps"]})
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "estimate-smollm2": smollm2_table,
     "estimate-checkpointing": checkpointing_table,
     "estimate-llama-7b": llama_7b_table,
     "estimate-vs-measured": measured_table,
     "memory-length": memory_length_table,
+    "train-step": train_step_table,
 }
 
 

@@ -71,10 +71,12 @@ def build(setup: str):
     torch.manual_seed(0)
     model, _ = load_model(MODEL, "causal-lm")
     if setup == "lorakit":
+        from lorakit.layers.shared_input import group_shared_inputs
         from lorakit.train.swiglu import fuse_gated_mlps
 
         lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
         fuse_gated_mlps(model)  # as lorakit's training loop does
+        group_shared_inputs(model)
         loss_of = causal_lm_loss
     elif setup == "peft":
         from peft import LoraConfig, get_peft_model

@@ -15,7 +15,8 @@ alone, then on top of it LoRA on every linear layer or a higher learning rate, a
 (scored on an adapter trained above, `--beam-of`). The baseline row is the adapter of the default run before
 issue 16 (`--baseline`; it trained on the 1,000-row sample, in 125 steps), scored the same way. The decodings
 (DECODINGS) score the adapter of the default run (`--default-run`) greedily, with beam search of width 4 and
-10, and with the ban on repeated 4-grams in the output. Each process
+10, and with the ban on repeated 4-grams in the output; DEFAULT_VARIANTS are `lorakit train` as it is by
+default (the shipped 1,800-row sample) with one option changed. Each process
 uses one torch thread, so two can share the two cores; wall times are comparable only between runs that ran
 side by side, which the JSON's `note` records.
 
@@ -50,6 +51,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (what it is, `lorakit 
     "plain-qkvo": ("plain format, the MR alone; q,k,v,o; lr 1e-3", PLAIN),
     "plain-all-linear": ("as plain-qkvo, LoRA on all linear layers", [*PLAIN, "--target-modules", "all-linear"]),
     "plain-qkvo-lr2e-3": ("as plain-qkvo, lr 2e-3", [*PLAIN, "--lr", "2e-3"]),
+}
+DEFAULT_VARIANTS: dict[str, tuple[str, list[str]]] = {  # the default run (`lorakit train`) with one option changed
+    "default-run-lr4e-3": ("the default run with lr 4e-3", ["--lr", "4e-3"]),
+    "default-run-loraplus4": ("the default run with LoRA+ (B's lr 4× A's)", ["--loraplus-ratio", "4"]),
 }
 BEAM = ["--num-beams", "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4"]  # the LoRA paper's
 BEAM4 = ["--num-beams", "4", "--length-penalty", "0.9"]
@@ -97,6 +102,12 @@ def train(name: str, options: list[str], workdir: Path, data_root: Path, train_r
     args = ["train", "--data", "e2e-full", "--max-train-examples", str(train_rows), "--eval-examples", "1"]
     args += ["--output", str(workdir / "runs" / name), "--overwrite", "--no-progress", *options]
     lorakit(args, data_root, workdir / f"train_{name}.log")
+
+
+def train_default(name: str, options: list[str], workdir: Path, data_root: Path) -> None:
+    """`lorakit train` with its defaults (the shipped sample) but `options`."""
+    args = ["train", "--eval-examples", "1", "--output", str(workdir / "runs" / name), "--overwrite", "--no-progress"]
+    lorakit([*args, *options], data_root, workdir / f"train_{name}.log")
 
 
 def evaluate(name: str, adapter: Path, workdir: Path, data_root: Path, extra: list[str]) -> None:
@@ -176,10 +187,14 @@ def main() -> None:
             evaluate("baseline", args.baseline, args.workdir, data_root, [])
         for name, (_, options) in DECODINGS.items() if args.default_run is not None else ():
             evaluate(name, args.default_run, args.workdir, data_root, options)
+        for name, (_, options) in DEFAULT_VARIANTS.items():
+            train_default(name, options, args.workdir, data_root)
+            evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
     scored = [("baseline", "before issue 16: chat template, instruction + MR; q,k,v,o; lr 1e-3; 1,000 rows", None)]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in VARIANTS.items()]
     scored += [(f"{args.beam_of}+beam", "its adapter; beam 10, length penalty 0.9, no repeated 4-gram", None)]
     scored += [(n, w, args.default_run if n == "default-run" else None) for n, (w, _) in DECODINGS.items()]
+    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in DEFAULT_VARIANTS.items()]
     rows = [row(n, w, args.workdir, run) for n, w, run in scored if (args.workdir / "evals" / f"{n}.json").is_file()]
     meta = {"train_rows": args.train_rows, "dev_mrs": args.dev_mrs, "machine": machine(), "note": args.note}
     write_json(RESULTS, {"meta": meta, "rows": rows})

@@ -16,6 +16,7 @@ from lorakit.cli import app
 from lorakit.device import PRECISIONS, autocast, trainable_to_float32
 from lorakit.estimation import compare, estimate
 from lorakit.estimation.simulate import ACTIVATIONS, GRADIENTS, OPTIMIZER, LiveBytes
+from lorakit.layers.shared_input import group_shared_inputs
 from lorakit.methods import MethodOptions
 from lorakit.train.loss import causal_lm_loss
 from lorakit.train.swiglu import fuse_gated_mlps
@@ -174,14 +175,16 @@ def test_adapter_file_size_is_the_written_file(tmp_path):
 def real_step_peak(
     real, kind: str, batch: int, length: int, precision: torch.dtype = torch.float32
 ) -> tuple[int, LiveBytes]:
-    """(bytes of the weights, tracker) of the step lorakit train runs on real CPU tensors: lean gated MLPs, its
-    loss, autocast below float32; the second of two steps is measured, as the simulation's steady state."""
+    """(bytes of the weights, tracker) of the step lorakit train runs on real CPU tensors: lean gated MLPs, grouped
+    q/k/v down-projections, its loss, autocast below float32; the second of two steps is measured, as the
+    simulation's steady state."""
     if precision != torch.float32:
         trainable_to_float32(real)
     trainable = [p for p in real.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     real.train()
     fuse_gated_mlps(real)
+    group_shared_inputs(real)
     weights = [*{id(p): p for p in real.parameters()}.values(), *real.buffers()]
     tracker = LiveBytes(weights)
     for param in trainable:  # label gradients and optimizer state as the simulation does

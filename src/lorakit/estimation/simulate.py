@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
+from ..layers.shared_input import group_shared_inputs, ungroup_shared_inputs
 from ..train.loss import causal_lm_loss
 from ..train.swiglu import fuse_gated_mlps, unfuse_gated_mlps
 from .autocast import MetaAutocast
@@ -270,7 +271,7 @@ def simulate_training(
     tracker = LiveBytes(weights)
     attention = _AttentionBackend(device)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.mark(p.grad, GRADIENTS)) for p in trainable]
-    fused_mlps = fuse_gated_mlps(model)
+    fused_mlps, groups = fuse_gated_mlps(model), group_shared_inputs(model)  # as the training loop runs
     try:
         with attention, tracker:
             opt = _make_optimizer(trainable, optimizer, device) if trainable else None
@@ -298,6 +299,7 @@ def simulate_training(
                 opt.zero_grad(set_to_none=True)
             del opt, batch
     finally:
+        ungroup_shared_inputs(groups)
         unfuse_gated_mlps(fused_mlps)
         for hook in hooks:
             hook.remove()

@@ -1,9 +1,11 @@
 """LoRA on `nn.Linear`: A is an (r × in) linear map, B an (out × r) one; ΔW = scaling · B·A.
 
-The low-rank path runs in one of two ways, both computing s·B(A(dropout(x))): the fused autograd function
-of `lora_function.py` while gradients are recorded (also under autocast, in autocast's dtype), and two matmuls
-with the scaling folded into B in inference. Without autocast x is cast to the factors' dtype (float32 master
-factors over a bf16 / fp16 base) and the output back to the base output's dtype by `LoraLayer.forward`.
+The low-rank path runs in one of three ways, all computing s·B(A(dropout(x))): the fused autograd function
+of `lora_function.py` while gradients are recorded (also under autocast, in autocast's dtype); in a training
+step, for layers fed one input (q, k, v), the columns of a down-projection computed once for all of them
+(`shared_input.py`, set up by the training loop); and two matmuls with the scaling folded into B in
+inference. Without autocast x is cast to the factors' dtype (float32 master factors over a bf16 / fp16 base)
+and the output back to the base output's dtype by `LoraLayer.forward`.
 
 Linear layers (and GPT-2's Conv1D, a subclass) also implement the variants that depend on the base weight,
 PiSSA / OLoRA initialisation and DoRA (`layers/variants.py`). Their containers live here: the frozen start
@@ -61,6 +63,9 @@ class LoraLinear(LoraLayer):
         return variants.variant_for(init, use_dora)
 
     def low_rank_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get("input_group")  # set by layers.shared_input while training
+        if group is not None and group.takes(self, name, x):
+            return group.low_rank_output(self, name, x)
         scaling = self.scaling[name]
         dropout = self.lora_dropout[name]
         a, b = self.lora_a_weight(name), self.lora_b_weight(name)

@@ -72,8 +72,7 @@ class LoraDropoutProduct(torch.autograd.Function):
         x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
         keep_scale = keep_threshold(p)[1] if p > 0 else 1.0
         with _no_autocast(x):
-            dropped = torch.where(keep_mask(seed, x.shape, p, x.device), x, 0.0) if p > 0 else x
-            down = (dropped @ a.t()) * keep_scale
+            down = _dropout_down(x, a, p, seed, keep_scale)
             out = down @ (b.t() * scaling)
         ctx.save_for_backward(x, a, b, down)
         ctx.scaling, ctx.p, ctx.seed, ctx.keep_scale = scaling, p, seed, keep_scale
@@ -98,11 +97,27 @@ def _no_autocast(x: torch.Tensor):
     )
 
 
+def _dropout_down(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, keep_scale: float) -> torch.Tensor:
+    """keep_scale · (dropout(x) @ Aᵀ), the mask drawn from `seed` (p = 0: x itself)."""
+    dropped = torch.where(keep_mask(seed, x.shape, p, x.device), x, 0.0) if p > 0 else x
+    return (dropped @ a.t()) * keep_scale
+
+
 def _product_grads(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, grad_out: torch.Tensor):
     """(grad x, grad A, grad B) of `LoraDropoutProduct` in the compute dtype (None where not needed)."""
     grad_down = grad_out @ (b * ctx.scaling)
+    grad_x, grad_a = _down_grads(ctx, x, a, grad_down)
+    grad_b = None
+    if ctx.needs_input_grad[2]:
+        grad_b = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ down.reshape(-1, down.shape[-1])) * ctx.scaling
+    return grad_x, grad_a, grad_b
+
+
+def _down_grads(ctx, x: torch.Tensor, a: torch.Tensor, grad_down: torch.Tensor):
+    """(grad x, grad A) of down = keep_scale · (dropout(x) @ Aᵀ) given grad_down, the mask regenerated from the
+    seed in `ctx` (None where not needed)."""
     keep = keep_mask(ctx.seed, x.shape, ctx.p, x.device) if ctx.p > 0 else None
-    grad_x = grad_a = grad_b = None
+    grad_x = grad_a = None
     if ctx.needs_input_grad[0]:
         grad_x = grad_down @ (a * ctx.keep_scale)
         if keep is not None:
@@ -110,9 +125,32 @@ def _product_grads(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down:
     if ctx.needs_input_grad[1]:
         dropped = torch.where(keep, x, 0.0) if keep is not None else x
         grad_a = (grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])) * ctx.keep_scale
-    if ctx.needs_input_grad[2]:
-        grad_b = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ down.reshape(-1, down.shape[-1])) * ctx.scaling
-    return grad_x, grad_a, grad_b
+    return grad_x, grad_a
+
+
+class LoraDropoutDown(torch.autograd.Function):
+    """The down-projection alone: dropout(x) @ Aᵀ (A: k × in, for k = the rank, or the summed ranks of several
+    adapters that read x, `layers/shared_input.py`), the mask regenerated from `seed`, computed in `dtype`
+    (x's dtype when None), gradients in each input's dtype. Saves x and A only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None):
+        ctx.dtypes = (x.dtype, a.dtype)
+        dtype = dtype or x.dtype
+        x, a = x.to(dtype), a.to(dtype)
+        ctx.p, ctx.seed, ctx.keep_scale = p, seed, keep_threshold(p)[1] if p > 0 else 1.0
+        with _no_autocast(x):
+            down = _dropout_down(x, a, p, seed, ctx.keep_scale)
+        ctx.save_for_backward(x, a)
+        return down
+
+    @staticmethod
+    def backward(ctx, grad_down: torch.Tensor):
+        x, a = ctx.saved_tensors
+        with _no_autocast(x):
+            grads = _down_grads(ctx, x, a, grad_down.to(x.dtype))
+        grad_x, grad_a = (None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
+        return grad_x, grad_a, None, None, None
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -125,8 +163,17 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def dropout_seed(p: float) -> int:
+    """A mask seed drawn from the global (CPU) generator when p > 0 (without a device sync), else 0."""
+    return int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+
+
 def lora_dropout_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
     """The fast path of a training step, in autocast's dtype under autocast (else in x's dtype, which the caller
-    matches to the factors'); draws one seed from the global (CPU) generator when p > 0, without a device sync."""
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-    return LoraDropoutProduct.apply(x, a, b, scaling, p, seed, autocast_dtype(x))
+    matches to the factors')."""
+    return LoraDropoutProduct.apply(x, a, b, scaling, p, dropout_seed(p), autocast_dtype(x))
+
+
+def lora_dropout_down(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
+    """keep_scale · (dropout(x) @ Aᵀ) with gradients, in autocast's dtype under autocast (else x's)."""
+    return LoraDropoutDown.apply(x, a, p, dropout_seed(p), autocast_dtype(x))
