@@ -99,15 +99,16 @@ def generate_texts(
         for start in tqdm(starts, disable=not progress, desc="generating", unit="batch"):
             chunk = list(prompts[start : start + batch_size])
             enc = to_device(tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False), device)
+            prompt_length = enc["input_ids"].shape[1]  # left-padded: every row's new tokens start here
             out = cast(GenerationMixin, model).generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 synced_gpus=synced,
-                **decoding.generate_options(enc["input_ids"].shape[1]),
+                **decoding.generate_options(prompt_length),
             )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            new_tokens = out[:, prompt_length:]
             outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = saved_side
