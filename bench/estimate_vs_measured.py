@@ -2,12 +2,13 @@
 
 For each (model, method) one fresh Python process loads the real pretrained model, prepares it for the
 method (full fine-tuning, LoRA with dropout 0.05 as `lorakit train` defaults to, or QLoRA = NF4 base + LoRA),
-and runs three training steps of the step `lorakit train` runs (`lorakit.train.step`): the lean gated MLPs
-(`lorakit.train.swiglu.fuse_gated_mlps`), the loss of `lorakit.train.loss.causal_lm_loss` (the fused LM-head
-cross-entropy where it applies), `loss` deleted before the next forward pass, then gradient clipping, the
-AdamW step and zero_grad, on a batch of B × T random tokens without padding. `--precision bf16` loads the
-model in bfloat16, makes the trainable weights float32 (`lorakit.device.trainable_to_float32`) and runs the
-forward pass under `lorakit.device.autocast`, as `lorakit train --precision bf16` does. It reports
+and runs three training steps of the step `lorakit train` runs (`lorakit.train.step`): its fast paths
+(`lorakit.train.fast_paths`: lean gated MLPs, grouped q/k/v down-projections), the loss of
+`lorakit.train.loss.causal_lm_loss` (the fused LM-head cross-entropy where it applies), `loss` deleted before the next
+forward pass, then gradient clipping, the AdamW step and zero_grad, on a batch of B × T random tokens without padding.
+`--precision bf16` loads the model in bfloat16, makes the trainable weights float32
+(`lorakit.device.trainable_to_float32`) and runs the forward pass under `lorakit.device.autocast`,
+as `lorakit train --precision bf16` does. It reports
 
     measured = peak RSS during the steps − RSS before the model was loaded
 
@@ -43,11 +44,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import lorakit
 from lorakit.device import PRECISIONS, autocast, trainable_to_float32
 from lorakit.estimation import CPU_RUNTIME_BYTES, estimate
-from lorakit.layers.shared_input import group_shared_inputs
 from lorakit.models import BUILTIN_MODELS, model_cache_dir
 from lorakit.targets import head_names
+from lorakit.train.fast_paths import enable_training_fast_paths
 from lorakit.train.loss import causal_lm_loss
-from lorakit.train.swiglu import fuse_gated_mlps
 
 from common import (
     MMAP_THRESHOLD_ENV,
@@ -118,8 +118,7 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int, prec
     release_and_reset_peak()
     baseline = status_bytes("VmRSS")
     model = load_prepared(model_name, method, dtype)
-    fuse_gated_mlps(model)  # as the training loop does around training
-    group_shared_inputs(model)
+    enable_training_fast_paths(model)  # as the training loop does around training
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, max_length))

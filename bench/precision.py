@@ -76,13 +76,11 @@ def build(setup: str, device: torch.device) -> tuple[torch.nn.Module, Step]:
     model, _ = load_model(MODEL, "causal-lm", dtype=dtype)
     model.to(device)
     if library == "lorakit":
-        from lorakit.layers.shared_input import group_shared_inputs
-        from lorakit.train.swiglu import fuse_gated_mlps
+        from lorakit.train.fast_paths import enable_training_fast_paths
 
         config = lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS)
         lorakit.add_adapter(model, config, autocast_adapter_dtype=True)
-        fuse_gated_mlps(model)  # as lorakit's training loop does
-        group_shared_inputs(model)
+        enable_training_fast_paths(model)  # as lorakit's training loop does
         loss_of: Callable[[Any, dict], torch.Tensor] = causal_lm_loss
     else:
         from peft import LoraConfig, get_peft_model

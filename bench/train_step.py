@@ -71,12 +71,10 @@ def build(setup: str):
     torch.manual_seed(0)
     model, _ = load_model(MODEL, "causal-lm")
     if setup == "lorakit":
-        from lorakit.layers.shared_input import group_shared_inputs
-        from lorakit.train.swiglu import fuse_gated_mlps
+        from lorakit.train.fast_paths import enable_training_fast_paths
 
         lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
-        fuse_gated_mlps(model)  # as lorakit's training loop does
-        group_shared_inputs(model)
+        enable_training_fast_paths(model)  # as lorakit's training loop does
         loss_of = causal_lm_loss
     elif setup == "peft":
         from peft import LoraConfig, get_peft_model
@@ -106,11 +104,11 @@ def build(setup: str):
 
 def _floor(model):
     """The frozen model's step without any weight gradient: forward, and backward to the input embeddings."""
+    from lorakit.train.fast_paths import enable_training_fast_paths
     from lorakit.train.loss import causal_lm_loss
-    from lorakit.train.swiglu import fuse_gated_mlps
 
     model.requires_grad_(False)
-    fuse_gated_mlps(model)
+    enable_training_fast_paths(model)  # the lean gated MLPs (no LoRA layer to group)
     model.train()
     embed = model.get_input_embeddings()
 

@@ -55,6 +55,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (what it is, `lorakit 
 DEFAULT_VARIANTS: dict[str, tuple[str, list[str]]] = {  # the default run (`lorakit train`) with one option changed
     "default-run-lr4e-3": ("the default run with lr 4e-3", ["--lr", "4e-3"]),
     "default-run-loraplus4": ("the default run with LoRA+ (B's lr 4× A's)", ["--loraplus-ratio", "4"]),
+    "default-run-batch4": ("the default run with batch 4 (twice the steps)", ["--batch-size", "4"]),
+    "default-run-batch4-lr1e-3": ("the default run with batch 4 and lr 1e-3", ["--batch-size", "4", "--lr", "1e-3"]),
 }
 BEAM = ["--num-beams", "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4"]  # the LoRA paper's
 BEAM4 = ["--num-beams", "4", "--length-penalty", "0.9"]

@@ -16,10 +16,9 @@ from lorakit.cli import app
 from lorakit.device import PRECISIONS, autocast, trainable_to_float32
 from lorakit.estimation import compare, estimate
 from lorakit.estimation.simulate import ACTIVATIONS, GRADIENTS, OPTIMIZER, LiveBytes
-from lorakit.layers.shared_input import group_shared_inputs
 from lorakit.methods import MethodOptions
+from lorakit.train.fast_paths import enable_training_fast_paths
 from lorakit.train.loss import causal_lm_loss
-from lorakit.train.swiglu import fuse_gated_mlps
 
 TINY = {
     "llama": dict(
@@ -183,8 +182,7 @@ def real_step_peak(
     trainable = [p for p in real.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     real.train()
-    fuse_gated_mlps(real)
-    group_shared_inputs(real)
+    enable_training_fast_paths(real)
     weights = [*{id(p): p for p in real.parameters()}.values(), *real.buffers()]
     tracker = LiveBytes(weights)
     for param in trainable:  # label gradients and optimizer state as the simulation does

@@ -39,9 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
-from ..layers.shared_input import group_shared_inputs, ungroup_shared_inputs
+from ..train.fast_paths import training_fast_paths
 from ..train.loss import causal_lm_loss
-from ..train.swiglu import fuse_gated_mlps, unfuse_gated_mlps
 from .autocast import MetaAutocast
 
 ACTIVATIONS, GRADIENTS, OPTIMIZER = "activations", "gradients", "optimizer"
@@ -271,9 +270,8 @@ def simulate_training(
     tracker = LiveBytes(weights)
     attention = _AttentionBackend(device)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.mark(p.grad, GRADIENTS)) for p in trainable]
-    fused_mlps, groups = fuse_gated_mlps(model), group_shared_inputs(model)  # as the training loop runs
     try:
-        with attention, tracker:
+        with training_fast_paths(model), attention, tracker:
             opt = _make_optimizer(trainable, optimizer, device) if trainable else None
             if opt is not None:
                 _create_optimizer_state(opt, trainable, tracker)
@@ -299,8 +297,6 @@ def simulate_training(
                 opt.zero_grad(set_to_none=True)
             del opt, batch
     finally:
-        ungroup_shared_inputs(groups)
-        unfuse_gated_mlps(fused_mlps)
         for hook in hooks:
             hook.remove()
     paths = attention.paths

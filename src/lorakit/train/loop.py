@@ -27,15 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..device import model_device
-from ..layers.shared_input import group_shared_inputs, ungroup_shared_inputs
 from .batches import by_step, micro_batches
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, Checkpointer, TrainingState, cuda_rng_state, latest_checkpoint
 from .checkpointing import disable_checkpointing, enable_checkpointing, free_memory_bytes, wanted
 from .distributed import Parallel
+from .fast_paths import training_fast_paths
 from .metrics_log import METRICS_FILE, MetricsLog
 from .settings import LoopSettings
 from .step import Stepper, build_optimizer, loss_items
-from .swiglu import fuse_gated_mlps, unfuse_gated_mlps
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
@@ -88,21 +87,16 @@ def _start(
 
 @contextmanager
 def _fast_paths(model: nn.Module, checkpoint: bool, sharded: bool) -> Iterator[None]:
-    """The loop's fast paths while training, undone afterwards: lean gated MLPs (a third less MLP activation
-    memory), LoRA layers fed one input computing their down-projections together (not on a sharded model,
-    whose members' weights are gathered one module at a time) and, when `checkpoint`, activation
-    checkpointing."""
-    fused_mlps = fuse_gated_mlps(model)
-    groups = [] if sharded else group_shared_inputs(model)
-    if checkpoint:
-        enable_checkpointing(model)
-    try:
-        yield
-    finally:
+    """The step's fast paths (`training_fast_paths`) while training and, when `checkpoint`, activation
+    checkpointing; all undone afterwards."""
+    with training_fast_paths(model, sharded):
         if checkpoint:
-            disable_checkpointing(model)
-        ungroup_shared_inputs(groups)
-        unfuse_gated_mlps(fused_mlps)
+            enable_checkpointing(model)
+        try:
+            yield
+        finally:
+            if checkpoint:
+                disable_checkpointing(model)
 
 
 def _progress_bar(total: int, done: int, show: bool) -> tqdm:
