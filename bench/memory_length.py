@@ -1,7 +1,7 @@
 """Training memory against sequence length, measured beside `lorakit estimate` (issue 17's curve).
 
 SmolLM2-135M-Instruct (fp32, CPU), LoRA r=8 α=16 on q,k,v,o with dropout 0.05, AdamW: the lorakit step of
-bench/train_step.py (`train_step.build("lorakit")`: fused LoRA product, lean gated MLPs, fused LM head + loss,
+bench/setups.py (`setups.build("lorakit")`: fused LoRA product, lean gated MLPs, fused LM head + loss,
 gradient clipping, AdamW), on B × T random tokens without padding, every position a target. Each point runs
 in a fresh process with MALLOC_MMAP_THRESHOLD_=131072 (freed blocks go back to the system, so the RSS follows
 the live tensors), with activation checkpointing off and on (on: `lorakit.train.checkpointing
@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import setups
 import torch
 import train_step
 
@@ -81,7 +82,7 @@ def measure_point(batch_size: int, length: int, checkpointing: bool, steps: int)
     tokens; the peak above the loaded model and the step times."""
     from lorakit.train.checkpointing import enable_checkpointing
 
-    model, step, _ = train_step.build("lorakit")  # the lean gated MLPs are on, as in the loop
+    model, step, _ = setups.build("lorakit")  # the lean gated MLPs are on, as in the loop
     own_weights(model)
     if checkpointing:
         enable_checkpointing(model)
@@ -110,12 +111,12 @@ def estimated_above_model(batch_size: int, length: int, checkpointing: bool) -> 
     from lorakit.estimation import CPU_RUNTIME_BYTES, estimate
 
     est = estimate(
-        train_step.MODEL,
+        setups.MODEL,
         "lora",
         r=8,
         alpha=16,
         dropout=0.05,
-        target_modules=train_step.TARGETS,
+        target_modules=setups.TARGETS,
         batch_size=batch_size,
         max_length=length,
         grad_checkpointing=checkpointing,
@@ -146,8 +147,8 @@ def run_point(batch_size: int, length: int, mode: str, steps: int) -> dict[str, 
 def measure_all(points: list[tuple[int, int, int]], output: Path) -> dict[str, Any]:
     """Every (batch, length, steps) with checkpointing off then on; the results saved after each point."""
     results: dict[str, Any] = {
-        "model": train_step.MODEL,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": train_step.TARGETS},
+        "model": setups.MODEL,
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": setups.TARGETS},
         "machine": machine(),
         "uptime_before": uptime(),
         "points": [],

@@ -1,19 +1,16 @@
-"""Training step in fp32 vs bf16 mixed precision, lorakit vs PEFT 0.21.2, side by side on one device.
+"""Training step in fp32 vs bf16 mixed precision, side by side on one device: the floor, lorakit, PEFT 0.21.2 and
+full fine-tuning in each (bench/setups.py: SmolLM2-135M-Instruct, LoRA r=8 α=16 on q,k,v,o with dropout 0.05,
+AdamW, forward, backward, gradient clipping, AdamW step over random tokens, every position a target). In bf16 the
+forward runs under `torch.autocast(device, bfloat16)` over a base stored in bfloat16 with float32 adapters, as
+`lorakit train --precision bf16` runs it; full fine-tuning keeps float32 master weights.
 
-SmolLM2-135M-Instruct (the built-in `smollm2-135m`), LoRA r=8 α=16 on q,k,v,o with dropout 0.05, AdamW, the same
-step as bench/train_step.py (forward, backward, gradient clipping, AdamW step) over random tokens, every position
-a target. Four set-ups:
-
-- lorakit fp32: the model in float32, lorakit's fused paths as its training loop uses them;
-- lorakit bf16: the frozen base stored in bfloat16, float32 adapters (`autocast_adapter_dtype=True`), the forward
-  under `torch.autocast(device, bfloat16)`;
-- PEFT fp32, and PEFT bf16 under the same autocast (PEFT keeps its adapters in float32 by default too).
-
-Step time: the four live in one process and take turns, one step each per round (alternation, so drift in the
-machine's load hits all alike); the median over rounds, synchronised on CUDA. Peak memory: one fresh process per
-set-up and shape, the peak during 3 steps minus the memory just before them (model loaded, adapter added), i.e.
-what training adds above the loaded model: the RSS high-water mark on the CPU (MALLOC_MMAP_THRESHOLD_=131072, as
-bench/train_step.py measures it), `torch.cuda.max_memory_allocated` on CUDA. Ratios are to lorakit fp32.
+Step time: the set-ups live in one process and take turns, one step each per round (alternation, so drift in the
+machine's load hits all alike); the median over rounds, synchronised on CUDA. Each row's ×floor is to the floor in
+the same precision; FLOPs are counted on the warm-up step (`torch.utils.flop_counter`) and MFU is the achieved
+FLOP/s over this run's matrix-product rate in that precision (fp32, "bf16 autocast"). Peak memory: one fresh
+process per set-up and shape, the peak during 3 steps minus the memory just before them (model loaded, adapter
+added), i.e. what training adds above the loaded model: the RSS high-water mark on the CPU
+(MALLOC_MMAP_THRESHOLD_=131072, as bench/train_step.py measures it), `torch.cuda.max_memory_allocated` on CUDA.
 
     .venv/bin/python bench/precision.py --device cpu                      # 4×128 and 4×512
     .venv/bin/python bench/precision.py --device cuda --steps 20
@@ -36,14 +33,13 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from train_step import MODEL, TARGETS
+from setups import LIBRARIES, MODEL, PRECISIONS, Step, build, step_flops
 
-from lorakit.device import autocast, resolve_device, synchronize
+from lorakit.device import resolve_device, synchronize
 
 from common import (
     GEMM_SHAPE,
@@ -58,50 +54,16 @@ from common import (
 )
 
 RESULTS = Path(__file__).parent / "results"
-SETUPS = ("lorakit fp32", "lorakit bf16", "peft fp32", "peft bf16")
+SETUPS = tuple(f"{library} {precision}" for precision in PRECISIONS for library in LIBRARIES)
 BASELINE = "lorakit fp32"
-Step = Callable[[dict[str, torch.Tensor]], float]
+GEMM_OF = {"fp32": "fp32", "bf16": "bf16 autocast"}  # the matrix-product rate each precision's MFU is against
 
 
-# -- the four set-ups ---------------------------------------------------------------------------------------
-def build(setup: str, device: torch.device) -> tuple[torch.nn.Module, Step]:
+# -- the set-ups --------------------------------------------------------------------------------------------
+def build_setup(setup: str, device: torch.device) -> tuple[torch.nn.Module, Step]:
     """A freshly loaded model on `device` prepared for `setup` ("<library> <precision>"), and its step function."""
-    import lorakit
-    from lorakit.models import load_model
-    from lorakit.train.loss import causal_lm_loss
-
     library, precision = setup.split()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    torch.manual_seed(0)
-    model, _ = load_model(MODEL, "causal-lm", dtype=dtype)
-    model.to(device)
-    if library == "lorakit":
-        from lorakit.train.fast_paths import enable_training_fast_paths
-
-        config = lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS)
-        lorakit.add_adapter(model, config, autocast_adapter_dtype=True)
-        enable_training_fast_paths(model)  # as lorakit's training loop does
-        loss_of: Callable[[Any, dict], torch.Tensor] = causal_lm_loss
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config, autocast_adapter_dtype=True)
-        loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    assert all(p.dtype == torch.float32 for p in params), f"{setup}: adapters not in float32"
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-
-    def step(batch: dict[str, torch.Tensor]) -> float:
-        with autocast(device, dtype):  # nothing at all in fp32
-            loss = loss_of(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach().item()  # waits for the device
-
+    model, step, _ = build(library, precision, device)
     return model, step
 
 
@@ -123,7 +85,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 # -- memory, in a fresh process -----------------------------------------------------------------------------
 def memory_child(setup: str, shape: tuple[int, int], device: torch.device) -> dict[str, Any]:
     """Training memory above the loaded, prepared model over 3 steps (MiB), and the loaded model's own."""
-    model, step = build(setup, device)
+    model, step = build_setup(setup, device)
     batch = token_batch(shape, device)
     if device.type == "cuda":
         synchronize(device)
@@ -151,7 +113,7 @@ def measure_memory(setup: str, shape: tuple[int, int], device: str) -> dict[str,
 def bench_shape(built: dict[str, Step], shape: tuple[int, int], device: torch.device, rounds: int) -> dict:
     batch = token_batch(shape, device)
     times: dict[str, list[float]] = {setup: [] for setup in built}
-    losses = {setup: step(batch) for setup, step in built.items()}  # one warm-up step each
+    flops = {setup: step_flops(step, batch) for setup, step in built.items()}  # also one warm-up step each
     for _ in range(rounds):
         for setup, step in built.items():
             synchronize(device)
@@ -160,13 +122,12 @@ def bench_shape(built: dict[str, Step], shape: tuple[int, int], device: torch.de
             synchronize(device)
             times[setup].append(time.perf_counter() - begin)
     return {
-        setup: {"step_s": statistics.median(t), "step_times": t, "first_loss": losses[setup]}
-        for setup, t in times.items()
+        setup: {"step_s": statistics.median(t), "step_times": t, "flops": flops[setup]} for setup, t in times.items()
     }
 
 
 def run_all(args: argparse.Namespace, device: torch.device, setups: list[str]) -> dict[str, Any]:
-    built = {setup: build(setup, device)[1] for setup in setups}
+    built = {setup: build_setup(setup, device)[1] for setup in setups}
     out: dict[str, Any] = {}
     for shape in parse_shapes(args.shapes):
         label = f"{shape[0]}x{shape[1]}"
@@ -201,15 +162,21 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def table(shapes: dict[str, dict]) -> str:
+def table(shapes: dict[str, dict], gemm: dict[str, float]) -> str:
+    """Step time, its ratio to the floor in the same precision and to lorakit fp32, MFU, and memory."""
     lines = [
-        "| shape | setup | step (median) | ×lorakit fp32 | peak above model | ×lorakit fp32 | loaded model |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | setup | step (median) | ×floor | ×lorakit fp32 | MFU | peak above model | ×lorakit fp32 "
+        "| loaded model |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, row in shapes.items():
         base = row.get(BASELINE)
         for setup, r in row.items():
+            precision = setup.split()[1]
+            floor = row.get(f"floor {precision}")
+            floor_ratio = f"{r['step_s'] / floor['step_s']:.2f}" if floor else "–"
             step_ratio = f"{r['step_s'] / base['step_s']:.2f}" if base else "–"
+            mfu = f"{100 * r['flops'] / r['step_s'] / (gemm[GEMM_OF[precision]] * 1e9):.0f} %"
             if "peak_above_loaded_mb" in r:
                 peak = f"{r['peak_above_loaded_mb']:.0f} MB"
                 peak_ratio = f"{r['peak_above_loaded_mb'] / base['peak_above_loaded_mb']:.2f}" if base else "–"
@@ -217,7 +184,8 @@ def table(shapes: dict[str, dict]) -> str:
             else:
                 peak = peak_ratio = loaded = "–"
             lines.append(
-                f"| {label} | {setup} | {1e3 * r['step_s']:.1f} ms | {step_ratio} | {peak} | {peak_ratio} | {loaded} |"
+                f"| {label} | {setup} | {1e3 * r['step_s']:.1f} ms | {floor_ratio} | {step_ratio} | {mfu} | {peak} | "
+                f"{peak_ratio} | {loaded} |"
             )
     return "\n".join(lines)
 
@@ -247,7 +215,7 @@ def main() -> None:
     if not args.gemm_only:
         print(f"training steps on {device}", flush=True)
         results["shapes"] = run_all(args, device, setups)
-        print(table(results["shapes"]))
+        print(table(results["shapes"], results["gemm_gflops"]))
     results.update(minutes=(time.perf_counter() - began) / 60, load_after=machine()["load_average"])
     info = results["machine"]
     print(f"\n{info.get('gpu', info['cpu'])}; cpu flags {' '.join(info['cpu_flags'])}; torch {info['torch']}")

@@ -1,7 +1,9 @@
 """Speed and memory of LoRA training and inference: lorakit vs PEFT 0.21.2 vs full fine-tuning, side by side.
 
-SmolLM2-135M-Instruct (fp32, CPU), LoRA r=8 α=16 on q,k,v,o with dropout 0.05, AdamW. lorakit runs as its training
-loop does (fused LoRA dropout product, gated MLPs saving two of three intermediates, fused LM head + loss):
+SmolLM2-135M-Instruct (fp32, CPU), LoRA r=8 α=16 on q,k,v,o with dropout 0.05, AdamW; the set-ups of
+bench/setups.py, where lorakit runs as its training loop does (fused LoRA dropout product, grouped q/k/v
+down-projections, gated MLPs saving two of three intermediates, fused LM head + loss). The same rows in bf16 mixed
+precision, and on a GPU: bench/precision.py.
 
 1. Training step (forward, backward, gradient clipping, AdamW step) at batch 4 × 128 and 4 × 512 random
    tokens, every position a target, beside the **floor**: the frozen model's forward plus the input-gradient
@@ -40,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from setups import LIBRARIES, MODEL, TARGETS, build, step_flops
 
 from common import (
     MMAP_THRESHOLD_ENV,
@@ -54,81 +57,9 @@ from common import (
 )
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
-MODEL = "smollm2-135m"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-SETUPS = ("floor", "lorakit", "peft", "full")
+SETUPS = LIBRARIES
 LENGTHS = (128, 512)
 BATCH = 4
-
-
-# -- the three set-ups --------------------------------------------------------------------------
-def build(setup: str):
-    """A freshly loaded model prepared for `setup`, and its step function."""
-    import lorakit
-    from lorakit.models import load_model
-    from lorakit.train.loss import causal_lm_loss
-
-    torch.manual_seed(0)
-    model, _ = load_model(MODEL, "causal-lm")
-    if setup == "lorakit":
-        from lorakit.train.fast_paths import enable_training_fast_paths
-
-        lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
-        enable_training_fast_paths(model)  # as lorakit's training loop does
-        loss_of = causal_lm_loss
-    elif setup == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
-        )
-        loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
-    elif setup == "floor":
-        return _floor(model)
-    else:
-        loss_of = lambda m, batch: m(**batch).loss  # noqa: E731
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-
-    def step(batch):
-        loss = loss_of(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return model, step, sum(p.numel() for p in params)
-
-
-def _floor(model):
-    """The frozen model's step without any weight gradient: forward, and backward to the input embeddings."""
-    from lorakit.train.fast_paths import enable_training_fast_paths
-    from lorakit.train.loss import causal_lm_loss
-
-    model.requires_grad_(False)
-    enable_training_fast_paths(model)  # the lean gated MLPs (no LoRA layer to group)
-    model.train()
-    embed = model.get_input_embeddings()
-
-    def step(batch):
-        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
-        inputs["inputs_embeds"] = embed(batch["input_ids"]).detach().requires_grad_()
-        loss = causal_lm_loss(model, inputs)
-        loss.backward()
-        return float(loss)
-
-    return model, step, 0
-
-
-def step_flops(step, batch) -> int:
-    """FLOPs of one step as PyTorch's formulas count them (matmuls, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step(batch)
-    return counter.get_total_flops()
 
 
 def token_batch(length: int, vocab: int = 49152) -> dict[str, torch.Tensor]:

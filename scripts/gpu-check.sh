@@ -2,7 +2,7 @@
 # One command on a CUDA machine (aimed at under 8 minutes on one modern GPU):
 #   1. the tests marked `gpu` (tests/gpu: train in fp32/bf16/fp16, QLoRA, eval, generate, merge, serve, DDP/FSDP);
 #   2. a 100-step default run on cuda in bf16, with its held-out scores before and after;
-#   3. the precision step benchmark on cuda (lorakit vs PEFT, fp32 vs bf16 autocast): bench/precision.py.
+#   3. the precision step benchmark on cuda (floor, lorakit, PEFT, full fine-tuning; fp32 vs bf16 autocast): bench/precision.py.
 # Sets up nothing beyond `make setup`; prints one summary table; exits non-zero when any part fails.
 #   bash scripts/gpu-check.sh            logs and outputs: runs/gpu-check-logs/, runs/gpu-check/,
 #                                        bench/results/precision_cuda.json

@@ -5,23 +5,17 @@ itself (a real model in fresh processes, minutes) is run by hand, not here."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from support.bench import bench_module
 
 
 @pytest.fixture(scope="module")
 def memory_length():
     """bench/memory_length.py as a module (the bench scripts import their siblings by bare name)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("memory_length")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_module("memory_length") as module:
+        yield module
 
 
 def point(batch_size: int, length: int, mode: str, peak: float | None, step_s: float) -> dict:

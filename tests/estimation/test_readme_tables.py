@@ -3,14 +3,14 @@ rewrites exactly what stands between a table's markers."""
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
 import pytest
 
+from support.bench import bench_module
+
 REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
 # Computed on meta from configs alone (no weights read); the measured table needs the bench results and is
 # regenerated after a measurement instead.
 ESTIMATE_TABLES = ["estimate-smollm2", "estimate-checkpointing", "estimate-llama-7b"]
@@ -19,11 +19,8 @@ ESTIMATE_TABLES = ["estimate-smollm2", "estimate-checkpointing", "estimate-llama
 @pytest.fixture(scope="module")
 def readme_tables():
     """bench/readme_tables.py as a module (the bench scripts import their siblings by bare name)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("readme_tables")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_module("readme_tables") as module:
+        yield module
 
 
 def test_replace_table_rewrites_only_between_its_markers(readme_tables):
