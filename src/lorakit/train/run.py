@@ -23,6 +23,10 @@ def run_training(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
     cfg = cfg.resolved()
     parallel = init_parallel(cfg.distributed, cfg.dist_timeout)
     try:
-        return TrainingRecipe(cfg, parallel, log if parallel.is_main else (lambda message: None)).run()
+        summary = TrainingRecipe(cfg, parallel, log if parallel.is_main else (lambda message: None)).run()
+        # Rank 0 still scores and writes files when the others are done: they wait for it here, so that no
+        # process tears its process group down while a peer still holds a connection to it.
+        parallel.barrier()
+        return summary
     finally:
         shutdown(parallel)
