@@ -13,7 +13,8 @@ import lorakit
 from lorakit.train import run as run_module
 from lorakit.train.data import Collator
 from lorakit.train.loop import LoopSettings, latest_checkpoint, train_adapter
-from lorakit.train.optim import is_lora_b, loraplus_param_groups, param_groups
+from lorakit.train.optim import fused_adamw_applies, is_lora_b, loraplus_param_groups, param_groups
+from lorakit.train.step import build_optimizer
 from support.files import interrupting_collator, random_token_rows
 from support.models import fill_
 
@@ -136,3 +137,38 @@ def test_cli_and_run_config_carry_the_variant_options(monkeypatch):
     CliRunner().invoke(app, ["train", "--data", "sst2"])
     cfg = seen["cfg"]
     assert (cfg.loraplus_ratio, cfg.use_rslora, cfg.use_dora, cfg.init) == (None, False, False, "kaiming")
+
+
+def test_the_loop_takes_the_fused_adamw_whose_steps_are_adamw_written_out():
+    """Three steps of the loop's optimizer (fused on the CPU) against AdamW's update in float64:
+    m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g², p ← p·(1 − lr·λ) − lr·(m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε)."""
+    layer = torch.nn.Linear(6, 4)
+    settings = LoopSettings(lr=1e-2, weight_decay=0.1, warmup_ratio=0)
+    optimizer, scheduler = build_optimizer(layer, settings, total_steps=10)
+    assert optimizer.defaults["fused"] is True
+    params = [p.detach().double().clone() for p in layer.parameters()]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    (beta1, beta2), eps = (0.9, 0.999), 1e-8
+    generator = torch.Generator().manual_seed(0)
+    for t in range(1, 4):
+        lr = scheduler.get_last_lr()[0]
+        grads = [torch.randn(p.shape, generator=generator) for p in layer.parameters()]
+        for param, grad in zip(layer.parameters(), grads):
+            param.grad = grad.clone()
+        optimizer.step()
+        scheduler.step()
+        for i, (grad, (m, v)) in enumerate(zip(grads, moments)):
+            g = grad.double()
+            m.mul_(beta1).add_((1 - beta1) * g)
+            v.mul_(beta2).add_((1 - beta2) * g * g)
+            step = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+            params[i] = params[i] * (1 - lr * 0.1) - lr * step
+        for param, expected in zip(layer.parameters(), params):
+            torch.testing.assert_close(param.detach().double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_adamw_applies_to_plain_float_tensors_only():
+    assert fused_adamw_applies([torch.zeros(2), torch.zeros(3, dtype=torch.bfloat16)])
+    assert not fused_adamw_applies([])
+    assert not fused_adamw_applies([torch.zeros(2, dtype=torch.int64)])
+    assert not fused_adamw_applies([torch.zeros(2, device="meta")])

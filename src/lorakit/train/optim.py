@@ -5,12 +5,18 @@ The paper's argument is about the two factors of the product B·A, so only the B
 `lora_embedding_B`) get the higher rate; everything else that trains (A, DoRA magnitudes, biases, full heads)
 keeps the base rate. (PEFT's `create_loraplus_optimizer` also speeds up every 1-D parameter and gives
 embedding adapters their own rate.)
+
+Also whether the groups can take PyTorch's fused AdamW (`fused_adamw_applies`): one kernel per parameter for the
+whole update instead of a dozen small ones, the same arithmetic; on 2 CPU cores 2.5 ms instead of 11.6 ms per step
+for the 240 LoRA tensors of r=8 on SmolLM2-135M's q, k, v, o (bench/optimizer_step.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 B_CONTAINERS = ("lora_B", "lora_embedding_B")
@@ -53,4 +59,16 @@ def param_groups(
     return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
 
-__all__ = ["is_lora_b", "loraplus_param_groups", "param_groups"]
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw_applies(params: Iterable[torch.Tensor]) -> bool:
+    """Whether `torch.optim.AdamW(fused=True)` takes these parameters: floating point, on one of
+    FUSED_ADAMW_DEVICES, and plain tensors (FSDP's sharded DTensors keep the per-tensor loop)."""
+    params = list(params)
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES and not hasattr(p, "device_mesh") for p in params
+    )
+
+
+__all__ = ["fused_adamw_applies", "is_lora_b", "loraplus_param_groups", "param_groups"]

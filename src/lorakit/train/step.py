@@ -24,16 +24,18 @@ from torch import nn
 from ..device import autocast, to_device
 from .distributed import Parallel, training_loss
 from .examples import IGNORE_INDEX
-from .optim import param_groups
+from .optim import fused_adamw_applies, param_groups
 from .settings import LoopSettings
 
 
 def build_optimizer(
     model: nn.Module, settings: LoopSettings, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW on the trainable parameters, and a linear warm-up then linear decay to 0 at `total_steps`."""
+    """AdamW on the trainable parameters (fused where it applies), and a linear warm-up then linear decay to 0 at
+    `total_steps`."""
     groups = param_groups(model, settings.lr, settings.weight_decay, settings.loraplus_ratio)
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    fused = fused_adamw_applies(p for group in groups for p in group["params"]) or None
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
     warmup = max(1, int(settings.warmup_ratio * total_steps)) if settings.warmup_ratio > 0 else 0
 
     def factor(step: int) -> float:
