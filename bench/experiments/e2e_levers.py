@@ -16,7 +16,8 @@ alone, then on top of it LoRA on every linear layer or a higher learning rate, a
 issue 16 (`--baseline`; it trained on the 1,000-row sample, in 125 steps), scored the same way. The decodings
 (DECODINGS) score the adapter of the default run (`--default-run`) greedily, with beam search of width 4 and
 10, and with the ban on repeated 4-grams in the output; DEFAULT_VARIANTS are `lorakit train` as it is by
-default (the shipped 1,800-row sample) with one option changed. Each process
+default (the shipped 1,800-row sample) with one option changed; VARIANT_DECODINGS score some of the trained
+variants with beam search. Each process
 uses one torch thread, so two can share the two cores; wall times are comparable only between runs that ran
 side by side, which the JSON's `note` records.
 
@@ -57,15 +58,40 @@ DEFAULT_VARIANTS: dict[str, tuple[str, list[str]]] = {  # the default run (`lora
     "default-run-loraplus4": ("the default run with LoRA+ (B's lr 4× A's)", ["--loraplus-ratio", "4"]),
     "default-run-batch4": ("the default run with batch 4 (twice the steps)", ["--batch-size", "4"]),
     "default-run-batch4-lr1e-3": ("the default run with batch 4 and lr 1e-3", ["--batch-size", "4", "--lr", "1e-3"]),
+    "default-run-all-linear": ("the default run with LoRA on all linear layers", ["--target-modules", "all-linear"]),
 }
 BEAM = ["--num-beams", "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4"]  # the LoRA paper's
 BEAM4 = ["--num-beams", "4", "--length-penalty", "0.9"]
+NO_REPEAT = BEAM[-2:]
 DECODINGS: dict[str, tuple[str, list[str]]] = {  # name -> (what, `lorakit eval` options) for --default-run's adapter
     "default-run": ("the default run (`make train`: the shipped 1,800 rows, plain, lr 2e-3); greedy", []),
-    "default-run+no-repeat": ("its adapter; greedy, no repeated 4-gram in the output", BEAM[-2:]),
+    "default-run+no-repeat": ("its adapter; greedy, no repeated 4-gram in the output", NO_REPEAT),
     "default-run+beam4": ("its adapter; beam 4, length penalty 0.9", BEAM4),
-    "default-run+beam4+no-repeat": ("its adapter; beam 4, length penalty 0.9, no repeated 4-gram", BEAM4 + BEAM[-2:]),
+    "default-run+beam4+no-repeat": ("its adapter; beam 4, length penalty 0.9, no repeated 4-gram", BEAM4 + NO_REPEAT),
     "default-run+beam10": ("its adapter; the paper's beam 10, length penalty 0.9, no repeated 4-gram", BEAM),
+}
+# name -> (what, the run whose adapter it scores, `lorakit eval` options): beam search on trained variants
+VARIANT_DECODINGS: dict[str, tuple[str, str, list[str]]] = {
+    "plain-qkvo+beam4+no-repeat": (
+        "plain-qkvo's adapter; beam 4, lp 0.9, no repeated 4-gram",
+        "plain-qkvo",
+        BEAM4 + NO_REPEAT,
+    ),
+    "plain-all-linear+beam4+no-repeat": (
+        "plain-all-linear's adapter; beam 4, lp 0.9, no repeated 4-gram",
+        "plain-all-linear",
+        BEAM4 + NO_REPEAT,
+    ),
+    "default-run-all-linear+beam4+no-repeat": (
+        "its adapter; beam 4, lp 0.9, no repeated 4-gram",
+        "default-run-all-linear",
+        BEAM4 + NO_REPEAT,
+    ),
+    "default-run-all-linear+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-all-linear",
+        BEAM,
+    ),
 }
 METRICS = ("bleu", "nist", "rouge_l", "chrf")
 
@@ -193,11 +219,14 @@ def main() -> None:
         for name, (_, options) in DEFAULT_VARIANTS.items():
             train_default(name, options, args.workdir, data_root)
             evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
+        for name, (_, run, options) in VARIANT_DECODINGS.items():
+            evaluate(name, args.workdir / "runs" / run, args.workdir, data_root, options)
     scored = [("baseline", "before issue 16: chat template, instruction + MR; q,k,v,o; lr 1e-3; 1,000 rows", None)]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in VARIANTS.items()]
     scored += [(f"{args.beam_of}+beam", "its adapter; beam 10, length penalty 0.9, no repeated 4-gram", None)]
     scored += [(n, w, args.default_run if n == "default-run" else None) for n, (w, _) in DECODINGS.items()]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in DEFAULT_VARIANTS.items()]
+    scored += [(name, what, None) for name, (what, _, _) in VARIANT_DECODINGS.items()]
     rows = [row(n, w, args.workdir, run) for n, w, run in scored if (args.workdir / "evals" / f"{n}.json").is_file()]
     meta = {"train_rows": args.train_rows, "dev_mrs": args.dev_mrs, "machine": machine(), "note": args.note}
     write_json(RESULTS, {"meta": meta, "rows": rows})
