@@ -114,7 +114,11 @@ def test_requests_for_many_adapters_wait_for_room_and_all_answer_correctly(files
         metrics = samples(url)
     assert answers == [expected[name][p] for name, p in jobs]
     assert sum(v for k, v in metrics.items() if k.startswith("lorakit_adapter_load_wait_seconds_total")) > 0
-    assert 0 < metrics["lorakit_adapter_hit_rate"] < 1
+    # How many found their adapter on the model depends on arrival order; the gauge is their share, below 1.
+    requests = {k: v for k, v in metrics.items() if k.startswith("lorakit_adapter_requests_total")}
+    hits = sum(v for k, v in requests.items() if 'on_model="true"' in k)
+    assert sum(requests.values()) == len(jobs) and hits < len(jobs)
+    assert metrics["lorakit_adapter_hit_rate"] == pytest.approx(hits / len(jobs))
 
 
 @pytest.fixture
