@@ -24,8 +24,8 @@ def run_training(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
     parallel = init_parallel(cfg.distributed, cfg.dist_timeout)
     try:
         summary = TrainingRecipe(cfg, parallel, log if parallel.is_main else (lambda message: None)).run()
-        # Rank 0 still scores and writes files when the others are done: they wait for it here, so that no
-        # process tears its process group down while a peer still holds a connection to it.
+        # After the last collective (the summary's gather) rank 0 still writes results.json: the others wait
+        # for it here, so that no process tears its process group down while a peer still holds a connection.
         parallel.barrier()
         return summary
     finally:
