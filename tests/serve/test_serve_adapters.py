@@ -118,7 +118,7 @@ def test_requests_for_many_adapters_wait_for_room_and_all_answer_correctly(files
     requests = {k: v for k, v in metrics.items() if k.startswith("lorakit_adapter_requests_total")}
     hits = sum(v for k, v in requests.items() if 'on_model="true"' in k)
     assert sum(requests.values()) == len(jobs) and hits < len(jobs)
-    assert metrics["lorakit_adapter_hit_rate"] == pytest.approx(hits / len(jobs))
+    assert metrics["lorakit_adapter_hit_rate"] == pytest.approx(hits / len(jobs), rel=1e-5)  # printed to 6 digits
 
 
 @pytest.fixture
