@@ -89,6 +89,15 @@ def test_train_writes_adapter_logs_and_scores(chat_llama_dir, gen_data, tmp_path
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
 
 
+def test_without_base_scoring_only_the_trained_model_is_scored(chat_llama_dir, gen_data, tmp_path):
+    out = tmp_path / "run"
+    result, output = invoke(train_args(chat_llama_dir, gen_data, out, "--no-score-base"))
+    assert result.exit_code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert results["before"] == {} and set(results["after"]) == {"bleu", "nist", "chrf", "rouge_l"}
+    assert not (out / "predictions_before.jsonl").exists() and (out / "predictions_after.jsonl").is_file()
+
+
 def test_train_eval_generate_merge_reload(chat_llama_dir, gen_data, tmp_path):
     out = tmp_path / "run"
     assert invoke(train_args(chat_llama_dir, gen_data, out))[0].exit_code == 0

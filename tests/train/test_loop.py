@@ -3,6 +3,8 @@ leaves a checkpoint from which a resumed run ends exactly where an uninterrupted
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -101,6 +103,27 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(tmp_path, at_call):
     expected, got = adapter_tensors(reference), adapter_tensors(resumed)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+
+
+def test_a_resumed_run_reports_the_training_time_of_both_parts(tmp_path):
+    pause = 0.2  # seconds each micro-batch's collation sleeps: 12 micro-batches in the run's 6 steps
+
+    def slow(collate):
+        def collate_slowly(rows):
+            time.sleep(pause)
+            return collate(rows)
+
+        return collate_slowly
+
+    first_start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):  # at the 7th micro-batch: after step 3
+        train_adapter(tiny_model(), features(), slow(interrupting_collator(0, 7)), LoopSettings(**SETTINGS), tmp_path)
+    first_part = time.perf_counter() - first_start
+    second_start = time.perf_counter()
+    result = train_adapter(tiny_model(), features(), slow(Collator(0)), LoopSettings(**SETTINGS), tmp_path, resume=True)
+    second_part = time.perf_counter() - second_start
+    # The resumed part slept 6 × pause; the run as a whole 12 × pause, which only the two parts together reach.
+    assert second_part < 12 * pause <= result.wall_time_s <= first_part + second_part
 
 
 def test_trainer_callback_writes_loadable_adapter_per_checkpoint(tmp_path):

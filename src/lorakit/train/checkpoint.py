@@ -83,6 +83,7 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)  # every metrics entry so far
     cuda_rng: list[torch.Tensor] | None = None  # the CUDA RNG states at the start of step `step`, on CUDA
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling
+    seconds: float = 0.0  # wall time of the steps finished, summed over the parts of a resumed run
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Checkpointer:
         torch.set_rng_state(saved["torch_rng"])
         state.rng_state = saved["torch_rng"]
         state.step, state.history = saved["step"], saved["history"]
+        state.seconds = float(saved.get("seconds", 0.0))  # checkpoints written before it was kept: unknown, 0
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
             state.cuda_rng = saved["cuda_rng"]
@@ -141,6 +143,7 @@ class Checkpointer:
             "scheduler": state.scheduler.state_dict(),
             "torch_rng": state.rng_state,
             "history": state.history,
+            "seconds": state.seconds,
         }
         if state.cuda_rng is not None:
             saved["cuda_rng"] = state.cuda_rng

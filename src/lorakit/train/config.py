@@ -48,6 +48,7 @@ RESUME_FREE = {
     "distributed",
     "dist_timeout",
     "device",  # a run may continue on another device; its precision must stay the same
+    "score_base",  # scoring, not training: a resumed run may skip what it has not scored yet
 }
 
 

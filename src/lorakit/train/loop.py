@@ -43,8 +43,8 @@ Evaluate = Callable[[nn.Module], dict[str, float]]
 class TrainResult:
     steps: int
     final_loss: float | None
-    wall_time_s: float
-    tokens_per_s: float
+    wall_time_s: float  # training time of all `steps`, summed over the parts of a resumed run
+    tokens_per_s: float  # of this process's part (the whole run unless it was resumed)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -61,6 +61,8 @@ class _Run:
     log: MetricsLog
     evaluate: Evaluate | None
     bar: tqdm
+    started: float = field(default_factory=time.perf_counter)  # when this part of the run began training
+    seconds_before: float = 0.0  # training time of the parts before it (a resumed run's checkpoint has it)
 
 
 def _start(
@@ -132,6 +134,7 @@ def _train_steps(run: _Run) -> None:
             run.stepper.step(batches, run.state.optimizer, run.state.scheduler)
             run.state.step, run.state.rng_state = step + 1, torch.get_rng_state()
             run.state.cuda_rng = cuda_rng_state(run.stepper.device)
+            run.state.seconds = run.seconds_before + time.perf_counter() - run.started
             run.bar.update(1)
             _after_step(run)
     except KeyboardInterrupt:
@@ -141,15 +144,17 @@ def _train_steps(run: _Run) -> None:
         raise
 
 
-def _finish(run: _Run, wall: float) -> TrainResult:
+def _finish(run: _Run) -> TrainResult:
     """Final evaluation, checkpoint and trained tensors in the output folder, the loss curve."""
+    wall = time.perf_counter() - run.started  # this part's training, before the final evaluation and saves
+    run.state.seconds = run.seconds_before + wall
     if run.evaluate:
         _record_evaluation(run, run.evaluate)
     run.checkpointer.save(run.stepper.trained, run.state)
     run.checkpointer.save_trained(run.model, run.checkpointer.output)
     run.log.close()
     tokens_per_s = run.stepper.window.total_tokens / max(wall, 1e-9)
-    return TrainResult(run.state.step, run.log.last_loss(), wall, tokens_per_s, run.state.history)
+    return TrainResult(run.state.step, run.log.last_loss(), run.state.seconds, tokens_per_s, run.state.history)
 
 
 def train_adapter(
@@ -206,12 +211,13 @@ def train_adapter(
         bar=_progress_bar(total, state.step, show=settings.progress and parallel.is_main),
     )
     model.train()
-    begin = run.stepper.window.start = time.perf_counter()
+    run.started = run.stepper.window.start = time.perf_counter()
+    run.seconds_before = state.seconds
     checkpoint = wanted(settings.grad_checkpointing, planned_step_bytes, free_memory_bytes(device))
     with _fast_paths(model, checkpoint, sharded=parallel.mode == "fsdp"):
         _train_steps(run)
     run.bar.close()
-    return _finish(run, time.perf_counter() - begin)
+    return _finish(run)
 
 
 __all__ = [

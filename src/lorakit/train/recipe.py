@@ -163,7 +163,7 @@ class TrainingRecipe:
         self.setup_model()
         self.setup_method()
         previous = self.write_config()
-        before = previous["before"] if "before" in previous else self.score_base()
+        before = previous["before"] if "before" in previous else self.score_base() if self.cfg.score_base else {}
         result, memory = measured_training(
             self.model,
             self.train_features,

@@ -65,6 +65,9 @@ class DataSection:
     eval_examples: int | None = option(
         50, "examples scored before and after training, spread evenly over the split (none: the whole split)"
     )
+    score_base: bool = option(
+        True, "score the base model too, before training (off: the trained model only, half the scoring time)"
+    )
     val_examples: int = option(64, "held-out examples for the validation loss")
     max_new_tokens: int = option(64, "generation length when scoring")
 
