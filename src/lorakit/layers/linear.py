@@ -64,8 +64,8 @@ class LoraLinear(LoraLayer):
 
     def low_rank_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         group = self.__dict__.get("input_group")  # set by layers.shared_input while training
-        if group is not None and group.takes(self, name, x):
-            return group.low_rank_output(self, name, x)
+        if group is not None and (shared := group.low_rank_output(self, name, x)) is not None:
+            return shared
         scaling = self.scaling[name]
         dropout = self.lora_dropout[name]
         a, b = self.lora_a_weight(name), self.lora_b_weight(name)

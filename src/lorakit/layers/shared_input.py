@@ -69,33 +69,36 @@ class InputGroup:
         p = dropout.p if isinstance(dropout, nn.Dropout) and layer.training else 0.0
         return names[0], layer.rank[names[0]], p
 
-    def takes(self, layer: LoraLayer, name: str, x: torch.Tensor) -> bool:
-        """Whether `layer`'s low-rank output for adapter `name` on x comes from the group in this call. A member
-        still waiting for its columns of another tensor dissolves the group: these layers are not fed one input."""
-        if self.dissolved or not torch.is_grad_enabled():
-            return False
-        pending = self._pending
-        if pending is not None and pending.input is not x and id(layer) in pending.slices:
-            self.dissolved, self._pending = True, None
-            return False
+    def _shared_dropout(self, name: str) -> float | None:
+        """The dropout p of the members' common set-up when every member has the same one, for adapter `name`."""
         setups = [self._setup(m) for m in self.members]
-        return setups[0] is not None and all(s == setups[0] for s in setups) and setups[0][0] == name
+        first = setups[0]
+        return first[2] if first is not None and first[0] == name and all(s == first for s in setups) else None
 
-    def low_rank_output(self, layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
-        """s·B·(the member's columns of the shared down-projection of x), after `takes`; computes the columns of
-        every member when x is new (or this member already took its columns of x)."""
+    def low_rank_output(self, layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """s·B·(the member's columns of the shared down-projection of x), or None where `layer` must compute alone
+        (see the module docstring). Computes the columns of every member when x is new (or this member already
+        took its columns of x); a member still waiting for its columns of another tensor dissolves the group:
+        these layers are not fed one input."""
+        if self.dissolved or not torch.is_grad_enabled():
+            return None
         pending = self._pending
         if pending is None or pending.input is not x or id(layer) not in pending.slices:
-            pending = self._pending = self._compute(name, x)
+            if pending is not None and id(layer) in pending.slices:
+                self.dissolved, self._pending = True, None
+                return None
+            p = self._shared_dropout(name)
+            if p is None:
+                return None
+            pending = self._pending = self._compute(name, x, p)
         down = pending.slices.pop(id(layer))
         if not pending.slices:
             self._pending = None  # every member has its columns: let x go
         return down @ (layer.lora_b_weight(name).t() * layer.scaling[name]).to(down.dtype)
 
-    def _compute(self, name: str, x: torch.Tensor) -> _Pending:
+    def _compute(self, name: str, x: torch.Tensor, p: float) -> _Pending:
         a = torch.cat([m.lora_a_weight(name) for m in self.members])
-        setup = self._setup(self.members[0])
-        down = lora_dropout_down(x if autocast_dtype(x) is not None else x.to(a.dtype), a, setup[2] if setup else 0.0)
+        down = lora_dropout_down(x if autocast_dtype(x) is not None else x.to(a.dtype), a, p)
         columns = torch.split(down, [m.rank[name] for m in self.members], dim=-1)
         return _Pending(x, {id(m): c for m, c in zip(self.members, columns)})
 
