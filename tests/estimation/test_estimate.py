@@ -136,6 +136,23 @@ def test_adapter_prefix_prompt_bitfit_counts(kind):
             estimate(config, "bitfit", **FAST)
 
 
+@pytest.mark.parametrize("kind", list(TINY))
+def test_adapter_norms_add_every_layer_norm_of_the_blocks(kind):
+    """With adapter_norms the estimate counts the layer norms inside the transformer blocks (not the final one),
+    counted here by name on the instantiated model."""
+    config = _config(kind)
+    real = _real(kind)
+    blocks = ("model.layers.", "transformer.h.", "bert.encoder.layer.")
+    names = ("layernorm", "ln_1", "ln_2")  # Llama's input_ / post_attention_layernorm, GPT-2's, BERT's LayerNorm
+    norms = sum(
+        p.numel() for n, p in real.named_parameters() if n.startswith(blocks) and any(m in n.lower() for m in names)
+    )
+    assert norms > 0
+    plain = estimate(config, "adapter", adapter_size=4, simulate=False, **FAST).trainable_parameters
+    with_norms = estimate(config, "adapter", adapter_size=4, adapter_norms=True, simulate=False, **FAST)
+    assert with_norms.trainable_parameters == plain + norms
+
+
 def test_defaults_are_those_of_lora_config_and_method_options():
     config = _config("llama")
     text = config.get_text_config()

@@ -18,6 +18,8 @@ SHARED = (
     "task",
     "method",
     "adapter_size",
+    "adapter_nonlinearity",
+    "adapter_norms",
     "prefix_length",
     "prompt_length",
     "target_modules",

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..device import trainable_to_float32
-from ..methods import MethodOptions
+from ..methods import METHOD_OPTION_NAMES, MethodOptions
 from ..train.checkpointing import enable_checkpointing
 from .costs import (
     DEVICES,
@@ -52,6 +52,8 @@ class Request:
     grad_checkpointing: bool = False
     device: str = "cpu"
     adapter_size: int = _default(MethodOptions, "adapter_size")
+    adapter_nonlinearity: str = _default(MethodOptions, "adapter_nonlinearity")
+    adapter_norms: bool = _default(MethodOptions, "adapter_norms")  # the layer norms train too: more to hold
     prefix_length: int = _default(MethodOptions, "prefix_length")
     prompt_length: int = _default(MethodOptions, "prompt_length")
     num_labels: int = 2
@@ -71,13 +73,9 @@ class Request:
             raise ValueError(f"batch size and max length must be positive, got {self.batch_size} and {self.max_length}")
 
     def method_options(self, default_targets: list[str] | None) -> MethodOptions:
+        """The methods' options as `lorakit train` builds them: every field of `MethodOptions` this request has."""
         lora = lora_settings(self.r, self.alpha, self.dropout, self.target_modules, default_targets)
-        return MethodOptions(
-            adapter_size=self.adapter_size,
-            prefix_length=self.prefix_length,
-            prompt_length=self.prompt_length,
-            lora=lora,
-        )
+        return MethodOptions(**{name: getattr(self, name) for name in METHOD_OPTION_NAMES}, lora=lora)
 
 
 @dataclass

@@ -14,7 +14,7 @@ The functions of earlier versions (`apply_method(model, name, options)`, `save_m
 `restore_method`, `remove_method`, `disabled`, `method_name`) do the same through the registry.
 """
 
-from .base import MethodOptions, method_state
+from .base import METHOD_OPTION_NAMES, MethodOptions, method_state
 from .files import CONFIG_NAME, WEIGHTS_NAME, is_method_folder
 from .protocol import FineTuningMethod
 from .registry import (
@@ -38,6 +38,7 @@ __all__ = [
     "METHODS",
     "WEIGHTS_NAME",
     "FineTuningMethod",
+    "METHOD_OPTION_NAMES",
     "MethodOptions",
     "apply_method",
     "disabled",

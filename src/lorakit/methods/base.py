@@ -10,7 +10,7 @@ its hooks are instances of `MethodHook` holding a reference to the model's `Meth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -58,6 +58,10 @@ class MethodOptions:
     def pick(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named options as a dict (what a method folder records)."""
         return {name: getattr(self, name) for name in names}
+
+
+# The options a run or an estimate sets one by one (LoRA's come as a LoraConfig of their own).
+METHOD_OPTION_NAMES = tuple(f.name for f in fields(MethodOptions) if f.name != "lora")
 
 
 @dataclass

@@ -37,7 +37,7 @@ from ..device import (
     resolve_precision,
     trainable_to_float32,
 )
-from ..methods import FineTuningMethod, MethodOptions, disabled, get_method
+from ..methods import METHOD_OPTION_NAMES, FineTuningMethod, MethodOptions, disabled, get_method
 from ..methods.measure import PeakRss, forward_latency_ms, weights_bytes
 from ..models import load_model, model_reference
 from ..quant import quantize
@@ -184,8 +184,8 @@ class TrainingRecipe:
         cfg = self.cfg
         if cfg.grad_checkpointing != "auto":
             return cfg.loop
-        names = ("r", "alpha", "dropout", "target_modules", "quantize", "batch_size", "adapter_size")
-        options = {name: getattr(cfg, name) for name in (*names, "prefix_length", "prompt_length")}
+        names = ("r", "alpha", "dropout", "target_modules", "quantize", "batch_size", *METHOD_OPTION_NAMES)
+        options = {name: getattr(cfg, name) for name in names}
         options.update(max_length=self.max_length, task=cfg.task)
         planned = planned_step_bytes(self.model, cfg.method, options, cfg.precision)
         free = free_memory_bytes(self.device)

@@ -14,7 +14,7 @@ from typing import Any
 from ..config import LoraConfig
 from ..device import DEVICE_HELP, PRECISION_HELP
 from ..generate import Decoding
-from ..methods import METHODS, MethodOptions
+from ..methods import METHOD_OPTION_NAMES, METHODS, MethodOptions
 from ..metrics import DEFAULTS_TEXT, METRICS_HELP, check_known
 from .data import CLASSIFICATION, GENERATION, REGRESSION
 
@@ -133,14 +133,7 @@ class MethodSection:
 
     def method_options(self, lora: LoraConfig) -> MethodOptions:
         """What `FineTuningMethod.apply` reads (each method its own fields)."""
-        return MethodOptions(
-            adapter_size=self.adapter_size,
-            adapter_nonlinearity=self.adapter_nonlinearity,
-            adapter_norms=self.adapter_norms,
-            prefix_length=self.prefix_length,
-            prompt_length=self.prompt_length,
-            lora=lora,
-        )
+        return MethodOptions(**{name: getattr(self, name) for name in METHOD_OPTION_NAMES}, lora=lora)
 
 
 @dataclass
