@@ -1,6 +1,7 @@
 """Model loading: local folders, task heads, errors, model references and the GGUF cache."""
 
 import json
+import shutil
 import time
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
@@ -114,6 +115,26 @@ def test_gguf_builtin_is_cached_as_a_plain_checkpoint(tmp_path, monkeypatch, lla
     (cache / "lorakit-source.json").write_text(json.dumps({**stamp, "version": "0.0.0"}))
     load_model("smollm2-135m")
     assert len(conversions) == 2  # a stale cache is rebuilt
+
+    # Another process puts its copy in place while this one converts: that copy stays, not removed and replaced
+    # (a reader of it would see the folder missing meanwhile).
+    theirs = tmp_path / "theirs"
+    shutil.copytree(cache, theirs)
+    (theirs / "installed-by-the-other-process").touch()
+    shutil.rmtree(cache)
+    real_fake = fake_gguf_load
+
+    def other_process_finishes_first(source, task, dtype, head_kwargs, gguf_file=None):
+        loaded = real_fake(source, task, dtype, head_kwargs, gguf_file)
+        if gguf_file is not None:
+            theirs.rename(cache)
+        return loaded
+
+    monkeypatch.setattr(models, "_load_pretrained", other_process_finishes_first)
+    load_model("smollm2-135m")
+    assert len(conversions) == 3
+    assert (cache / "installed-by-the-other-process").is_file()
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["smollm2-135m"]
 
 
 def linear_names(model: torch.nn.Module) -> set[str]:

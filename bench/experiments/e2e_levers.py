@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import random
@@ -59,6 +60,11 @@ DEFAULT_VARIANTS: dict[str, tuple[str, list[str]]] = {  # the default run (`lora
     "default-run-batch4": ("the default run with batch 4 (twice the steps)", ["--batch-size", "4"]),
     "default-run-batch4-lr1e-3": ("the default run with batch 4 and lr 1e-3", ["--batch-size", "4", "--lr", "1e-3"]),
     "default-run-all-linear": ("the default run with LoRA on all linear layers", ["--target-modules", "all-linear"]),
+    "default-run-ls0.1": ("the default run with label smoothing 0.1 (the paper's)", ["--label-smoothing", "0.1"]),
+    "default-run-all-linear-ls0.1": (
+        "the default run with LoRA on all linear layers and label smoothing 0.1",
+        ["--target-modules", "all-linear", "--label-smoothing", "0.1"],
+    ),
 }
 BEAM = ["--num-beams", "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4"]  # the LoRA paper's
 BEAM4 = ["--num-beams", "4", "--length-penalty", "0.9"]
@@ -92,13 +98,24 @@ VARIANT_DECODINGS: dict[str, tuple[str, str, list[str]]] = {
         "default-run-all-linear",
         BEAM,
     ),
+    "default-run-ls0.1+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-ls0.1",
+        BEAM,
+    ),
+    "default-run-all-linear-ls0.1+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-all-linear-ls0.1",
+        BEAM,
+    ),
 }
 METRICS = ("bleu", "nist", "rouge_l", "chrf")
 
 
 def build_data(source: Path, workdir: Path, dev_mrs: int) -> Path:
     """The folder the runs read as $LORAKIT_DATA: e2e/ with shuffled training rows and the validation subset
-    (also as the test file, so nothing a run does touches the test set)."""
+    (also as the test file, so nothing a run does touches the test set). A file already as it should be is left
+    alone, so runs started side by side never read one half-written."""
     folder = workdir / "data" / "e2e"
     folder.mkdir(parents=True, exist_ok=True)
     train, dev = read_rows(source / "trainset.csv"), read_rows(source / "devset.csv")
@@ -107,10 +124,13 @@ def build_data(source: Path, workdir: Path, dev_mrs: int) -> Path:
     picked = {mrs[i * len(mrs) // dev_mrs] for i in range(dev_mrs)}
     subset = [row for row in dev if row["mr"] in picked]
     for name, rows in [("trainset.csv", train[:6000]), ("devset.csv", subset), ("testset_w_refs.csv", subset)]:
-        with (folder / name).open("w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["mr", "ref"], extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=["mr", "ref"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        path, content = folder / name, text.getvalue().encode("utf-8")
+        if not path.is_file() or path.read_bytes() != content:
+            path.write_bytes(content)
     return folder.parent
 
 
@@ -191,6 +211,51 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_all(args: argparse.Namespace, data_root: Path) -> None:
+    """Every training and evaluation the table needs (`args.only`: just those named)."""
+    wanted = (lambda name: name in args.only) if args.only else (lambda name: True)
+    for name, (_, options) in VARIANTS.items() if not args.only else ():
+        train(name, options, args.workdir, data_root, args.train_rows)
+        evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
+    if not args.only:
+        evaluate(f"{args.beam_of}+beam", args.workdir / "runs" / args.beam_of, args.workdir, data_root, BEAM)
+    if args.baseline is not None:
+        evaluate("baseline", args.baseline, args.workdir, data_root, [])
+    for name, (_, options) in DECODINGS.items() if args.default_run is not None else ():
+        evaluate(name, args.default_run, args.workdir, data_root, options)
+    for name, (_, options) in DEFAULT_VARIANTS.items():
+        if wanted(name):
+            train_default(name, options, args.workdir, data_root)
+            evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
+    for name, (_, run, options) in VARIANT_DECODINGS.items():
+        if wanted(name):
+            evaluate(name, args.workdir / "runs" / run, args.workdir, data_root, options)
+
+
+def collect(args: argparse.Namespace) -> None:
+    """The table from the work folder's evaluations; rows whose files are gone (an earlier machine's) are kept as
+    bench/results/e2e_levers.json has them."""
+    scored = [("baseline", "before issue 16: chat template, instruction + MR; q,k,v,o; lr 1e-3; 1,000 rows", None)]
+    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in VARIANTS.items()]
+    scored += [(f"{args.beam_of}+beam", "its adapter; beam 10, length penalty 0.9, no repeated 4-gram", None)]
+    scored += [(n, w, args.default_run if n == "default-run" else None) for n, (w, _) in DECODINGS.items()]
+    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in DEFAULT_VARIANTS.items()]
+    scored += [(name, what, None) for name, (what, _, _) in VARIANT_DECODINGS.items()]
+    earlier = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.is_file() else {}
+    rows = [
+        row(n, w, args.workdir, run) if (args.workdir / "evals" / f"{n}.json").is_file() else earlier[n]
+        for n, w, run in scored
+        if (args.workdir / "evals" / f"{n}.json").is_file() or n in earlier
+    ]
+    meta = {"train_rows": args.train_rows, "dev_mrs": args.dev_mrs, "machine": machine(), "note": args.note}
+    write_json(RESULTS, {"meta": meta, "rows": rows})
+    table = markdown(rows, meta)
+    update_docs_section(
+        "e2e-levers", "## Which settings for the default E2E run (issue 16, validation set)\n\n" + table
+    )
+    print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "e2e_levers")
@@ -203,38 +268,16 @@ def main() -> None:
     parser.add_argument("--default-run", type=Path, help="the default run's folder, its adapter scored with DECODINGS")
     parser.add_argument("--beam-of", default="plain-qkvo-lr2e-3", help="the variant whose adapter beam search decodes")
     parser.add_argument("--collect", action="store_true", help="only build the table from the work folder")
+    parser.add_argument(
+        "--only", nargs="+", help="run only these default-run variants and decodings, leaving the table to --collect"
+    )
     parser.add_argument("--note", default="", help="how the runs were run (side by side, threads)")
     args = parser.parse_args()
 
-    data_root = build_data(args.source, args.workdir, args.dev_mrs) if not args.collect else args.workdir / "data"
     if not args.collect:
-        for name, (_, options) in VARIANTS.items():
-            train(name, options, args.workdir, data_root, args.train_rows)
-            evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
-        evaluate(f"{args.beam_of}+beam", args.workdir / "runs" / args.beam_of, args.workdir, data_root, BEAM)
-        if args.baseline is not None:
-            evaluate("baseline", args.baseline, args.workdir, data_root, [])
-        for name, (_, options) in DECODINGS.items() if args.default_run is not None else ():
-            evaluate(name, args.default_run, args.workdir, data_root, options)
-        for name, (_, options) in DEFAULT_VARIANTS.items():
-            train_default(name, options, args.workdir, data_root)
-            evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
-        for name, (_, run, options) in VARIANT_DECODINGS.items():
-            evaluate(name, args.workdir / "runs" / run, args.workdir, data_root, options)
-    scored = [("baseline", "before issue 16: chat template, instruction + MR; q,k,v,o; lr 1e-3; 1,000 rows", None)]
-    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in VARIANTS.items()]
-    scored += [(f"{args.beam_of}+beam", "its adapter; beam 10, length penalty 0.9, no repeated 4-gram", None)]
-    scored += [(n, w, args.default_run if n == "default-run" else None) for n, (w, _) in DECODINGS.items()]
-    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in DEFAULT_VARIANTS.items()]
-    scored += [(name, what, None) for name, (what, _, _) in VARIANT_DECODINGS.items()]
-    rows = [row(n, w, args.workdir, run) for n, w, run in scored if (args.workdir / "evals" / f"{n}.json").is_file()]
-    meta = {"train_rows": args.train_rows, "dev_mrs": args.dev_mrs, "machine": machine(), "note": args.note}
-    write_json(RESULTS, {"meta": meta, "rows": rows})
-    table = markdown(rows, meta)
-    update_docs_section(
-        "e2e-levers", "## Which settings for the default E2E run (issue 16, validation set)\n\n" + table
-    )
-    print(table)
+        run_all(args, build_data(args.source, args.workdir, args.dev_mrs))
+    if not args.only:
+        collect(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -26,6 +25,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .atomic import write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,31 @@ def _clear_quantizer(model: PreTrainedModel) -> None:
         quantizer.remove_quantization_config(model)  # clears hf_quantizer, is_quantized, config.quantization_config
 
 
+def _convert_gguf(source: Path, cache: Path, stamp: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert the GGUF file `source` into the folder `cache`, unless another process finished first (its copy
+    comes from the same source); return a probe prompt's ids and the converted model's logits for it."""
+    model, tokenizer = _load_gguf(source, "causal-lm", torch.float32, {})
+    probe = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(probe).logits
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CACHE_STAMP).write_text(json.dumps(stamp, indent=2))
+
+    if not _is_cached(cache, stamp):
+        write_folder(cache, fill)  # whole, in one step; replaces a stale copy (another package version)
+    return probe, expected
+
+
+def _is_cached(cache: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((cache / _CACHE_STAMP).read_text()) == stamp
+    except (OSError, ValueError):
+        return False  # no cache yet, or unreadable: rebuild it
+
+
 def _source_stamp(entry: BuiltinModel, source: Path) -> dict:
     return {
         "package": entry.package,
@@ -225,40 +251,17 @@ def _source_stamp(entry: BuiltinModel, source: Path) -> dict:
 
 
 def _gguf_cache(entry: BuiltinModel, source: Path) -> Path:
-    """Folder of a plain safetensors copy of a GGUF built-in, made on first use (about 15 s; later loads about 1 s)."""
+    """Folder of a plain safetensors copy of a GGUF built-in, made on first use (about 15 s; later loads about 1 s).
+
+    Processes started together (runs side by side, torchrun's ranks) may all convert; the first to finish puts
+    its copy in place whole, the others find it there and keep it, so no reader sees the folder missing."""
     cache = model_cache_dir(entry.name)
     stamp = _source_stamp(entry, source)
-    try:
-        if json.loads((cache / _CACHE_STAMP).read_text()) == stamp:
-            return cache
-    except (OSError, ValueError):
-        pass  # no cache yet, or unreadable: rebuild it
+    if _is_cached(cache, stamp):
+        return cache
     logger.info("converting %s to a plain checkpoint in %s (once)", source.name, cache)
-
-    model, tokenizer = _load_gguf(source, "causal-lm", torch.float32, {})
-    probe = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        expected = model(probe).logits
-
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # Written next to its final place and renamed in one step, so a crash or a concurrent
-    # process never sees a half-written cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _CACHE_STAMP).write_text(json.dumps(stamp, indent=2))
-        del model
-        gc.collect()
-        shutil.rmtree(cache, ignore_errors=True)  # a stale cache from another package version
-        try:
-            os.replace(tmp, cache)
-        except OSError:
-            # Another process installed its copy first; theirs comes from the same source.
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    probe, expected = _convert_gguf(source, cache, stamp)
+    gc.collect()  # the converted model, before loading its copy
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32)
     with torch.no_grad():

@@ -87,9 +87,9 @@ def test_the_loop_checkpoints_when_the_plan_does_not_fit_and_undoes_it(tmp_path,
     seen: list[bool] = []
     original = causal_lm_loss.__globals__["causal_lm_loss"]
 
-    def recording(model_, batch):
+    def recording(model_, batch, label_smoothing=0.0):
         seen.append(bool(model.model.gradient_checkpointing))
-        return original(model_, batch)
+        return original(model_, batch, label_smoothing)
 
     monkeypatch.setattr("lorakit.train.distributed.causal_lm_loss", recording)
     ids = torch.randint(0, 64, (4, 12))

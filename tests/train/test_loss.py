@@ -51,12 +51,17 @@ def test_loss_and_gradients_equal_transformers(build, method):
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_chunks_and_bias_give_the_written_out_cross_entropy():
-    g = torch.Generator().manual_seed(1)
+def _head_inputs(seed: int) -> tuple[torch.Tensor, ...]:
+    """11 rows of hidden states (d = 6), a 20-class head with bias, and a target per row, in float64."""
+    g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(11, 6, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(20, 6, dtype=torch.float64, generator=g, requires_grad=True)
     bias = torch.randn(20, dtype=torch.float64, generator=g, requires_grad=True)
-    targets = torch.randint(0, 20, (11,), generator=g)
+    return hidden, weight, bias, torch.randint(0, 20, (11,), generator=g)
+
+
+def test_chunks_and_bias_give_the_written_out_cross_entropy():
+    hidden, weight, bias, targets = _head_inputs(seed=1)
     got = linear_cross_entropy(hidden, weight, bias, targets, chunk=4) * 0.5
     logits = hidden @ weight.t() + bias
     expected = 0.5 * (torch.logsumexp(logits, -1) - logits[torch.arange(11), targets]).sum()
@@ -96,3 +101,66 @@ def test_no_grad_evaluation_matches_cross_entropy():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(got, expected)
+
+
+EPSILON = 0.1
+
+
+def _smoothed_reference(logits: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Label smoothing written out: (1 − ε)·(−log p_target) + ε·mean over classes of (−log p_j), summed over rows."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return ((1 - epsilon) * -log_p[torch.arange(len(targets)), targets] + epsilon * -log_p.mean(dim=-1)).sum()
+
+
+def test_label_smoothing_gives_the_written_out_loss_and_gradients():
+    hidden, weight, bias, targets = _head_inputs(seed=2)
+    got = linear_cross_entropy(hidden, weight, bias, targets, chunk=4, smoothing=EPSILON)
+    expected = _smoothed_reference(hidden @ weight.t() + bias, targets, EPSILON)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(
+        torch.autograd.grad(got, (hidden, weight, bias)), torch.autograd.grad(expected, (hidden, weight, bias))
+    ):
+        torch.testing.assert_close(a, b)
+    plain = linear_cross_entropy(hidden, weight, bias, targets, chunk=4)
+    assert got.item() != pytest.approx(plain.item())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_smoothed_causal_lm_loss_and_gradients_equal_the_reference(fused):
+    model = make_llama().double().eval()
+    targets = "all-linear" if fused else ["q_proj", "lm_head"]  # an adapted head is not fused
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=targets, dropout=0.0))
+    randomize_lora(model)
+    assert (fused_head(model) is not None) == fused
+    batch = _batch()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted, labels = logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1)
+    keep = labels != -100
+    expected = _smoothed_reference(shifted[keep], labels[keep], EPSILON) / keep.sum()
+    expected.backward()
+    expected_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    got = causal_lm_loss(model, batch, label_smoothing=EPSILON)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_smoothed_classification_loss_and_regression_refused(bert):
+    model = bert.double().eval()
+    g = torch.Generator().manual_seed(3)
+    batch = {"input_ids": torch.randint(3, 50, (4, 7), generator=g), "labels": torch.tensor([0, 2, 1, 2])}
+    logits = model(input_ids=batch["input_ids"]).logits
+    expected = _smoothed_reference(logits, batch["labels"], EPSILON) / 4
+    torch.testing.assert_close(causal_lm_loss(model, batch, label_smoothing=EPSILON), expected)
+    with pytest.raises(ValueError, match="regression"):
+        causal_lm_loss(model, {**batch, "labels": torch.randn(4, dtype=torch.float64)}, label_smoothing=EPSILON)
+
+
+@pytest.mark.parametrize("epsilon", [-0.1, 1.0])
+def test_label_smoothing_out_of_range_is_refused(epsilon):
+    from lorakit.train.loop import LoopSettings
+
+    with pytest.raises(ValueError, match="label_smoothing"):
+        LoopSettings(label_smoothing=epsilon)

@@ -213,7 +213,7 @@ def test_fp32_files_hold_no_mixed_precision_state(tmp_path):
     train_adapter(model, random_token_rows(6, vocab=64), Collator(0), settings, tmp_path)
     assert "skipped_steps" not in (tmp_path / "metrics.jsonl").read_text()
     state = torch.load(tmp_path / "checkpoints" / "step-000002" / STATE_FILE, weights_only=False)
-    assert set(state) == {"step", "optimizer", "scheduler", "torch_rng", "history"}
+    assert set(state) == {"step", "optimizer", "scheduler", "torch_rng", "history", "seconds"}
 
 
 def test_merge_in_float32_saved_in_bf16(chat_llama_dir, tmp_path):

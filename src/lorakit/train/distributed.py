@@ -146,15 +146,15 @@ class LossOf(nn.Module):
         super().__init__()
         self.module = model
 
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.module, batch)
+    def forward(self, label_smoothing: float = 0.0, **batch: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self.module, batch, label_smoothing)
 
 
-def training_loss(trained: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def training_loss(trained: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
     """The mean loss of `batch` on what `Parallel.wrap` returned (through DDP's forward when it wraps)."""
     if isinstance(getattr(trained, "module", None), LossOf):
-        return trained(**batch)
-    return causal_lm_loss(trained, batch)
+        return trained(label_smoothing=label_smoothing, **batch)
+    return causal_lm_loss(trained, batch, label_smoothing)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

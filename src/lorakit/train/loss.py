@@ -14,6 +14,14 @@ logits; the arithmetic is the two products the plain path also does, on fewer ro
 It applies to architectures whose causal-LM head is exactly `lm_head(hidden)` (no logit soft-capping or
 scaling) when the head is a plain `nn.Linear`, and never under FSDP (whose root hooks must see the
 model's own forward); everywhere else `causal_lm_loss` returns `model(**batch).loss`.
+
+Label smoothing ε (`torch.nn.functional.cross_entropy`'s): each row's loss is (1 − ε)·(−log p_target) +
+ε·mean_j(−log p_j) over the V classes, so with z the logits and lse their log-sum-exp
+
+    loss_i = lse_i − (1 − ε)·z_i[t_i] − ε·mean_j z_ij,     ∂loss_i/∂z_i = softmax(z_i) − (1 − ε)·onehot(t_i) − ε/V.
+
+The LoRA paper trains E2E with ε = 0.1. Without the fused head, ε > 0 takes the model's logits and
+`cross_entropy` (classification too); a regression head has no classes to smooth over.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ CHUNK_ELEMENTS = 2**24  # logits held at once: 64 MB in float32
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Σ_i [logsumexp(h_i·Wᵀ + b) − (h_i·Wᵀ + b)[t_i]] over rows i, computed `chunk` rows at a time."""
+    """Σ_i [logsumexp(z_i) − (1 − ε)·z_i[t_i] − ε·mean_j z_ij] over rows i, z_i = h_i·Wᵀ + b, computed `chunk` rows
+    at a time (ε: label smoothing, 0 for plain cross-entropy)."""
 
     @staticmethod
     def forward(
@@ -42,6 +51,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         chunk: int,
+        smoothing: float = 0.0,
     ) -> torch.Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 models still get float32 softmax
@@ -56,11 +66,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             if bias is not None:
                 logits += bias.to(acc)
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            total += (lse - (1.0 - smoothing) * logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if smoothing:
+                total -= smoothing * logits.mean(dim=-1).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0 - smoothing
+            if smoothing:
+                probs -= smoothing / logits.shape[-1]
             if grad_hidden is not None:
                 grad_hidden[rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
@@ -80,7 +94,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grads[1] = grads[1].to(ctx.dtypes[0])
         if grads[2] is not None:
             grads[2] = grads[2].to(ctx.dtypes[1])
-        return grads[0], grads[1], grads[2], None, None
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def linear_cross_entropy(
@@ -89,11 +103,12 @@ def linear_cross_entropy(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     chunk: int | None = None,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Summed cross-entropy of `targets` (N) under logits hidden (N × d) · weightᵀ (+ bias), never holding more than
-    `chunk` rows of logits (default: 2**24 logits)."""
+    """Summed cross-entropy of `targets` (N) under logits hidden (N × d) · weightᵀ (+ bias), with label smoothing
+    `smoothing`, never holding more than `chunk` rows of logits (default: 2**24 logits)."""
     chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, smoothing)
 
 
 def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -117,15 +132,31 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return backbone, head
 
 
-def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens of `batch` (labels −100 ignored), equal to `model(**batch).loss`."""
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of `batch` (labels −100 ignored), equal to `model(**batch).loss`
+    without label smoothing; with it, `cross_entropy(..., label_smoothing=...)` of the same logits. A batch of
+    class labels (one per row) is scored the same way."""
     parts = fused_head(model) if "labels" in batch and batch["labels"].dim() == 2 else None
     if parts is None:
-        return model(**batch).loss
+        return model(**batch).loss if not label_smoothing else _smoothed_loss(model, batch, label_smoothing)
     backbone, head = parts
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    total = linear_cross_entropy(hidden[:, :-1][keep], head.weight, head.bias, targets[keep])
+    total = linear_cross_entropy(hidden[:, :-1][keep], head.weight, head.bias, targets[keep], smoothing=label_smoothing)
     return total / keep.sum().clamp(min=1)
+
+
+def _smoothed_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], smoothing: float) -> torch.Tensor:
+    """Label-smoothed cross-entropy from the model's logits: next-token targets (labels of the batch's shape) or one
+    class per row. Refuses what has no classes (a regression head)."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    if labels.dim() == 2 and logits.dim() == 3:  # causal LM: position i predicts token i + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if labels.is_floating_point() or logits.shape[-1] < 2:
+        raise ValueError("label smoothing needs classes: this task's labels are numbers (regression)")
+    # At least float32, as transformers' own loss computes its softmax (bf16 logits are cast up).
+    flat = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
+    return nn.functional.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=smoothing)

@@ -229,6 +229,8 @@ class TrainingRecipe:
 
     def setup_data(self) -> None:
         cfg = self.cfg
+        if cfg.task == REGRESSION and cfg.label_smoothing:
+            raise RunError("--label-smoothing needs classes or tokens to spread over; a regression task has neither")
         try:
             self.train, self.validation, self.scored = load_splits(cfg)
         except DataError as err:

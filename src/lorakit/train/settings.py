@@ -20,6 +20,13 @@ class LoopSettings:
         default=None, metadata={"help": "LoRA+: train B with lr × this ratio, e.g. 16 (none: one rate)"}
     )
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the gradient norm (none: no clipping)"})
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "label smoothing ε of the training loss: the target keeps 1 − ε, ε is spread over every class "
+            "or token (the LoRA paper's E2E runs: 0.1); not for regression"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and dropout"})
     log_every: int = field(default=5, metadata={"help": "steps between metrics-log lines"})
     eval_every: int | None = field(
@@ -45,6 +52,10 @@ class LoopSettings:
             "off: plain shuffled order"
         },
     )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def total_steps(self, num_examples: int) -> int:
         steps_per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))

@@ -93,6 +93,7 @@ class Stepper:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the model's
     dtype: torch.dtype = torch.float32  # the compute dtype of autocast
     scaler: torch.amp.GradScaler | None = None  # fp16's dynamic loss scaling
+    label_smoothing: float = 0.0  # of the training loss (`train.loss`)
 
     def __post_init__(self) -> None:
         if self.scaler is not None and self.window.skipped is None:
@@ -134,7 +135,7 @@ class Stepper:
         tokens = int(batch["attention_mask"].sum()) if real else 0  # counted on the host, before the copy
         batch = to_device(batch, self.device)
         with autocast(self.device, self.dtype):
-            loss = training_loss(self.trained, batch)
+            loss = training_loss(self.trained, batch, self.label_smoothing)
         # DDP and FSDP average gradients over processes; the factor `world` turns that into the sum.
         scaled = loss * (local_items / max(step_items, 1) * self.parallel.world)
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
