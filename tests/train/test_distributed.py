@@ -188,9 +188,12 @@ def test_bf16_two_processes_match_one(setup, tmp_path, mode):
     does, within bf16 rounding."""
     model, data = setup
     one, two = tmp_path / "one", tmp_path / "two"
-    result = CliRunner().invoke(app, args(model, data, one, "--precision", "bf16"))
+    # Without label smoothing: the tolerance is bf16 rounding over these steps of the plain loss (the smoothed
+    # loss's agreement across processes is checked in float32 by test_two_processes_match_one).
+    bf16 = ("--precision", "bf16", "--label-smoothing", "0")
+    result = CliRunner().invoke(app, args(model, data, one, *bf16))
     assert result.exit_code == 0, result.output
-    run = torchrun(2, args(model, data, two, "--precision", "bf16", "--distributed", mode))
+    run = torchrun(2, args(model, data, two, *bf16, "--distributed", mode))
     assert run.returncode == 0, run.stderr[-3000:]
     x, y = (load_file(out / "adapter_model.safetensors") for out in (one, two))
     for key in x:

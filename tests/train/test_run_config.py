@@ -128,6 +128,17 @@ def test_prompt_format_defaults_to_the_data_sets():
     assert RunConfig(prompt_format="chat").resolved().prompt_format == "chat"
 
 
+def test_label_smoothing_defaults_to_the_papers_for_causal_lm_only():
+    assert RunConfig().resolved().label_smoothing == 0.1  # e2e
+    assert RunConfig(data="sst2").resolved().label_smoothing == 0.0
+    assert RunConfig(label_smoothing=0.0).resolved().label_smoothing == 0.0
+    assert RunConfig(data="sst2", label_smoothing=0.2).resolved().label_smoothing == 0.2
+    # A run saved before the option existed trained without it: resuming it needs --label-smoothing 0.
+    saved = {k: v for k, v in RunConfig(output="runs/x").resolved().to_dict().items() if k != "label_smoothing"}
+    assert RunConfig(output="runs/x").resolved().changed_since(saved) == ["label_smoothing"]
+    assert RunConfig(output="runs/x", label_smoothing=0.0).resolved().changed_since(saved) == []
+
+
 def test_resume_compares_with_the_saved_options_flat_or_nested():
     cfg = RunConfig(r=4, output="runs/x").resolved()
     saved = cfg.to_dict()

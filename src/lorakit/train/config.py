@@ -52,6 +52,11 @@ RESUME_FREE = {
 }
 
 
+# What runs saved before these options existed trained with.
+OLDER_RUNS = {"precision": "fp32", "label_smoothing": 0.0}
+CAUSAL_LM_LABEL_SMOOTHING = 0.1  # `lorakit train`'s default for causal-LM tasks (the LoRA paper's E2E setting)
+
+
 class RunError(ValueError):
     """A training job that cannot start as configured; the message is one line for the user."""
 
@@ -207,12 +212,14 @@ class RunConfig:
         values = {"task": task, "model": model, "target_modules": targets, "output": output, "precision": precision}
         values["prompt_format"] = prompt_format
         values["template"] = self.template if self.template is not None else prompts["template"]
+        if self.label_smoothing is None:  # 0.1 raised E2E validation BLEU under beam search (docs/results.md)
+            values["label_smoothing"] = CAUSAL_LM_LABEL_SMOOTHING if task == "causal-lm" else 0.0
         return self.updated(values)
 
     def changed_since(self, previous: Mapping[str, Any]) -> list[str]:
         """The options (other than RESUME_FREE) that differ from a previous run's saved options, flat or in
         sections; an option the file lacks (written before it existed) had its default."""
-        before = {**RunConfig().to_dict(), "precision": "fp32", **flatten(previous)}  # older runs ran in fp32
+        before = {**RunConfig().to_dict(), **OLDER_RUNS, **flatten(previous)}
         return sorted(k for k, v in self.to_dict().items() if k not in RESUME_FREE and before[k] != v)
 
 

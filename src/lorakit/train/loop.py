@@ -204,7 +204,7 @@ def train_adapter(
             device=device,
             dtype=precision,
             scaler=state.scaler,
-            label_smoothing=settings.label_smoothing,
+            label_smoothing=settings.label_smoothing or 0.0,
         ),
         checkpointer=checkpointer,
         log=MetricsLog(output, state.history, write=parallel.is_main, tensorboard=settings.tensorboard),

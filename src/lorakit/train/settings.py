@@ -20,11 +20,12 @@ class LoopSettings:
         default=None, metadata={"help": "LoRA+: train B with lr × this ratio, e.g. 16 (none: one rate)"}
     )
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the gradient norm (none: no clipping)"})
-    label_smoothing: float = field(
-        default=0.0,
+    label_smoothing: float | None = field(
+        default=None,
         metadata={
             "help": "label smoothing ε of the training loss: the target keeps 1 − ε, ε is spread over every class "
-            "or token (the LoRA paper's E2E runs: 0.1); not for regression"
+            "or token; not for regression (none: `lorakit train` takes 0.1 for causal-LM tasks, the LoRA paper's "
+            "E2E setting, and 0 for the others; the library's loop takes 0)"
         },
     )
     seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and dropout"})
@@ -54,7 +55,7 @@ class LoopSettings:
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def total_steps(self, num_examples: int) -> int:
