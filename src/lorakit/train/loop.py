@@ -157,6 +157,30 @@ def _finish(run: _Run) -> TrainResult:
     return TrainResult(run.state.step, run.log.last_loss(), run.state.seconds, tokens_per_s, run.state.history)
 
 
+def _stepper(
+    trained: nn.Module,
+    features: Sequence[dict[str, list[int]]],
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    settings: LoopSettings,
+    parallel: Parallel,
+    device: torch.device,
+    precision: torch.dtype,
+    scaler: torch.amp.GradScaler | None,
+) -> Stepper:
+    """The run's optimizer step: its micro-batches, gradient clipping, autocast and loss (label smoothing)."""
+    return Stepper(
+        trained,
+        features,
+        collate,
+        parallel,
+        settings.max_grad_norm,
+        device=device,
+        dtype=precision,
+        scaler=scaler,
+        label_smoothing=settings.label_smoothing or 0.0,
+    )
+
+
 def train_adapter(
     model: nn.Module,
     features: Sequence[dict[str, list[int]]],
@@ -195,17 +219,7 @@ def train_adapter(
         settings=settings,
         total=total,
         state=state,
-        stepper=Stepper(
-            trained,
-            features,
-            collate,
-            parallel,
-            settings.max_grad_norm,
-            device=device,
-            dtype=precision,
-            scaler=state.scaler,
-            label_smoothing=settings.label_smoothing or 0.0,
-        ),
+        stepper=_stepper(trained, features, collate, settings, parallel, device, precision, state.scaler),
         checkpointer=checkpointer,
         log=MetricsLog(output, state.history, write=parallel.is_main, tensorboard=settings.tensorboard),
         evaluate=evaluate,
