@@ -188,6 +188,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['dev_mrs']} validation MRs spread over E2E's devset.csv (all references), greedy unless the row says "
         f"beam; each plain-* run: one pass over the first {meta['train_rows']} rows of the shuffled complete "
         "training set, the default-run* runs over the shipped 1,800-row sample; batch 8, r=8, α=16, dropout 0.05. "
+        "val. loss: the plain cross-entropy of validation targets, also for the label-smoothed runs (*-ls0.1). "
         "Command: `python bench/experiments/e2e_levers.py`.",
         "",
         "| variant | what | BLEU | NIST | ROUGE-L | chrF | val. loss | trainable | steps | train time | tokens/s |",
