@@ -47,7 +47,6 @@ from serve_load import make_adapters, run_load
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 MODEL = "smollm2-135m"
-SYSTEMS = {"lorakit": "Lorakit", "merge": "Merge", "peft": "Peft"}  # --systems names -> classes below
 
 
 # -- the systems: submit(prompt ids, adapter, on_done) from client threads --------------------------
@@ -277,6 +276,9 @@ class Http:
         self.thread.join()
 
 
+SYSTEMS = {"lorakit": Lorakit, "merge": Merge, "peft": Peft}  # by their --systems names
+
+
 def _median_ms(step: Callable[[], object], steps: int) -> float:
     times = []
     for _ in range(steps):
@@ -313,17 +315,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def measure(args: argparse.Namespace, prompts: list[list[int]], tokenizer: Any) -> tuple[list[dict], list[dict]]:
+def measure(
+    args: argparse.Namespace, model: Any, tokenizer: Any, prompts: list[list[int]]
+) -> tuple[list[dict], list[dict]]:
     """Every chosen system under the load of each adapter count: one row per (system, k), and the timed decode
-    steps. Every system holds its own copy of the model from the start, and the systems take turns at each
-    adapter count: a change in the machine's load during the run then falls on all of them alike."""
+    steps. The random adapters are made on `model` (and removed from it again); every system holds its own copy
+    of the model from the start, and the systems take turns at each adapter count: a change in the machine's
+    load during the run then falls on all of them alike."""
     from lorakit.models import load_model
 
     counts = [int(k) for k in args.adapters.split(",")]
-    chosen = [globals()[SYSTEMS[s]] for s in args.systems.split(",")] + ([Http] if args.http else [])
+    chosen = [SYSTEMS[s] for s in args.systems.split(",")] + ([Http] if args.http else [])
     rows, steps = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        folders = make_adapters(load_model(MODEL, "causal-lm")[0], max(counts), Path(tmp))
+        folders = make_adapters(model, max(counts), Path(tmp))
         running = []
         for system_class in chosen:
             system = system_class(load_model(MODEL, "causal-lm")[0], tokenizer, folders, args)
@@ -394,10 +399,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     load_before = load_average()
-    tokenizer = load_model(MODEL, "causal-lm")[1]
+    model, tokenizer = load_model(MODEL, "causal-lm")
     examples = load_builtin("e2e", "validation").examples
     prompts = [tokenizer(e.prompt, add_special_tokens=False).input_ids for e in examples]
-    rows, steps = measure(args, prompts, tokenizer)
+    rows, steps = measure(args, model, tokenizer, prompts)
     prompt_lengths = [len(prompts[i % len(prompts)]) for i in range(args.requests)]
     report = {
         "model": MODEL,

@@ -214,16 +214,21 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def run_all(args: argparse.Namespace, data_root: Path) -> None:
     """Every training and evaluation the table needs (`args.only`: just those named)."""
-    wanted = (lambda name: name in args.only) if args.only else (lambda name: True)
-    for name, (_, options) in VARIANTS.items() if not args.only else ():
-        train(name, options, args.workdir, data_root, args.train_rows)
-        evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
-    if not args.only:
+
+    def wanted(name: str) -> bool:
+        return not args.only or name in args.only
+
+    for name, (_, options) in VARIANTS.items():
+        if wanted(name):
+            train(name, options, args.workdir, data_root, args.train_rows)
+            evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
+    if wanted(f"{args.beam_of}+beam"):
         evaluate(f"{args.beam_of}+beam", args.workdir / "runs" / args.beam_of, args.workdir, data_root, BEAM)
-    if args.baseline is not None:
+    if args.baseline is not None and wanted("baseline"):
         evaluate("baseline", args.baseline, args.workdir, data_root, [])
-    for name, (_, options) in DECODINGS.items() if args.default_run is not None else ():
-        evaluate(name, args.default_run, args.workdir, data_root, options)
+    for name, (_, options) in DECODINGS.items():
+        if args.default_run is not None and wanted(name):
+            evaluate(name, args.default_run, args.workdir, data_root, options)
     for name, (_, options) in DEFAULT_VARIANTS.items():
         if wanted(name):
             train_default(name, options, args.workdir, data_root)
@@ -243,11 +248,12 @@ def collect(args: argparse.Namespace) -> None:
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in DEFAULT_VARIANTS.items()]
     scored += [(name, what, None) for name, (what, _, _) in VARIANT_DECODINGS.items()]
     earlier = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.is_file() else {}
-    rows = [
-        row(n, w, args.workdir, run) if (args.workdir / "evals" / f"{n}.json").is_file() else earlier[n]
-        for n, w, run in scored
-        if (args.workdir / "evals" / f"{n}.json").is_file() or n in earlier
-    ]
+    rows = []
+    for name, what, run in scored:
+        if (args.workdir / "evals" / f"{name}.json").is_file():
+            rows.append(row(name, what, args.workdir, run))
+        elif name in earlier:
+            rows.append(earlier[name])
     meta = {"train_rows": args.train_rows, "dev_mrs": args.dev_mrs, "machine": machine(), "note": args.note}
     write_json(RESULTS, {"meta": meta, "rows": rows})
     table = markdown(rows, meta)
