@@ -14,7 +14,9 @@ this script computes it and rewrites what is between them (nothing else in the f
   against today's estimate of the same configurations, compared as that script compares them;
 * memory-length: the training memory against sequence length bench/memory_length.py measured
   (bench/results/memory_length.json) beside today's estimate of each point, as that script prints it;
-* train-step: the training-step rows bench/train_step.py saved (bench/results/train_step.json), as it prints them.
+* train-step: the training-step rows bench/train_step.py saved (bench/results/train_step.json), as it prints them;
+* e2e-quality: the E2E scores of the default run, the whole-test evaluations and the paper, row by row as
+  bench/results/e2e_quality.json lists them (each row's scores read from the results file it names).
 
     .venv/bin/python bench/readme_tables.py            # rewrite every table in README.md
     .venv/bin/python bench/readme_tables.py --check    # exit 1 when README.md differs from what it would write
@@ -35,6 +37,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import memory_length
 import train_step
@@ -48,6 +51,8 @@ LLAMA_7B = Path(__file__).resolve().parent / "configs" / "llama-2-7b.json"
 LLAMA_7B_TFLOPS = 400.0
 # (batch size, max length, precision) of the saved measurements the README shows, in this order.
 MEASURED = ((4, 128, "fp32"), (8, 256, "fp32"), (4, 128, "bf16"))
+E2E_QUALITY = Path(__file__).resolve().parent / "results" / "e2e_quality.json"
+E2E_METRICS = {"bleu": "{:.1f}", "nist": "{:.2f}", "rouge_l": "{:.1f}", "chrf": "{:.1f}"}  # the README's columns
 MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "minilm-l6": "MiniLM-L6"}
 METHOD_NAMES = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 
@@ -140,6 +145,26 @@ def train_step_table() -> str:
     return train_step.table({"steps": saved["steps"]})
 
 
+def e2e_quality_row(row: dict[str, Any], results: Path) -> str:
+    """One row of the E2E table: its scores from the file it names (a run's results.json: `part`'s scores;
+    a `lorakit eval --output` file: its metrics), or as the row states them (text such as "—" as written)."""
+    minutes, scores = "", row.get("scores", {})
+    if "file" in row:
+        saved = json.loads((results / row["file"]).read_text())
+        scores = saved[row["part"]] if "part" in row else saved["metrics"]
+        minutes = f"{saved['total_time_s'] / 60:.1f}" if "total_time_s" in saved else ""
+    cells = [row["run"].format(minutes=minutes), row["trained_on"], row["scored_on"]]
+    cells += [v if isinstance(v, str) else E2E_METRICS[m].format(v) for m, v in ((m, scores[m]) for m in E2E_METRICS)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def e2e_quality_table() -> str:
+    """The README's E2E table (bench/results/e2e_quality.json's rows)."""
+    listed = json.loads(E2E_QUALITY.read_text())["rows"]
+    lines = ["| run | trained on | scored on | BLEU | NIST | ROUGE-L | chrF |", "|---|---|---|---:|---:|---:|---:|"]
+    return "\n".join(lines + [e2e_quality_row(row, E2E_QUALITY.parent) for row in listed])
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "estimate-smollm2": smollm2_table,
     "estimate-checkpointing": checkpointing_table,
@@ -147,6 +172,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "estimate-vs-measured": measured_table,
     "memory-length": memory_length_table,
     "train-step": train_step_table,
+    "e2e-quality": e2e_quality_table,
 }
 
 

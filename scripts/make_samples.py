@@ -80,11 +80,18 @@ def e2e_by_mr(rows: list[list[str]], rng: random.Random, k: int) -> list[list[st
     return [row for row in rows if row[0] in keep]
 
 
-def make_e2e(src: Path, dst: Path, rng: random.Random) -> None:
+def sample_rng(name: str) -> random.Random:
+    """The generator sample `name` is drawn with: one per data set, so regenerating one never shifts the others."""
+    return random.Random(f"{SEED}-{name}")
+
+
+def make_e2e(src: Path, dst: Path, rng: random.Random, train_size: int = E2E_TRAIN_SIZE) -> None:
+    """The E2E sample; a larger `train_size` keeps every row of a smaller one (`random.sample` draws its
+    indices one by one, so a longer draw starts with the shorter one)."""
     header, train = read_csv(src / "trainset.csv")
     first = sorted(rng.sample(range(len(train)), E2E_FIRST_DRAW))  # as `draw`, so rng moves on as it always did
     rest = sorted(set(range(len(train))) - set(first))
-    more = random.Random(f"{SEED}-e2e-more").sample(rest, E2E_TRAIN_SIZE - E2E_FIRST_DRAW)
+    more = random.Random(f"{SEED}-e2e-more").sample(rest, train_size - E2E_FIRST_DRAW)
     write_csv(dst / "trainset.csv", header, [train[i] for i in sorted(first + more)])
     header, dev = read_csv(src / "devset.csv")
     write_csv(dst / "devset.csv", header, e2e_by_mr(dev, rng, E2E_EVAL_MRS))
@@ -117,8 +124,7 @@ def main() -> None:
     for make, src, name in jobs:
         dst = OUT / name
         dst.mkdir(parents=True, exist_ok=True)
-        # One generator per data set, so regenerating one never shifts the others.
-        make(root / src, dst, random.Random(f"{SEED}-{name}"))
+        make(root / src, dst, sample_rng(name))
         print(f"{name}: {', '.join(sorted(p.name for p in dst.iterdir()))}")
 
 

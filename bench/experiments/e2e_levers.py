@@ -42,6 +42,9 @@ from typing import Any
 
 from methods_runs import update_docs_section, write_json
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # make_samples.py
+from make_samples import make_e2e, sample_rng  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import machine  # noqa: E402
 
@@ -65,8 +68,20 @@ DEFAULT_VARIANTS: dict[str, tuple[str, list[str]]] = {  # the default run (`lora
         "the default run with LoRA on all linear layers and label smoothing 0.1",
         ["--target-modules", "all-linear", "--label-smoothing", "0.1"],
     ),
+    "default-run-dropout0": ("the default run (label smoothing 0.1) without LoRA dropout", ["--dropout", "0"]),
 }
-BEAM = ["--num-beams", "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4"]  # the LoRA paper's
+
+
+def beam10(length_penalty: str = "0.9") -> list[str]:
+    """`lorakit eval` options for beam 10 without repeated 4-grams; the LoRA paper's length penalty is 0.9."""
+    return ["--num-beams", "10", "--length-penalty", length_penalty, "--no-repeat-ngram-size", "4"]
+
+
+# name -> (what, rows): the default run over a larger sample drawn as the shipped one is (which it contains)
+SAMPLE_SIZES: dict[str, tuple[str, int]] = {
+    "default-run-2600rows": ("the default run over a 2,600-row sample (the shipped 1,800 rows and 800 more)", 2600),
+}
+BEAM = beam10()  # the LoRA paper's decoding
 BEAM4 = ["--num-beams", "4", "--length-penalty", "0.9"]
 NO_REPEAT = BEAM[-2:]
 DECODINGS: dict[str, tuple[str, list[str]]] = {  # name -> (what, `lorakit eval` options) for --default-run's adapter
@@ -103,6 +118,26 @@ VARIANT_DECODINGS: dict[str, tuple[str, str, list[str]]] = {
         "default-run-ls0.1",
         BEAM,
     ),
+    "default-run-ls0.1+beam10-lp1.2": (
+        "its adapter; beam 10, no repeated 4-gram, length penalty 1.2 (longer outputs)",
+        "default-run-ls0.1",
+        beam10("1.2"),
+    ),
+    "default-run-ls0.1+beam10-lp1.5": (
+        "its adapter; beam 10, no repeated 4-gram, length penalty 1.5",
+        "default-run-ls0.1",
+        beam10("1.5"),
+    ),
+    "default-run-dropout0+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-dropout0",
+        BEAM,
+    ),
+    "default-run-2600rows+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-2600rows",
+        BEAM,
+    ),
     "default-run-all-linear-ls0.1+beam10": (
         "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
         "default-run-all-linear-ls0.1",
@@ -131,6 +166,17 @@ def build_data(source: Path, workdir: Path, dev_mrs: int) -> Path:
         path, content = folder / name, text.getvalue().encode("utf-8")
         if not path.is_file() or path.read_bytes() != content:
             path.write_bytes(content)
+    return folder.parent
+
+
+def build_sample(source: Path, workdir: Path, rows: int, validation_root: Path) -> Path:
+    """The folder a run over a `rows`-row sample reads as $LORAKIT_DATA (`--data e2e-full`): the sample's
+    training rows, the validation subset of `validation_root` as its validation and test files."""
+    folder = workdir / f"data-{rows}rows" / "e2e"
+    folder.mkdir(parents=True, exist_ok=True)
+    make_e2e(source, folder, sample_rng("e2e"), rows)
+    for name in ("devset.csv", "testset_w_refs.csv"):
+        (folder / name).write_bytes((validation_root / "e2e" / name).read_bytes())
     return folder.parent
 
 
@@ -233,6 +279,11 @@ def run_all(args: argparse.Namespace, data_root: Path) -> None:
         if wanted(name):
             train_default(name, options, args.workdir, data_root)
             evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
+    for name, (_, rows) in SAMPLE_SIZES.items():
+        if wanted(name):
+            sample_root = build_sample(args.source, args.workdir, rows, data_root)
+            train_default(name, ["--data", "e2e-full"], args.workdir, sample_root)
+            evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
     for name, (_, run, options) in VARIANT_DECODINGS.items():
         if wanted(name):
             evaluate(name, args.workdir / "runs" / run, args.workdir, data_root, options)
@@ -246,6 +297,7 @@ def collect(args: argparse.Namespace) -> None:
     scored += [(f"{args.beam_of}+beam", "its adapter; beam 10, length penalty 0.9, no repeated 4-gram", None)]
     scored += [(n, w, args.default_run if n == "default-run" else None) for n, (w, _) in DECODINGS.items()]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in DEFAULT_VARIANTS.items()]
+    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in SAMPLE_SIZES.items()]
     scored += [(name, what, None) for name, (what, _, _) in VARIANT_DECODINGS.items()]
     earlier = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.is_file() else {}
     rows = []
