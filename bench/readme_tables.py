@@ -154,7 +154,7 @@ def e2e_quality_row(row: dict[str, Any], results: Path) -> str:
         scores = saved[row["part"]] if "part" in row else saved["metrics"]
         minutes = f"{saved['total_time_s'] / 60:.1f}" if "total_time_s" in saved else ""
     cells = [row["run"].format(minutes=minutes), row["trained_on"], row["scored_on"]]
-    cells += [v if isinstance(v, str) else E2E_METRICS[m].format(v) for m, v in ((m, scores[m]) for m in E2E_METRICS)]
+    cells += [scores[m] if isinstance(scores[m], str) else form.format(scores[m]) for m, form in E2E_METRICS.items()]
     return "| " + " | ".join(cells) + " |"
 
 

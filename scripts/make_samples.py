@@ -91,7 +91,7 @@ def make_e2e(src: Path, dst: Path, rng: random.Random, train_size: int = E2E_TRA
     header, train = read_csv(src / "trainset.csv")
     first = sorted(rng.sample(range(len(train)), E2E_FIRST_DRAW))  # as `draw`, so rng moves on as it always did
     rest = sorted(set(range(len(train))) - set(first))
-    more = random.Random(f"{SEED}-e2e-more").sample(rest, train_size - E2E_FIRST_DRAW)
+    more = sample_rng("e2e-more").sample(rest, train_size - E2E_FIRST_DRAW)
     write_csv(dst / "trainset.csv", header, [train[i] for i in sorted(first + more)])
     header, dev = read_csv(src / "devset.csv")
     write_csv(dst / "devset.csv", header, e2e_by_mr(dev, rng, E2E_EVAL_MRS))
