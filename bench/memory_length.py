@@ -18,11 +18,15 @@ the live tensors), with activation checkpointing off and on (on: `lorakit.train.
   `lorakit estimate` prints and `--grad-checkpointing auto` plans with).
 
 The curve is batch 1 × T = 256 … 4096; batch 8 × 1024 (the issue's goal: ≤ 2.5 GB above the model with the step
-within 1.2 × of today's) runs after it, with fewer steps.
+within 1.2 × of today's) runs after it, with fewer steps, and with `--shape-modes` also with only the first N
+blocks checkpointed (`lorakit train --grad-checkpointing N`) or `auto:GB`: the count `lorakit train
+--memory-limit GB` takes for that shape (the fewest blocks whose estimated step, malloc slack included, fits).
 
     .venv/bin/python bench/memory_length.py                       # the curve and 8 × 1024 (table, JSON, plot)
     .venv/bin/python bench/memory_length.py --lengths 256 1024 --shapes 4x512 --steps 2
     .venv/bin/python bench/memory_length.py --quick               # T = 128, 256 only: the plumbing, in a minute
+    .venv/bin/python bench/memory_length.py --lengths --shape-modes off 22 auto:2.5 on --shape-steps 1 \
+        --output bench/results/memory_blocks.json                 # 8 × 1024 only: some blocks checkpointed
     .venv/bin/python bench/memory_length.py --report              # the saved points against today's estimate
 
 Results: bench/results/memory_length.json (written again after every point, so a long run that stops keeps what
@@ -62,7 +66,35 @@ PLOT_FILE = RESULTS / "memory_length.png"
 LENGTHS = (256, 512, 1024, 2048, 4096)  # at batch 1
 SHAPES = ((8, 1024),)  # batch × length, after the curve
 QUICK_LENGTHS = (128, 256)
-MODES = {"off": False, "on": True}  # activation checkpointing
+MODES = ("off", "on")  # activation checkpointing of the curve; a shape's modes may also be a number of blocks
+
+
+def checkpointing_of(mode: str) -> tuple[bool, int | None]:
+    """A point's `checkpointing` → (on, the first how many blocks; None: all): "off", "on" or a block count."""
+    return (mode != "off", None if mode in MODES else int(mode))
+
+
+def mode_label(point: dict[str, Any]) -> str:
+    """The checkpointing column: off, on, or the first N blocks (and the limit auto chose them for)."""
+    mode = point["checkpointing"]
+    if mode in MODES:
+        return mode
+    limit = point.get("auto_limit_gb")
+    return f"first {mode} blocks" + (f" (auto, --memory-limit {limit:g})" if limit is not None else "")
+
+
+def mode_arg(text: str) -> str:
+    """`--shape-modes` item: off, on, a number of blocks, or auto:GB."""
+    if text in MODES or text.isdigit() or (text.startswith("auto:") and _positive(text[5:])):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected off, on, a number of blocks or auto:GB, e.g. auto:2.5")
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def shape_arg(text: str) -> tuple[int, int]:
@@ -77,15 +109,16 @@ def shape_arg(text: str) -> tuple[int, int]:
 
 
 # -- one point, in a fresh process ----------------------------------------------------------------------------
-def measure_point(batch_size: int, length: int, checkpointing: bool, steps: int) -> dict[str, Any]:
+def measure_point(batch_size: int, length: int, mode: str, steps: int) -> dict[str, Any]:
     """Build the lorakit step, switch checkpointing as the training loop does, run `steps` steps on B × T random
     tokens; the peak above the loaded model and the step times."""
     from lorakit.train.checkpointing import enable_checkpointing
 
     model, step, _ = setups.build("lorakit")  # the lean gated MLPs are on, as in the loop
     own_weights(model)
+    checkpointing, blocks = checkpointing_of(mode)
     if checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, blocks)
     ids = torch.randint(
         3, model.config.vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(length)
     )
@@ -106,10 +139,11 @@ def measure_point(batch_size: int, length: int, checkpointing: bool, steps: int)
     }
 
 
-def estimated_above_model(batch_size: int, length: int, checkpointing: bool) -> dict[str, Any]:
+def estimated_above_model(batch_size: int, length: int, mode: str) -> dict[str, Any]:
     """`lorakit estimate` for the point, above the weights: tensors + runtime, and the total with malloc slack."""
     from lorakit.estimation import CPU_RUNTIME_BYTES, estimate
 
+    checkpointing, blocks = checkpointing_of(mode)
     est = estimate(
         setups.MODEL,
         "lora",
@@ -120,6 +154,7 @@ def estimated_above_model(batch_size: int, length: int, checkpointing: bool) -> 
         batch_size=batch_size,
         max_length=length,
         grad_checkpointing=checkpointing,
+        checkpoint_blocks=blocks,
     )
     weights = est.frozen_weight_bytes + est.trainable_weight_bytes
     return {
@@ -131,10 +166,29 @@ def estimated_above_model(batch_size: int, length: int, checkpointing: bool) -> 
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
+def auto_blocks(batch_size: int, length: int, limit_gb: float) -> int:
+    """The block count `lorakit train --memory-limit limit_gb` checkpoints for this shape: its planner over the
+    same estimate (the total with malloc slack, above the weights)."""
+    from lorakit.estimation.resolve import resolve_source
+    from lorakit.train.checkpointing import blocks_to_checkpoint
+
+    blocks = resolve_source(setups.MODEL).config.num_hidden_layers
+
+    def plan(count: int) -> int:
+        return estimated_above_model(batch_size, length, "on" if count == blocks else str(count))["total_bytes"]
+
+    return blocks_to_checkpoint("auto", blocks, plan, int(limit_gb * 1e9))
+
+
 def run_point(batch_size: int, length: int, mode: str, steps: int) -> dict[str, Any]:
-    """One point: measured in a fresh process (or the reason it failed) beside the estimate."""
-    point: dict[str, Any] = {"batch_size": batch_size, "length": length, "checkpointing": mode, "steps": steps}
-    point["estimate"] = estimated_above_model(batch_size, length, MODES[mode])
+    """One point: measured in a fresh process (or the reason it failed) beside the estimate. `auto:GB` becomes
+    the block count auto takes at that limit."""
+    point: dict[str, Any] = {"batch_size": batch_size, "length": length, "steps": steps}
+    if mode.startswith("auto:"):
+        point["auto_limit_gb"] = float(mode[5:])
+        mode = str(auto_blocks(batch_size, length, point["auto_limit_gb"]))
+    point["checkpointing"] = mode
+    point["estimate"] = estimated_above_model(batch_size, length, mode)
     args = ["--child", str(batch_size), str(length), mode, str(steps)]
     try:
         point["measured"] = run_child(__file__, args, MMAP_THRESHOLD_ENV)
@@ -144,8 +198,8 @@ def run_point(batch_size: int, length: int, mode: str, steps: int) -> dict[str, 
     return point
 
 
-def measure_all(points: list[tuple[int, int, int]], output: Path) -> dict[str, Any]:
-    """Every (batch, length, steps) with checkpointing off then on; the results saved after each point."""
+def measure_all(points: list[tuple[int, int, int, tuple[str, ...]]], output: Path) -> dict[str, Any]:
+    """Every (batch, length, steps, checkpointing modes), mode by mode; the results saved after each point."""
     results: dict[str, Any] = {
         "model": setups.MODEL,
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": setups.TARGETS},
@@ -154,8 +208,8 @@ def measure_all(points: list[tuple[int, int, int]], output: Path) -> dict[str, A
         "points": [],
     }
     print(header(), flush=True)
-    for batch_size, length, steps in points:
-        for mode in MODES:
+    for batch_size, length, steps, modes in points:
+        for mode in modes:
             point = run_point(batch_size, length, mode, steps)
             results["points"].append(point)
             print(row_text(point), flush=True)
@@ -209,7 +263,7 @@ def markdown(results: dict[str, Any]) -> str:
         peak = measured["peak_above_model_bytes"] if measured else None
         cells = [
             f"{point['batch_size']} × {point['length']}",
-            point["checkpointing"],
+            mode_label(point),
             megabytes(peak) if peak else "failed",
             megabytes(est["tensors_bytes"]),
             f"{100 * (est['tensors_bytes'] / peak - 1):+.1f} %".replace("-", "−") if peak else "–",
@@ -223,7 +277,7 @@ def markdown(results: dict[str, Any]) -> str:
 def with_todays_estimates(results: dict[str, Any]) -> dict[str, Any]:
     """`results` with each point's estimate made again by today's estimator (the measurements stay)."""
     points = [
-        {**p, "estimate": estimated_above_model(p["batch_size"], p["length"], MODES[p["checkpointing"]])}
+        {**p, "estimate": estimated_above_model(p["batch_size"], p["length"], p["checkpointing"])}
         for p in results["points"]
     ]
     return {**results, "points": points}
@@ -239,15 +293,18 @@ def measured_points(results: dict[str, Any], mode: str, batch_size: int | None =
 
 
 def summary(results: dict[str, Any]) -> list[str]:
-    """Checkpointing's step-time cost per shape, and how much each batch-1 step up in length adds per 1,000
-    tokens (constant: memory linear in length; growing with length: a T² term)."""
-    on = {(p["batch_size"], p["length"]): p["measured"]["step_s"] for p in measured_points(results, "on")}
-    ratios = [
-        f"{p['batch_size']} × {p['length']} {on[key] / p['measured']['step_s']:.2f}×"
-        for p in measured_points(results, "off")
-        if (key := (p["batch_size"], p["length"])) in on
-    ]
-    lines = ["Step time, checkpointing on ÷ off: " + ", ".join(ratios) + "." if ratios else ""]
+    """Each checkpointing mode's step-time cost against off, per shape, and how much each batch-1 step up in length
+    adds per 1,000 tokens (constant: memory linear in length; growing with length: a T² term)."""
+    off = {(p["batch_size"], p["length"]): p["measured"]["step_s"] for p in measured_points(results, "off")}
+    lines = []
+    for mode in dict.fromkeys(p["checkpointing"] for p in results["points"] if p["checkpointing"] != "off"):
+        ratios = [
+            f"{p['batch_size']} × {p['length']} {p['measured']['step_s'] / off[key]:.2f}×"
+            for p in measured_points(results, mode)
+            if (key := (p["batch_size"], p["length"])) in off
+        ]
+        name = "on" if mode == "on" else f"of the first {mode} blocks"
+        lines.append(f"Step time, checkpointing {name} ÷ off: " + ", ".join(ratios) + "." if ratios else "")
     for mode in MODES:
         curve = measured_points(results, mode, batch_size=1)
         peaks = [(p["length"], p["measured"]["peak_above_model_bytes"]) for p in curve]
@@ -271,12 +328,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     from lorakit.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for mode, colour in zip(MODES, ("tab:red", "tab:blue")):
+    modes = dict.fromkeys(p["checkpointing"] for p in results["points"])
+    for mode, colour in zip(modes, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")):
         for batch_size in sorted({p["batch_size"] for p in measured_points(results, mode)}):
             points = measured_points(results, mode, batch_size)
             tokens = [p["batch_size"] * p["length"] for p in points]
             style = "-" if batch_size == 1 else ""
-            label = f"checkpointing {mode}" + ("" if batch_size == 1 else f", batch {batch_size}")
+            label = f"checkpointing {mode_label(points[0])}" + ("" if batch_size == 1 else f", batch {batch_size}")
             measured = [p["measured"]["peak_above_model_bytes"] / 1e6 for p in points]
             estimated = [p["estimate"]["tensors_bytes"] / 1e6 for p in points]
             ax.plot(tokens, measured, "o" + style, color=colour, label=f"measured, {label}")
@@ -299,6 +357,9 @@ def main() -> None:
     parser.add_argument("--shapes", type=shape_arg, nargs="*", default=list(SHAPES), help="BATCHxLENGTH, after")
     parser.add_argument("--steps", type=int, default=3, help="steps per point of the curve")
     parser.add_argument("--shape-steps", type=int, default=2, help="steps per point of --shapes")
+    parser.add_argument(
+        "--shape-modes", type=mode_arg, nargs="+", default=list(MODES), help="off, on, N blocks, auto:GB"
+    )
     parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS} at 2 steps, no --shapes")
     parser.add_argument("--output", type=Path, default=JSON_FILE, help="the JSON (the plot goes beside it)")
     parser.add_argument("--report", action="store_true", help="the saved results against today's estimate, replotted")
@@ -306,7 +367,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         batch_size, length, mode, steps = args.child
-        report(measure_point(int(batch_size), int(length), MODES[mode], int(steps)))
+        report(measure_point(int(batch_size), int(length), mode, int(steps)))
         return
     if args.quick:
         args.lengths, args.shapes, args.steps = list(QUICK_LENGTHS), [], 2
@@ -315,8 +376,8 @@ def main() -> None:
     if args.report:
         results = with_todays_estimates(json.loads(args.output.read_text()))
     else:
-        points = [(1, length, args.steps) for length in args.lengths]
-        points += [(batch_size, length, args.shape_steps) for batch_size, length in args.shapes]
+        points = [(1, length, args.steps, MODES) for length in args.lengths]
+        points += [(batch, length, args.shape_steps, tuple(args.shape_modes)) for batch, length in args.shapes]
         results = measure_all(points, args.output)
     plot_file = args.output.with_suffix(".png")
     plot(results, plot_file)

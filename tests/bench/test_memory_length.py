@@ -64,3 +64,25 @@ def test_shapes_are_batch_x_length(memory_length):
     for bad in ("8*1024", "8x", "0x128", "8x1024x2"):
         with pytest.raises(argparse.ArgumentTypeError, match="BATCHxLENGTH|batch ≥ 1"):
             memory_length.shape_arg(bad)
+
+
+def test_some_blocks_checkpointed_get_their_own_label_and_cost(memory_length):
+    points = [point(8, 1024, "off", 6e9, 100.0), point(8, 1024, "22", 2.4e9, 116.0), point(8, 1024, "27", 1.6e9, 120.0)]
+    points[2]["auto_limit_gb"] = 2.5
+    table = memory_length.markdown(saved([*points, point(8, 1024, "on", 1.1e9, 122.0)]))
+    assert "| 8 × 1024 | first 22 blocks | 2,400 MB |" in table
+    assert "| 8 × 1024 | first 27 blocks (auto, --memory-limit 2.5) | 1,600 MB |" in table
+    assert "Step time, checkpointing of the first 22 blocks ÷ off: 8 × 1024 1.16×." in table
+    assert "Step time, checkpointing of the first 27 blocks ÷ off: 8 × 1024 1.20×." in table
+    assert "Step time, checkpointing on ÷ off: 8 × 1024 1.22×." in table
+    assert memory_length.checkpointing_of("22") == (True, 22)
+    assert memory_length.checkpointing_of("on") == (True, None)
+    assert memory_length.checkpointing_of("off") == (False, None)
+
+
+def test_shape_modes_are_off_on_a_count_or_auto_at_a_limit(memory_length):
+    for good in ("off", "on", "22", "auto:2.5"):
+        assert memory_length.mode_arg(good) == good
+    for bad in ("some", "auto", "auto:0", "auto:x", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="off, on, a number of blocks or auto:GB"):
+            memory_length.mode_arg(bad)

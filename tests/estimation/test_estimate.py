@@ -315,6 +315,19 @@ def test_gradient_checkpointing_lowers_activations():
     assert checkpointed.flops_per_step > plain.flops_per_step  # the forward pass runs twice
 
 
+def test_checkpointing_the_first_blocks_lands_between_none_and_all():
+    config = _config("llama")
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 4, 64, 128
+    shape = dict(batch_size=2, max_length=64)
+    plain, every = (estimate(config, "lora", **shape, grad_checkpointing=on) for on in (False, True))
+    first_two = estimate(config, "lora", **shape, grad_checkpointing=True, checkpoint_blocks=2)
+    assert every.activation_bytes < first_two.activation_bytes < plain.activation_bytes
+    assert plain.flops_per_step < first_two.flops_per_step < every.flops_per_step  # two of four blocks run twice
+    assert first_two.checkpoint_blocks == 2 and every.checkpoint_blocks is None
+    with pytest.raises(ValueError, match="cannot checkpoint 5 blocks: the model has 4"):
+        estimate(config, "lora", **shape, grad_checkpointing=True, checkpoint_blocks=5)
+
+
 # -- the seeds' worked numbers --------------------------------------------------------------------
 GPT3 = dict(
     model_type="opt",
@@ -443,6 +456,17 @@ def test_cli_compare_table(config_file):
         app, ["estimate", "--model", str(config_file), "--compare", "--json", "--batch-size", "2", "--max-length", "8"]
     )
     assert [e["method"] for e in json.loads(compared.output)][:2] == ["full", "lora"]
+
+
+def test_cli_checkpoint_blocks_implies_checkpointing_and_names_the_blocks(config_file):
+    shape = ["--batch-size", "2", "--max-length", "8"]
+    result = CliRunner().invoke(app, ["estimate", "--model", str(config_file), "--checkpoint-blocks", "1", *shape])
+    assert result.exit_code == 0, result.output
+    assert "gradient checkpointing (first 1 block)" in " ".join(result.output.split())  # the title, wrapped
+    shown = CliRunner().invoke(
+        app, ["estimate", "--model", str(config_file), "--checkpoint-blocks", "1", "--json", *shape]
+    )
+    assert json.loads(shown.output)["grad_checkpointing"] is True and json.loads(shown.output)["checkpoint_blocks"] == 1
 
 
 def test_cli_errors_are_one_line(tmp_path):

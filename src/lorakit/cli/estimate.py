@@ -53,6 +53,10 @@ def estimate_(
     grad_checkpointing: Annotated[
         bool, typer.Option("--grad-checkpointing", help="recompute activations in the backward pass")
     ] = False,
+    checkpoint_blocks: Annotated[
+        int | None,
+        typer.Option(help="with --grad-checkpointing: only the first N transformer blocks (default: every block)"),
+    ] = None,
     device: Annotated[
         str, typer.Option(help="cpu or cuda: which attention kernels and optimizer implementation to assume")
     ] = "cpu",
@@ -74,7 +78,9 @@ def estimate_(
     options = {name: getattr(cfg, name) for name in SHARED if name not in ("model", "method")}
     if options["max_length"] is None:  # a run's "auto" length comes from its data; an estimate has none: 256
         del options["max_length"]
-    options.update(dtype=dtype, optimizer=optimizer, grad_checkpointing=grad_checkpointing, device=device)
+    grad_checkpointing = grad_checkpointing or checkpoint_blocks is not None  # a number of blocks implies it
+    options.update(dtype=dtype, optimizer=optimizer, device=device)
+    options.update(grad_checkpointing=grad_checkpointing, checkpoint_blocks=checkpoint_blocks)
     try:
         results: list[Any] = (
             compare_methods(cfg.model, **options) if compare else [estimate_one(cfg.model, cfg.method, **options)]

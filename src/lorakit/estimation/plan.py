@@ -50,6 +50,7 @@ class Request:
     batch_size: int = 8
     max_length: int = 256
     grad_checkpointing: bool = False
+    checkpoint_blocks: int | None = None  # with grad_checkpointing: only the first this many blocks (None: all)
     device: str = "cpu"
     adapter_size: int = _default(MethodOptions, "adapter_size")
     adapter_nonlinearity: str = _default(MethodOptions, "adapter_nonlinearity")
@@ -69,6 +70,8 @@ class Request:
         ):
             if value not in known:
                 raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(known)}")
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
+            raise ValueError(f"checkpoint_blocks must be 0 or more, got {self.checkpoint_blocks}")
         if self.batch_size < 1 or self.max_length < 1:
             raise ValueError(f"batch size and max length must be positive, got {self.batch_size} and {self.max_length}")
 
@@ -101,7 +104,7 @@ def estimate_one(source: Source, method: str, request: Request) -> Estimate:
         warnings.simplefilter("ignore")
         prepared = prepare(model, method, task, options, request.quantize, request.batch_size, request.max_length)
         if request.grad_checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(model, request.checkpoint_blocks)
     if DTYPES[request.dtype] != torch.float32:
         trainable_to_float32(model)  # float32 master weights over the half-precision base, as lorakit train
     model.train()
@@ -119,6 +122,7 @@ def estimate_one(source: Source, method: str, request: Request) -> Estimate:
         batch_size=request.batch_size,
         max_length=request.max_length,
         grad_checkpointing=request.grad_checkpointing,
+        checkpoint_blocks=request.checkpoint_blocks if request.grad_checkpointing else None,
         device=request.device,
         target_modules=prepared.target_modules,
         total_parameters=total_parameters,

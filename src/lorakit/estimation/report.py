@@ -64,6 +64,13 @@ def rows(e: Estimate, tflops: float | None = None) -> list[tuple[str, str]]:
     return out
 
 
+def _checkpointing_text(e: Estimate) -> str:
+    if not e.grad_checkpointing:
+        return ""
+    blocks = e.checkpoint_blocks
+    return ", gradient checkpointing" + ("" if blocks is None else f" (first {blocks} block{'s' * (blocks != 1)})")
+
+
 def table(estimates: list[Estimate | str], tflops: float | None = None) -> Table:
     """Rows of quantities, a column per method; a method that does not apply shows n/a."""
     done = [e for e in estimates if isinstance(e, Estimate)]
@@ -72,7 +79,7 @@ def table(estimates: list[Estimate | str], tflops: float | None = None) -> Table
     title = (
         f"{first.model} ({first.architecture}, {first.total_parameters:,} parameters) — {first.dtype}{quant}, "
         f"{first.optimizer}, batch {first.batch_size} × {first.max_length} tokens"
-        f"{', gradient checkpointing' if first.grad_checkpointing else ''}, {first.device}"
+        f"{_checkpointing_text(first)}, {first.device}"
     )
     grid = Table(title=title, title_justify="left")
     grid.add_column("", no_wrap=True)

@@ -22,6 +22,7 @@ class Estimate:
     batch_size: int
     max_length: int
     grad_checkpointing: bool
+    checkpoint_blocks: int | None  # with grad_checkpointing: the first this many blocks (None: all)
     device: str
     target_modules: list[str] | str | None
     total_parameters: int  # the base model's (tied parameters once)

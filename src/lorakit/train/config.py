@@ -49,6 +49,8 @@ RESUME_FREE = {
     "dist_timeout",
     "device",  # a run may continue on another device; its precision must stay the same
     "score_base",  # scoring, not training: a resumed run may skip what it has not scored yet
+    "grad_checkpointing",  # the same gradients with or without: a run may continue with another memory budget
+    "memory_limit",
 }
 
 

@@ -14,6 +14,7 @@ puts them together and re-exports the names callers use.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +30,14 @@ from tqdm.auto import tqdm
 from ..device import model_device
 from .batches import by_step, micro_batches
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, Checkpointer, TrainingState, cuda_rng_state, latest_checkpoint
-from .checkpointing import disable_checkpointing, enable_checkpointing, free_memory_bytes, wanted
+from .checkpointing import (
+    StepPlan,
+    blocks_to_checkpoint,
+    checkpointable_blocks,
+    disable_checkpointing,
+    enable_checkpointing,
+    memory_budget,
+)
 from .distributed import Parallel
 from .fast_paths import training_fast_paths
 from .metrics_log import METRICS_FILE, MetricsLog
@@ -46,6 +54,7 @@ class TrainResult:
     wall_time_s: float  # training time of all `steps`, summed over the parts of a resumed run
     tokens_per_s: float  # of this process's part (the whole run unless it was resumed)
     history: list[dict[str, Any]] = field(default_factory=list)
+    checkpointed_blocks: int = 0  # transformer blocks that recomputed their activations in the backward pass
 
 
 @dataclass
@@ -88,16 +97,16 @@ def _start(
 
 
 @contextmanager
-def _fast_paths(model: nn.Module, checkpoint: bool, sharded: bool) -> Iterator[None]:
-    """The step's fast paths (`training_fast_paths`) while training and, when `checkpoint`, activation
-    checkpointing; all undone afterwards."""
+def _fast_paths(model: nn.Module, checkpointed_blocks: int, sharded: bool) -> Iterator[None]:
+    """The step's fast paths (`training_fast_paths`) while training and activation checkpointing of the first
+    `checkpointed_blocks` blocks; all undone afterwards."""
     with training_fast_paths(model, sharded):
-        if checkpoint:
-            enable_checkpointing(model)
+        if checkpointed_blocks:
+            enable_checkpointing(model, checkpointed_blocks)
         try:
             yield
         finally:
-            if checkpoint:
+            if checkpointed_blocks:
                 disable_checkpointing(model)
 
 
@@ -193,7 +202,7 @@ def train_adapter(
     adapter_meta: dict[str, Any] | None = None,
     parallel: Parallel | None = None,
     precision: torch.dtype = torch.float32,
-    planned_step_bytes: int | None = None,
+    step_plan: StepPlan | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters on tokenized `features` (dicts of token lists).
 
@@ -202,8 +211,9 @@ def train_adapter(
     writes a checkpoint of the last finished step before stopping. With `parallel` (several processes)
     every micro-batch is split between the processes and only rank 0 writes files. Batches go to the model's
     device; `precision` is the compute dtype of the forward pass (autocast; fp16 with loss scaling). Checkpointing
-    "auto" is on when `planned_step_bytes` (the step's memory above the weights, from `lorakit.estimate`) would
-    not fit in free memory; without a plan it is off."""
+    "auto" takes the fewest blocks for which `step_plan` (the step's memory above the weights with k blocks
+    checkpointed, from `lorakit.estimate`) fits the memory budget (`train.checkpointing`); without a plan it
+    is off."""
     parallel = parallel or Parallel()
     output = Path(output_dir)
     if parallel.is_main:
@@ -228,11 +238,12 @@ def train_adapter(
     model.train()
     run.started = run.stepper.window.start = time.perf_counter()
     run.seconds_before = state.seconds
-    checkpoint = wanted(settings.grad_checkpointing, planned_step_bytes, free_memory_bytes(device))
-    with _fast_paths(model, checkpoint, sharded=parallel.mode == "fsdp"):
+    budget = memory_budget(settings.memory_limit_bytes, device)
+    blocks = blocks_to_checkpoint(settings.grad_checkpointing, len(checkpointable_blocks(model)), step_plan, budget)
+    with _fast_paths(model, blocks, sharded=parallel.mode == "fsdp"):
         _train_steps(run)
     run.bar.close()
-    return _finish(run)
+    return dataclasses.replace(_finish(run), checkpointed_blocks=blocks)
 
 
 __all__ = [

@@ -1,13 +1,15 @@
-"""The memory a training run plans for: `lorakit estimate`'s figure for the run's step, which decides
-`--grad-checkpointing auto` (`train.checkpointing.wanted`)."""
+"""The memory a training run plans for: `lorakit estimate`'s figure for the run's step with k blocks
+checkpointed, from which `--grad-checkpointing auto` takes how many (`train.checkpointing.blocks_to_checkpoint`)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import nn
 
 from ..estimation import estimate
+from .checkpointing import StepPlan
 
 
 def planned_step_bytes(model: nn.Module, method: str, options: dict[str, Any], precision: str) -> int | None:
@@ -25,3 +27,14 @@ def planned_step_bytes(model: nn.Module, method: str, options: dict[str, Any], p
     if est.activation_bytes is None:  # the step could not be simulated: no activation figure to plan with
         return None
     return est.total_bytes - est.frozen_weight_bytes - est.trainable_weight_bytes
+
+
+def step_plan(model: nn.Module, method: str, options: dict[str, Any], precision: str) -> StepPlan:
+    """`planned_step_bytes` with the first k blocks checkpointed, as a function of k (each k estimated once)."""
+
+    @functools.cache
+    def plan(blocks: int) -> int | None:
+        checkpointing = {"grad_checkpointing": blocks > 0, "checkpoint_blocks": blocks}
+        return planned_step_bytes(model, method, {**options, **checkpointing}, precision)
+
+    return plan

@@ -37,11 +37,12 @@ from ..device import (
     resolve_precision,
     trainable_to_float32,
 )
+from ..estimation.report import human_bytes
 from ..methods import METHOD_OPTION_NAMES, FineTuningMethod, MethodOptions, disabled, get_method
 from ..methods.measure import PeakRss, forward_latency_ms, weights_bytes
 from ..models import load_model, model_reference
 from ..quant import quantize
-from .checkpointing import free_memory_bytes, wanted
+from .checkpointing import blocks_to_checkpoint, checkpointable_blocks, memory_budget
 from .config import RunConfig, RunError
 from .data import (
     CLASSIFICATION,
@@ -57,7 +58,7 @@ from .distributed import Parallel
 from .evaluate import evaluate_split, mean_loss
 from .long_rows import auto_max_length, describe, encode_whole, limit_rows, model_context
 from .loop import LoopSettings, TrainResult, latest_checkpoint, train_adapter
-from .memory_plan import planned_step_bytes
+from .memory_plan import step_plan
 from .splits import load_splits
 from .tasks import choose_task
 
@@ -179,23 +180,25 @@ class TrainingRecipe:
         return self.summarize(before, self.score("after"), result, memory)
 
     def planned_loop(self) -> LoopSettings:
-        """The loop settings with `--grad-checkpointing auto` decided: on when `lorakit estimate`'s figure for this
-        step would not fit in the memory free on the device (`train.checkpointing`), said when it is on."""
+        """The loop settings with `--grad-checkpointing auto` decided: the fewest blocks for which `lorakit
+        estimate`'s figure for this step fits the memory budget (`train.checkpointing`), said when any."""
         cfg = self.cfg
         if cfg.grad_checkpointing != "auto":
             return cfg.loop
         names = ("r", "alpha", "dropout", "target_modules", "quantize", "batch_size", *METHOD_OPTION_NAMES)
         options = {name: getattr(cfg, name) for name in names}
         options.update(max_length=self.max_length, task=cfg.task)
-        planned = planned_step_bytes(self.model, cfg.method, options, cfg.precision)
-        free = free_memory_bytes(self.device)
-        on = wanted("auto", planned, free)
-        if on and planned is not None and free is not None:
+        plan = step_plan(self.model, cfg.method, options, cfg.precision)
+        budget = memory_budget(cfg.loop.memory_limit_bytes, self.device)
+        total = len(checkpointable_blocks(self.model))
+        blocks = blocks_to_checkpoint("auto", total, plan, budget)
+        if blocks:
             self.log(
-                f"activation checkpointing: on (the step is estimated at {planned / 1e9:.1f} GB above the weights, "
-                f"{free / 1e9:.1f} GB are free)"
+                f"activation checkpointing: {blocks} of {total} blocks (the step is estimated at "
+                f"{human_bytes(plan(0))} above the weights without it, {human_bytes(plan(blocks))} with; "
+                f"the budget is {human_bytes(budget)})"
             )
-        return dataclasses.replace(cfg.loop, grad_checkpointing="on" if on else "off")
+        return dataclasses.replace(cfg.loop, grad_checkpointing=str(blocks))
 
     def autocast(self) -> Any:
         """The forward passes' autocast (nothing in float32)."""
@@ -371,6 +374,7 @@ class TrainingRecipe:
                 "total_parameters": self.total,
                 "peak_rss_mb": round(memory.peak_mb, 1),  # while training (sampled), the loaded model included
                 "rss_growth_mb": round(memory.peak_mb - memory.start_mb, 1),  # above what was held before training
+                "checkpointed_blocks": result.checkpointed_blocks,  # that recomputed activations (--grad-checkpointing)
             },
             "method": self.cfg.method,
             "data": self.data_report,  # the max_length used, and the rows it cut or left out

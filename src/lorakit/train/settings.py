@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .checkpointing import check_mode
+
 
 @dataclass
 class LoopSettings:
@@ -42,8 +44,15 @@ class LoopSettings:
     grad_checkpointing: str = field(
         default="auto",
         metadata={
-            "help": "recompute activations in the backward pass: on, off, or auto (on when the estimated step "
-            "would not fit in free memory)"
+            "help": "recompute activations in the backward pass: on, off, N (the first N blocks) or auto (the "
+            "fewest blocks whose estimated step fits the memory limit)"
+        },
+    )
+    memory_limit: float | None = field(
+        default=None,
+        metadata={
+            "help": "GB the training step may use above the loaded weights, which decides how many blocks "
+            "activation checkpointing's auto takes (none: 80 % of the memory free on the device)"
         },
     )
     group_by_length: bool = field(
@@ -55,8 +64,15 @@ class LoopSettings:
     )
 
     def __post_init__(self) -> None:
+        check_mode(self.grad_checkpointing)
+        if self.memory_limit is not None and not self.memory_limit > 0:
+            raise ValueError(f"--memory-limit must be a positive number of GB, got {self.memory_limit}")
         if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return None if self.memory_limit is None else int(self.memory_limit * 1e9)
 
     def total_steps(self, num_examples: int) -> int:
         steps_per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))
