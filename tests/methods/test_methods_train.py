@@ -88,8 +88,9 @@ def test_train_writes_the_methods_folder_and_costs(tiny, tmp_path, key, method):
     assert results["train"]["trainable_parameters"] == sum(t.numel() for t in tensors.values())
     assert results["checkpoint_mb"] == round((out / WEIGHTS_NAME).stat().st_size / 2**20, 3)
     assert set(results["latency_ms"]) == {"base", method}
-    # Each latency is the median of 5 timed forward passes after a warm-up, all within the run's wall time.
-    assert 0 < 6 * sum(results["latency_ms"].values()) < result.wall_ms
+    # Each latency is the median of 5 timed forward passes (after a warm-up), all within the run's wall time: at
+    # least 3 of the 5 take the median or longer (a bound that holds however uneven the passes are on a busy CPU).
+    assert 0 < 3 * sum(results["latency_ms"].values()) < result.wall_ms
     # The sampled peak is at most the process's lifetime peak (the run is in this process; the kernel's
     # high-water mark is synced lazily from per-thread counters, so it may lag a sample by a few hundred KB),
     # and the growth during training is part of it.
