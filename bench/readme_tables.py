@@ -14,6 +14,8 @@ this script computes it and rewrites what is between them (nothing else in the f
   against today's estimate of the same configurations, compared as that script compares them;
 * memory-length: the training memory against sequence length bench/memory_length.py measured
   (bench/results/memory_length.json) beside today's estimate of each point, as that script prints it;
+* memory-blocks: the same script's batch 8 × 1024 with none, some and the auto choice of blocks checkpointed
+  (bench/results/memory_blocks.json);
 * train-step: the training-step rows bench/train_step.py saved (bench/results/train_step.json), as it prints them;
 * e2e-quality: the E2E scores of the default run, the whole-test evaluations and the paper, row by row as
   bench/results/e2e_quality.json lists them (each row's scores read from the results file it names).
@@ -133,10 +135,15 @@ def measured_table() -> str:
     return "\n".join(lines) + "\n\nLoad average (1, 5, 15 min) at the end of each run: " + "; ".join(loads) + "."
 
 
-def memory_length_table() -> str:
+def memory_length_table(path: Path = memory_length.JSON_FILE) -> str:
     """bench/memory_length.py's saved points (checkpointing off and on) beside today's estimate of each."""
-    saved = json.loads(memory_length.JSON_FILE.read_text())
+    saved = json.loads(path.read_text())
     return memory_length.markdown(memory_length.with_todays_estimates(saved))
+
+
+def memory_blocks_table() -> str:
+    """bench/memory_length.py's 8 × 1024 points with some blocks checkpointed, as `memory_length_table`."""
+    return memory_length_table(memory_length.RESULTS / "memory_blocks.json")
 
 
 def train_step_table() -> str:
@@ -171,6 +178,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "estimate-llama-7b": llama_7b_table,
     "estimate-vs-measured": measured_table,
     "memory-length": memory_length_table,
+    "memory-blocks": memory_blocks_table,
     "train-step": train_step_table,
     "e2e-quality": e2e_quality_table,
 }
