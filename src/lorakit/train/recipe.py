@@ -181,7 +181,8 @@ class TrainingRecipe:
 
     def planned_loop(self) -> LoopSettings:
         """The loop settings with `--grad-checkpointing auto` decided: the fewest blocks for which `lorakit
-        estimate`'s figure for this step fits the memory budget (`train.checkpointing`), said when any."""
+        estimate`'s figure for this step fits the memory budget (`train.checkpointing`) on every process, said
+        when any."""
         cfg = self.cfg
         if cfg.grad_checkpointing != "auto":
             return cfg.loop
@@ -191,7 +192,8 @@ class TrainingRecipe:
         plan = step_plan(self.model, cfg.method, options, cfg.precision)
         budget = memory_budget(cfg.loop.memory_limit_bytes, self.device)
         total = len(checkpointable_blocks(self.model))
-        blocks = blocks_to_checkpoint("auto", total, plan, budget)
+        # Every process checkpoints the same blocks (FSDP's collectives must match): the most any one needs.
+        blocks = max(self.parallel.gather([blocks_to_checkpoint("auto", total, plan, budget)]))
         if blocks:
             self.log(
                 f"activation checkpointing: {blocks} of {total} blocks (the step is estimated at "
