@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..estimation import estimate
+from ..estimation.report import human_bytes
 from .checkpointing import StepPlan
 
 
@@ -38,3 +39,11 @@ def step_plan(model: nn.Module, method: str, options: dict[str, Any], precision:
         return planned_step_bytes(model, method, {**options, **checkpointing}, precision)
 
     return plan
+
+
+def plan_text(plan: StepPlan, blocks: int, budget: int | None) -> str:
+    """Why `blocks` blocks: the planned step without and with them, against the budget."""
+    without, checkpointed, limit = (human_bytes(n) for n in (plan(0), plan(blocks), budget))
+    return (
+        f"the step is estimated at {without} above the weights without it, {checkpointed} with; the budget is {limit}"
+    )

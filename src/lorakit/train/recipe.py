@@ -37,7 +37,6 @@ from ..device import (
     resolve_precision,
     trainable_to_float32,
 )
-from ..estimation.report import human_bytes
 from ..methods import METHOD_OPTION_NAMES, FineTuningMethod, MethodOptions, disabled, get_method
 from ..methods.measure import PeakRss, forward_latency_ms, weights_bytes
 from ..models import load_model, model_reference
@@ -58,7 +57,7 @@ from .distributed import Parallel
 from .evaluate import evaluate_split, mean_loss
 from .long_rows import auto_max_length, describe, encode_whole, limit_rows, model_context
 from .loop import LoopSettings, TrainResult, latest_checkpoint, train_adapter
-from .memory_plan import step_plan
+from .memory_plan import plan_text, step_plan
 from .splits import load_splits
 from .tasks import choose_task
 
@@ -180,9 +179,8 @@ class TrainingRecipe:
         return self.summarize(before, self.score("after"), result, memory)
 
     def planned_loop(self) -> LoopSettings:
-        """The loop settings with `--grad-checkpointing auto` decided: the fewest blocks for which `lorakit
-        estimate`'s figure for this step fits the memory budget (`train.checkpointing`) on every process, said
-        when any."""
+        """The loop settings with `--grad-checkpointing auto` decided (`train.checkpointing`): the fewest blocks
+        whose estimated step fits the memory budget on every process, said when any."""
         cfg = self.cfg
         if cfg.grad_checkpointing != "auto":
             return cfg.loop
@@ -195,11 +193,7 @@ class TrainingRecipe:
         # Every process checkpoints the same blocks (FSDP's collectives must match): the most any one needs.
         blocks = max(self.parallel.gather([blocks_to_checkpoint("auto", total, plan, budget)]))
         if blocks:
-            self.log(
-                f"activation checkpointing: {blocks} of {total} blocks (the step is estimated at "
-                f"{human_bytes(plan(0))} above the weights without it, {human_bytes(plan(blocks))} with; "
-                f"the budget is {human_bytes(budget)})"
-            )
+            self.log(f"activation checkpointing: {blocks} of {total} blocks ({plan_text(plan, blocks, budget)})")
         return dataclasses.replace(cfg.loop, grad_checkpointing=str(blocks))
 
     def autocast(self) -> Any:
