@@ -174,8 +174,8 @@ def auto_blocks(batch_size: int, length: int, limit_gb: float) -> int:
 
     blocks = resolve_source(setups.MODEL).config.num_hidden_layers
 
-    def plan(count: int) -> int:
-        return estimated_above_model(batch_size, length, "on" if count == blocks else str(count))["total_bytes"]
+    def plan(count: int) -> int:  # none checkpointed is "off", as lorakit train's plan has it (not "on" with 0)
+        return estimated_above_model(batch_size, length, str(count) if count else "off")["total_bytes"]
 
     return blocks_to_checkpoint("auto", blocks, plan, int(limit_gb * 1e9))
 
