@@ -4,6 +4,8 @@ was."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -190,6 +192,34 @@ def test_the_loop_checkpoints_when_the_plan_does_not_fit_and_undoes_it(tmp_path,
     limited = LoopSettings(max_steps=1, batch_size=2, save_every=None, progress=False, memory_limit=1e-6)
     train_adapter(model, features, collate, limited, tmp_path / "c", step_plan=lambda blocks: 1500 - 500 * blocks)
     assert seen == [1]  # 1,000 bytes fit the 1,000-byte limit with one block checkpointed
+
+
+def test_every_process_checkpoints_the_most_blocks_any_process_needs(tmp_path, monkeypatch):
+    """Under several processes "auto" is agreed on inside the loop (library callers included): another process
+    whose memory needs both blocks makes this one, whose plan fits without, checkpoint both too."""
+    from lorakit.train.distributed import Parallel
+
+    class AnotherNeedsTwo(Parallel):
+        def gather(self, items):
+            return [*items, 2]
+
+    model = lora_llama(layers=2).float()
+    ids = torch.randint(0, 64, (2, 12))
+    features = [{"input_ids": row.tolist(), "attention_mask": [1] * 12, "labels": row.tolist()} for row in ids]
+
+    def collate(rows):
+        return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+    settings = LoopSettings(max_steps=1, batch_size=2, save_every=None, progress=False)
+    fits = lambda blocks: 1  # noqa: E731  (the step fits without checkpointing)
+
+    def blocks(settings: LoopSettings, name: str, parallel: Parallel | None = None) -> int:
+        result = train_adapter(model, features, collate, settings, tmp_path / name, parallel=parallel, step_plan=fits)
+        return result.checkpointed_blocks
+
+    assert blocks(settings, "alone") == 0 and blocks(settings, "two", AnotherNeedsTwo()) == 2
+    fixed = dataclasses.replace(settings, grad_checkpointing="1")  # a number is the same on every process already
+    assert blocks(fixed, "one", AnotherNeedsTwo()) == 1
 
 
 def test_the_plan_is_the_estimate_of_the_step_above_the_weights():

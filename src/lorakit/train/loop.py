@@ -190,6 +190,19 @@ def _stepper(
     )
 
 
+def checkpointed_blocks(
+    model: nn.Module, settings: LoopSettings, step_plan: StepPlan | None = None, parallel: Parallel | None = None
+) -> int:
+    """How many of `model`'s blocks, from the first, a run with `settings` checkpoints (`train.checkpointing`).
+    "auto" is decided against `step_plan` and the memory budget, and under several processes it is the most any
+    process needs: FSDP's collectives must match, and the free memory differs between processes."""
+    budget = memory_budget(settings.memory_limit_bytes, model_device(model))
+    blocks = blocks_to_checkpoint(settings.grad_checkpointing, len(checkpointable_blocks(model)), step_plan, budget)
+    if settings.grad_checkpointing == "auto" and parallel is not None:
+        blocks = max(parallel.gather([blocks]))
+    return blocks
+
+
 def train_adapter(
     model: nn.Module,
     features: Sequence[dict[str, list[int]]],
@@ -212,8 +225,8 @@ def train_adapter(
     every micro-batch is split between the processes and only rank 0 writes files. Batches go to the model's
     device; `precision` is the compute dtype of the forward pass (autocast; fp16 with loss scaling). Checkpointing
     "auto" takes the fewest blocks for which `step_plan` (the step's memory above the weights with k blocks
-    checkpointed, from `lorakit.estimate`) fits the memory budget (`train.checkpointing`); without a plan it
-    is off."""
+    checkpointed, from `lorakit.estimate`) fits the memory budget, and under several processes the most any
+    of them needs (`checkpointed_blocks`); without a plan it is off."""
     parallel = parallel or Parallel()
     output = Path(output_dir)
     if parallel.is_main:
@@ -238,8 +251,7 @@ def train_adapter(
     model.train()
     run.started = run.stepper.window.start = time.perf_counter()
     run.seconds_before = state.seconds
-    budget = memory_budget(settings.memory_limit_bytes, device)
-    blocks = blocks_to_checkpoint(settings.grad_checkpointing, len(checkpointable_blocks(model)), step_plan, budget)
+    blocks = checkpointed_blocks(model, settings, step_plan, parallel)
     with _fast_paths(model, blocks, sharded=parallel.mode == "fsdp"):
         _train_steps(run)
     run.bar.close()
@@ -252,6 +264,7 @@ __all__ = [
     "STATE_FILE",
     "LoopSettings",
     "TrainResult",
+    "checkpointed_blocks",
     "latest_checkpoint",
     "loss_items",
     "micro_batches",

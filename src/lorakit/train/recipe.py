@@ -41,7 +41,7 @@ from ..methods import METHOD_OPTION_NAMES, FineTuningMethod, MethodOptions, disa
 from ..methods.measure import PeakRss, forward_latency_ms, weights_bytes
 from ..models import load_model, model_reference
 from ..quant import quantize
-from .checkpointing import blocks_to_checkpoint, checkpointable_blocks, memory_budget
+from .checkpointing import checkpointable_blocks, memory_budget
 from .config import RunConfig, RunError
 from .data import (
     CLASSIFICATION,
@@ -56,7 +56,7 @@ from .data import (
 from .distributed import Parallel
 from .evaluate import evaluate_split, mean_loss
 from .long_rows import auto_max_length, describe, encode_whole, limit_rows, model_context
-from .loop import LoopSettings, TrainResult, latest_checkpoint, train_adapter
+from .loop import LoopSettings, TrainResult, checkpointed_blocks, latest_checkpoint, train_adapter
 from .memory_plan import plan_text, step_plan
 from .splits import load_splits
 from .tasks import choose_task
@@ -188,11 +188,10 @@ class TrainingRecipe:
         options = {name: getattr(cfg, name) for name in names}
         options.update(max_length=self.max_length, task=cfg.task)
         plan = step_plan(self.model, cfg.method, options, cfg.precision)
-        budget = memory_budget(cfg.loop.memory_limit_bytes, self.device)
-        total = len(checkpointable_blocks(self.model))
-        # Every process checkpoints the same blocks (FSDP's collectives must match): the most any one needs.
-        blocks = max(self.parallel.gather([blocks_to_checkpoint("auto", total, plan, budget)]))
+        blocks = checkpointed_blocks(self.model, cfg.loop, plan, self.parallel)
         if blocks:
+            total = len(checkpointable_blocks(self.model))
+            budget = memory_budget(cfg.loop.memory_limit_bytes, self.device)
             self.log(f"activation checkpointing: {blocks} of {total} blocks ({plan_text(plan, blocks, budget)})")
         return dataclasses.replace(cfg.loop, grad_checkpointing=str(blocks))
 
