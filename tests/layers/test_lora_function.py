@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit.layers.lora_function import LoraDropoutProduct, keep_mask, keep_threshold, lora_dropout_product
+from lorakit.layers.lora_function import (
+    LoraDropoutProduct,
+    keep_mask,
+    keep_threshold,
+    lora_dropout_product,
+    low_rank_product,
+    narrow_product,
+)
 from support.models import adapt_layer, fill_, max_relative_error
 
 
@@ -146,3 +153,29 @@ def test_explicit_compute_dtype_matches_the_float64_formula_within_bf16_toleranc
     assert max_relative_error(out.double(), expected_out.detach()) < 2e-2
     for g, w in zip(got, want):
         assert g.dtype == torch.float64 and max_relative_error(g, w) < 3e-2
+
+
+@pytest.mark.parametrize("leading", [(6,), (3, 5), (2, 3, 4)])
+def test_the_narrow_product_is_the_matrix_product_written_out(leading):
+    """narrow_product(W, N)[..., j] = Σ_k W[..., k]·N[k, j], summed here one term at a time in float64, with the
+    transposed layout that makes the GEMM write r long rows; also for a transposed (non-contiguous) wide factor."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(*leading, 10, generator=g, dtype=torch.float64)
+    narrow = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    expected = sum(wide[..., k, None] * narrow[k] for k in range(10))
+    got = narrow_product(wide, narrow)
+    assert got.shape == (*leading, 3) and torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert got.reshape(-1, 3).stride() == (1, got.reshape(-1, 3).shape[0])  # each of the r columns contiguous
+    flat = wide.reshape(-1, 10)
+    column_sums = narrow_product(flat.t(), torch.ones(flat.shape[0], 1, dtype=torch.float64))[:, 0]
+    assert torch.allclose(column_sums, flat.sum(0))
+
+
+def test_the_inference_product_is_the_training_product_without_dropout_bit_for_bit():
+    """PiSSA / OLoRA subtract their frozen start with `low_rank_product` from the adapter's output, which is the
+    fused function while gradients are recorded: the two must round alike for the model to start exactly as
+    the base (scaling 4 here: no rounding in the scaling itself)."""
+    x, a, b = (t.detach().float() for t in _inputs())
+    fused = lora_dropout_product(x, a, b, 4.0, 0.0)
+    assert torch.equal(fused, low_rank_product(x, a, b, 4.0))
+    assert torch.allclose(fused.double(), 4.0 * (x.double() @ a.double().t()) @ b.double().t(), rtol=1e-5, atol=1e-5)

@@ -17,12 +17,11 @@ was kept (see `LoraLayer.merge`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import variants
 from .base import LoraLayer, LoraVariant, add_to_weight_
-from .lora_function import autocast_dtype, lora_dropout_product
+from .lora_function import autocast_dtype, lora_dropout_product, low_rank_product
 
 
 class LoraLinear(LoraLayer):
@@ -74,8 +73,7 @@ class LoraLinear(LoraLayer):
         if torch.is_grad_enabled():
             p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
             return lora_dropout_product(x, a, b, scaling, p)
-        # Inference: the scaling folded into B (out × r), no pass over the output for it.
-        return F.linear(F.linear(dropout(x), a), b * scaling)
+        return low_rank_product(dropout(x), a, b, scaling)  # inference
 
     # -- merging --------------------------------------------------------------------------------
     def base_weight_unmerged(self) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import WEIGHT_INITS
 from .base import PLAIN, LoraLayer, LoraVariant
-from .lora_function import autocast_dtype
+from .lora_function import autocast_dtype, low_rank_product
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ class WeightInitVariant(LoraVariant):
     def correction(self, layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
         """s·B0·A0·x: the frozen start, which the adapter's output leaves out."""
         residual = layer.lora_residual[name]
-        return F.linear(F.linear(x, residual.A), residual.B) * layer.scaling[name]
+        return low_rank_product(x, residual.A, residual.B, layer.scaling[name])
 
     def output(self, layer: LoraLayer, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if autocast_dtype(x) is None:  # under autocast the matmuls choose the dtype
