@@ -4,7 +4,8 @@ narrow_product`'s (narrowᵀ @ wideᵀ)ᵀ, which writes r long rows instead of 
 The products are those of a LoRA training step on SmolLM2-135M (hidden 576, k/v width 192) at batch 4 × 128
 and 4 × 512 (M = 512, 2048 token rows): the down-projection x·Aᵀ and the backward pass's grad·B (M × K times
 K × r), and B's gradient gradᵀ·down (K × M times M × r), for r = 8 and for the grouped q/k/v down-projection
-(r = 24). Both layouts take turns, one call each per round; the median is reported.
+(r = 24), each operand laid out as in a training step. Both layouts take turns, one call each per round;
+the median is reported.
 
     .venv/bin/python bench/narrow_product.py         # table + bench/results/narrow_product.json
 """
@@ -30,14 +31,18 @@ SHAPES = ((576, 8), (192, 8), (576, 24))  # (K, r): q/o width, k/v width, groupe
 
 
 def products(rows: int, width: int, rank: int, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable]]:
-    """(as written, narrow_product) for each kind of product, on random operands."""
+    """(as autograd writes it, narrow_product) for each kind of product, on random operands laid out as in a
+    step: A (r × K) and B (K × r, K = the output width) as stored, down as the forward pass leaves it."""
     generator = torch.Generator().manual_seed(0)
     wide = torch.randn(rows, width, generator=generator).to(dtype)
-    narrow = torch.randn(width, rank, generator=generator).to(dtype)
+    a = torch.randn(rank, width, generator=generator).to(dtype)
+    b = torch.randn(width, rank, generator=generator).to(dtype)
     down = torch.randn(rows, rank, generator=generator).to(dtype)
+    down_narrow = narrow_product(wide, a.t())  # the layout of down in lorakit's forward pass
     return {
-        "x·Aᵀ, grad·B": (lambda: wide @ narrow, lambda: narrow_product(wide, narrow)),
-        "gradᵀ·down": (lambda: wide.t() @ down, lambda: narrow_product(wide.t(), down)),
+        "x·Aᵀ": (lambda: wide @ a.t(), lambda: narrow_product(wide, a.t())),
+        "grad·B": (lambda: wide @ b, lambda: narrow_product(wide, b)),
+        "gradᵀ·down": (lambda: wide.t() @ down, lambda: narrow_product(wide.t(), down_narrow)),
     }
 
 

@@ -40,9 +40,10 @@ def narrow_product(wide: torch.Tensor, narrow: torch.Tensor) -> torch.Tensor:
     Semantics: wide (..., K), narrow (K, r) with r small (a LoRA rank) -> (..., r), equal to `wide @ narrow`;
     the result is a transposed view of an r × M tensor (M = the product of wide's leading dimensions), so its
     columns are contiguous. The GEMM then writes r long rows instead of M rows of r values, which CPU kernels
-    run several times faster (see the module docstring)."""
+    run several times faster (see the module docstring), given the narrow factor as contiguous r × K rows (a
+    copy of r·K numbers where it is not)."""
     rows = wide.reshape(-1, wide.shape[-1])
-    return (narrow.t() @ rows.t()).t().view(*wide.shape[:-1], narrow.shape[-1])
+    return (narrow.t().contiguous() @ rows.t()).t().view(*wide.shape[:-1], narrow.shape[-1])
 
 
 def low_rank_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -128,13 +129,19 @@ def _dropout_down(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, keep_sc
 
 def _product_grads(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, grad_out: torch.Tensor):
     """(grad x, grad A, grad B) of `LoraDropoutProduct` in the compute dtype (None where not needed)."""
-    grad_down = narrow_product(grad_out, b * ctx.scaling)
+    grad_down, grad_b = _up_grads(grad_out, b, down, ctx.scaling, ctx.needs_input_grad[2])
     grad_x, grad_a = _down_grads(ctx, x, a, grad_down)
-    grad_b = None
-    if ctx.needs_input_grad[2]:
-        grad_b = narrow_product(grad_out.reshape(-1, grad_out.shape[-1]).t(), down.reshape(-1, down.shape[-1]))
-        grad_b = grad_b * ctx.scaling
     return grad_x, grad_a, grad_b
+
+
+def _up_grads(grad_out: torch.Tensor, b: torch.Tensor, down: torch.Tensor, scaling: float, need_b: bool):
+    """(grad down, grad B) of up = scaling · down @ Bᵀ given grad_out (grad B None unless `need_b`)."""
+    grad_down = narrow_product(grad_out, b * scaling)
+    grad_b = None
+    if need_b:
+        grad_b = narrow_product(grad_out.reshape(-1, grad_out.shape[-1]).t(), down.reshape(-1, down.shape[-1]))
+        grad_b = grad_b * scaling
+    return grad_down, grad_b
 
 
 def _down_grads(ctx, x: torch.Tensor, a: torch.Tensor, grad_down: torch.Tensor):
@@ -177,6 +184,30 @@ class LoraDropoutDown(torch.autograd.Function):
         return grad_x, grad_a, None, None, None
 
 
+class LoraUp(torch.autograd.Function):
+    """The up-projection alone: scaling · down @ Bᵀ (down: the r-wide product, B: out × r), computed in down's
+    dtype, B's gradient in B's dtype. What a member of a group that shares its down-projection
+    (`layers/shared_input.py`) adds; written out so that its backward pass takes the r-wide products'
+    faster layout (`narrow_product`), which autograd's matmul does not. Saves down and B."""
+
+    @staticmethod
+    def forward(ctx, down: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        ctx.dtypes, ctx.scaling = (down.dtype, b.dtype), scaling
+        b = b.to(down.dtype)
+        with _no_autocast(down):
+            out = down @ (b.t() * scaling)
+        ctx.save_for_backward(down, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        down, b = ctx.saved_tensors
+        with _no_autocast(down):
+            grads = _up_grads(grad_out.to(down.dtype), b, down, ctx.scaling, ctx.needs_input_grad[1])
+        grad_down, grad_b = (None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
+        return grad_down, grad_b, None
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast gives matmuls on x's device, or None when autocast is off there."""
     device_type = x.device.type
@@ -201,3 +232,8 @@ def lora_dropout_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scal
 def lora_dropout_down(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
     """keep_scale · (dropout(x) @ Aᵀ) with gradients, in autocast's dtype under autocast (else x's)."""
     return LoraDropoutDown.apply(x, a, p, dropout_seed(p), autocast_dtype(x))
+
+
+def lora_up(down: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling · down @ Bᵀ with gradients, in down's dtype."""
+    return LoraUp.apply(down, b, scaling)

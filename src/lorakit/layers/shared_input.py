@@ -34,7 +34,7 @@ from torch import nn
 
 from .base import PLAIN, LoraLayer
 from .linear import LoraLinear
-from .lora_function import autocast_dtype, lora_dropout_down
+from .lora_function import autocast_dtype, lora_dropout_down, lora_up
 
 # Sibling modules that receive the same input in the architectures lorakit trains.
 SHARED_INPUT_SIBLINGS: tuple[frozenset[str], ...] = (
@@ -94,7 +94,7 @@ class InputGroup:
         down = pending.slices.pop(id(layer))
         if not pending.slices:
             self._pending = None  # every member has its columns: let x go
-        return down @ (layer.lora_b_weight(name).t() * layer.scaling[name]).to(down.dtype)
+        return lora_up(down, layer.lora_b_weight(name), layer.scaling[name])
 
     def _compute(self, name: str, x: torch.Tensor, p: float) -> _Pending:
         a = torch.cat([m.lora_a_weight(name) for m in self.members])
