@@ -1,10 +1,10 @@
-"""The layout of LoRA's r-wide products: `wide @ narrow` as written, against `lorakit.layers.lora_function.
-narrow_product`'s (narrowᵀ @ wideᵀ)ᵀ, which writes r long rows instead of M short ones.
+"""The layout of LoRA's r-wide backward products: as autograd's matmul writes them, against
+`lorakit.layers.lora_function.narrow_product`, which writes r long rows instead of M short ones.
 
 The products are those of a LoRA training step on SmolLM2-135M (hidden 576, k/v width 192) at batch 4 × 128
-and 4 × 512 (M = 512, 2048 token rows): the down-projection x·Aᵀ and the backward pass's grad·B (M × K times
-K × r), and B's gradient gradᵀ·down (K × M times M × r), for r = 8 and for the grouped q/k/v down-projection
-(r = 24), each operand laid out as in a training step. Both layouts take turns, one call each per round;
+and 4 × 512 (M = 512, 2048 token rows): grad·B (M × K times K × r: the gradient of the r-wide product) and
+B's gradient gradᵀ·down (K × M times M × r), for r = 8 and for the grouped q/k/v down-projection (r = 24),
+each operand laid out as in a training step. Both layouts take turns, one call each per round;
 the median is reported.
 
     .venv/bin/python bench/narrow_product.py         # table + bench/results/narrow_product.json
@@ -31,18 +31,15 @@ SHAPES = ((576, 8), (192, 8), (576, 24))  # (K, r): q/o width, k/v width, groupe
 
 
 def products(rows: int, width: int, rank: int, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable]]:
-    """(as autograd writes it, narrow_product) for each kind of product, on random operands laid out as in a
-    step: A (r × K) and B (K × r, K = the output width) as stored, down as the forward pass leaves it."""
+    """(as autograd's matmul writes it, as lorakit's backward pass does) for both products, on random operands:
+    B (K × r, K = the output width) as stored, down (M × r) as the forward pass leaves it."""
     generator = torch.Generator().manual_seed(0)
-    wide = torch.randn(rows, width, generator=generator).to(dtype)
-    a = torch.randn(rank, width, generator=generator).to(dtype)
+    grad = torch.randn(rows, width, generator=generator).to(dtype)
     b = torch.randn(width, rank, generator=generator).to(dtype)
     down = torch.randn(rows, rank, generator=generator).to(dtype)
-    down_narrow = narrow_product(wide, a.t())  # the layout of down in lorakit's forward pass
     return {
-        "x·Aᵀ": (lambda: wide @ a.t(), lambda: narrow_product(wide, a.t())),
-        "grad·B": (lambda: wide @ b, lambda: narrow_product(wide, b)),
-        "gradᵀ·down": (lambda: wide.t() @ down, lambda: narrow_product(wide.t(), down_narrow)),
+        "grad·B": (lambda: grad @ b, lambda: narrow_product(grad, b.t().contiguous())),
+        "gradᵀ·down": (lambda: grad.t() @ down, lambda: narrow_product(grad.t(), down.t())),
     }
 
 

@@ -157,17 +157,19 @@ def test_explicit_compute_dtype_matches_the_float64_formula_within_bf16_toleranc
 
 @pytest.mark.parametrize("leading", [(6,), (3, 5), (2, 3, 4)])
 def test_the_narrow_product_is_the_matrix_product_written_out(leading):
-    """narrow_product(W, N)[..., j] = Σ_k W[..., k]·N[k, j], summed here one term at a time in float64, with the
-    transposed layout that makes the GEMM write r long rows; also for a transposed (non-contiguous) wide factor."""
+    """narrow_product(W, Nᵀ)[..., j] = Σ_k W[..., k]·N[k, j], summed here one term at a time in float64, in the
+    transposed layout that makes the GEMM write r long rows; also for a transposed (non-contiguous) wide factor
+    and a transposed narrow one."""
     g = torch.Generator().manual_seed(3)
     wide = torch.randn(*leading, 10, generator=g, dtype=torch.float64)
     narrow = torch.randn(10, 3, generator=g, dtype=torch.float64)
     expected = sum(wide[..., k, None] * narrow[k] for k in range(10))
-    got = narrow_product(wide, narrow)
-    assert got.shape == (*leading, 3) and torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
-    assert got.reshape(-1, 3).stride() == (1, got.reshape(-1, 3).shape[0])  # each of the r columns contiguous
+    for narrow_t in (narrow.t().contiguous(), narrow.t()):
+        got = narrow_product(wide, narrow_t)
+        assert got.shape == (*leading, 3) and torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+        assert got.reshape(-1, 3).stride() == (1, got.reshape(-1, 3).shape[0])  # each of the r columns contiguous
     flat = wide.reshape(-1, 10)
-    column_sums = narrow_product(flat.t(), torch.ones(flat.shape[0], 1, dtype=torch.float64))[:, 0]
+    column_sums = narrow_product(flat.t(), torch.ones(1, flat.shape[0], dtype=torch.float64))[:, 0]
     assert torch.allclose(column_sums, flat.sum(0))
 
 

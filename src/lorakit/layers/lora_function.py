@@ -15,10 +15,10 @@ the autocast dtype (x, usually already in it, is then saved without a copy), the
 r-wide product are in that dtype, and the gradients go back in each input's own dtype (float32 for float32
 master factors). The mask is drawn on x's device by a generator on that device.
 
-The products whose result is r wide (x·Aᵀ in the forward pass; grad·B and gradᵀ·down, B's gradient, in the
-backward pass) are computed transposed, r rows long instead of r columns wide (`narrow_product`): the CPU's
-GEMM kernels vectorise along the output's rows, and with r = 8 columns the plain layout ran about 3× slower
-in float32 and 3–5× in bfloat16 on a 2-core AMD EPYC (`bench/narrow_product.py`).
+The backward pass's products whose result is r wide (grad·B, and gradᵀ·down: B's gradient) are computed
+transposed, r rows long instead of r columns wide (`narrow_product`): as autograd's matmul writes them they
+ran 2.5–4× slower in float32 and 2–6× in bfloat16 on a 2-core AMD EPYC (`bench/narrow_product.py`). The
+forward pass's x·Aᵀ, with A stored as r × in rows, is as fast as written.
 
 The keep probability is quantised to 1/65536 (at p = 0.05 the effective drop rate differs from p by less
 than 1e-5) and the kept values are scaled by the exact inverse of the effective keep rate, so the update is
@@ -34,23 +34,24 @@ import torch
 _LANES = 65536  # 16-bit lanes: the keep probability's resolution
 
 
-def narrow_product(wide: torch.Tensor, narrow: torch.Tensor) -> torch.Tensor:
-    """wide @ narrow for a narrow right factor, computed as (narrowᵀ @ wideᵀ)ᵀ.
+def narrow_product(wide: torch.Tensor, narrow_t: torch.Tensor) -> torch.Tensor:
+    """wide @ narrow_tᵀ for a narrow right factor given as its transpose, computed as (narrow_t @ wideᵀ)ᵀ.
 
-    Semantics: wide (..., K), narrow (K, r) with r small (a LoRA rank) -> (..., r), equal to `wide @ narrow`;
-    the result is a transposed view of an r × M tensor (M = the product of wide's leading dimensions), so its
-    columns are contiguous. The GEMM then writes r long rows instead of M rows of r values, which CPU kernels
-    run several times faster (see the module docstring), given the narrow factor as contiguous r × K rows (a
-    copy of r·K numbers where it is not)."""
+    Semantics: wide (..., K), narrow_t (r, K) with r small (a LoRA rank) -> (..., r), equal to
+    `wide @ narrow_t.t()`; the result is a transposed view of an r × M tensor (M = the product of wide's
+    leading dimensions). The GEMM writes r long rows instead of M rows of r values, which the CPU's kernels
+    run several times faster (see the module docstring). How narrow_t is best laid out depends on the kernel
+    and dtype; measured (bench/narrow_product.py): contiguous rows for B (grad·B), the transposed view of a
+    contiguous M × r `down` for B's gradient."""
     rows = wide.reshape(-1, wide.shape[-1])
-    return (narrow.t().contiguous() @ rows.t()).t().view(*wide.shape[:-1], narrow.shape[-1])
+    return (narrow_t @ rows.t()).t().view(*wide.shape[:-1], narrow_t.shape[0])
 
 
 def low_rank_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """scaling · (x @ Aᵀ) @ Bᵀ without gradient bookkeeping of its own, the scaling folded into B (out × r):
     the same operations, in the same order, as `LoraDropoutProduct` without dropout, so that a frozen start
     subtracted from it (PiSSA / OLoRA) cancels exactly."""
-    return narrow_product(x, a.t()) @ (b.t() * scaling)
+    return (x @ a.t()) @ (b.t() * scaling)
 
 
 def keep_threshold(p: float) -> tuple[int, float]:
@@ -124,7 +125,7 @@ def _no_autocast(x: torch.Tensor):
 def _dropout_down(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, keep_scale: float) -> torch.Tensor:
     """keep_scale · (dropout(x) @ Aᵀ), the mask drawn from `seed` (p = 0: x itself)."""
     dropped = torch.where(keep_mask(seed, x.shape, p, x.device), x, 0.0) if p > 0 else x
-    return narrow_product(dropped, a.t() * keep_scale)
+    return (dropped @ a.t()) * keep_scale
 
 
 def _product_grads(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, grad_out: torch.Tensor):
@@ -136,11 +137,11 @@ def _product_grads(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down:
 
 def _up_grads(grad_out: torch.Tensor, b: torch.Tensor, down: torch.Tensor, scaling: float, need_b: bool):
     """(grad down, grad B) of up = scaling · down @ Bᵀ given grad_out (grad B None unless `need_b`)."""
-    grad_down = narrow_product(grad_out, b * scaling)
+    grad_down = narrow_product(grad_out, (b * scaling).t().contiguous())
     grad_b = None
     if need_b:
-        grad_b = narrow_product(grad_out.reshape(-1, grad_out.shape[-1]).t(), down.reshape(-1, down.shape[-1]))
-        grad_b = grad_b * scaling
+        down_rows = down.reshape(-1, down.shape[-1]).t()
+        grad_b = narrow_product(grad_out.reshape(-1, grad_out.shape[-1]).t(), down_rows) * scaling
     return grad_down, grad_b
 
 
