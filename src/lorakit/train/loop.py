@@ -191,14 +191,14 @@ def _stepper(
 
 
 def checkpointed_blocks(
-    model: nn.Module, settings: LoopSettings, step_plan: StepPlan | None = None, parallel: Parallel | None = None
+    model: nn.Module, mode: str, step_plan: StepPlan | None, budget: int | None, parallel: Parallel | None = None
 ) -> int:
-    """How many of `model`'s blocks, from the first, a run with `settings` checkpoints (`train.checkpointing`).
-    "auto" is decided against `step_plan` and the memory budget, and under several processes it is the most any
-    process needs: FSDP's collectives must match, and the free memory differs between processes."""
-    budget = memory_budget(settings.memory_limit_bytes, model_device(model))
-    blocks = blocks_to_checkpoint(settings.grad_checkpointing, len(checkpointable_blocks(model)), step_plan, budget)
-    if settings.grad_checkpointing == "auto" and parallel is not None:
+    """How many of `model`'s blocks, from the first, a run checkpoints with `--grad-checkpointing mode`
+    (`train.checkpointing`). "auto" is decided against `step_plan` and `budget` (`memory_budget`), and under
+    several processes it is the most any process needs: FSDP's collectives must match, and the free memory
+    differs between processes."""
+    blocks = blocks_to_checkpoint(mode, len(checkpointable_blocks(model)), step_plan, budget)
+    if mode == "auto" and parallel is not None:
         blocks = max(parallel.gather([blocks]))
     return blocks
 
@@ -251,7 +251,8 @@ def train_adapter(
     model.train()
     run.started = run.stepper.window.start = time.perf_counter()
     run.seconds_before = state.seconds
-    blocks = checkpointed_blocks(model, settings, step_plan, parallel)
+    budget = memory_budget(settings.memory_limit_bytes, device)
+    blocks = checkpointed_blocks(model, settings.grad_checkpointing, step_plan, budget, parallel)
     with _fast_paths(model, blocks, sharded=parallel.mode == "fsdp"):
         _train_steps(run)
     run.bar.close()

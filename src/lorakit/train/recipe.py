@@ -188,10 +188,10 @@ class TrainingRecipe:
         options = {name: getattr(cfg, name) for name in names}
         options.update(max_length=self.max_length, task=cfg.task)
         plan = step_plan(self.model, cfg.method, options, cfg.precision)
-        blocks = checkpointed_blocks(self.model, cfg.loop, plan, self.parallel)
+        budget = memory_budget(cfg.loop.memory_limit_bytes, self.device)  # read once: decision and message
+        blocks = checkpointed_blocks(self.model, "auto", plan, budget, self.parallel)
         if blocks:
             total = len(checkpointable_blocks(self.model))
-            budget = memory_budget(cfg.loop.memory_limit_bytes, self.device)
             self.log(f"activation checkpointing: {blocks} of {total} blocks ({plan_text(plan, blocks, budget)})")
         return dataclasses.replace(cfg.loop, grad_checkpointing=str(blocks))
 
