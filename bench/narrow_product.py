@@ -3,8 +3,8 @@
 
 The products are those of a LoRA training step on SmolLM2-135M (hidden 576, k/v width 192) at batch 4 × 128
 and 4 × 512 (M = 512, 2048 token rows): grad·B (M × K times K × r: the gradient of the r-wide product) and
-B's gradient gradᵀ·down (K × M times M × r), for r = 8 and for the grouped q/k/v down-projection (r = 24),
-each operand laid out as in a training step. Both layouts take turns, one call each per round;
+B's gradient gradᵀ·down (K × M times M × r), for r = 8 (every adapter's up-projection, grouped or not, is r
+wide), each operand laid out as in a training step. Both layouts take turns, one call each per round;
 the median is reported.
 
     .venv/bin/python bench/narrow_product.py         # table + bench/results/narrow_product.json
@@ -27,7 +27,7 @@ from common import machine
 
 RESULTS = Path(__file__).parent / "results" / "narrow_product.json"
 ROWS = (512, 2048)  # batch 4 × 128 and 4 × 512
-SHAPES = ((576, 8), (192, 8), (576, 24))  # (K, r): q/o width, k/v width, grouped q/k/v rank
+SHAPES = ((576, 8), (192, 8))  # (K, r): q/o width, k/v width
 
 
 def products(rows: int, width: int, rank: int, dtype: torch.dtype) -> dict[str, tuple[Callable, Callable]]:

@@ -17,7 +17,7 @@ master factors). The mask is drawn on x's device by a generator on that device.
 
 The backward pass's products whose result is r wide (grad·B, and gradᵀ·down: B's gradient) are computed
 transposed, r rows long instead of r columns wide (`narrow_product`): as autograd's matmul writes them they
-ran 2.5–4× slower in float32 and 2–6× in bfloat16 on a 2-core AMD EPYC (`bench/narrow_product.py`). The
+ran 1.5–3.7× slower in float32 and 3.8–5.9× in bfloat16 at r = 8 on a 2-core AMD EPYC (`bench/narrow_product.py`). The
 forward pass's x·Aᵀ, with A stored as r × in rows, is as fast as written.
 
 The keep probability is quantised to 1/65536 (at p = 0.05 the effective drop rate differs from p by less
@@ -109,8 +109,13 @@ class LoraDropoutProduct(torch.autograd.Function):
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         with _no_autocast(x):
             grads = _product_grads(ctx, x, a, b, down, grad_out.to(x.dtype))
-        grad_x, grad_a, grad_b = (None if g is None else g.to(d) for g, d in zip(grads, (x_dtype, a_dtype, b_dtype)))
+        grad_x, grad_a, grad_b = _in_dtypes(grads, (x_dtype, a_dtype, b_dtype))
         return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def _in_dtypes(grads, dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor | None, ...]:
+    """The gradients (computed in the compute dtype) in their inputs' own dtypes; None stays None."""
+    return tuple(None if g is None else g.to(d) for g, d in zip(grads, dtypes))
 
 
 def _no_autocast(x: torch.Tensor):
@@ -181,7 +186,7 @@ class LoraDropoutDown(torch.autograd.Function):
         x, a = ctx.saved_tensors
         with _no_autocast(x):
             grads = _down_grads(ctx, x, a, grad_down.to(x.dtype))
-        grad_x, grad_a = (None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
+        grad_x, grad_a = _in_dtypes(grads, ctx.dtypes)
         return grad_x, grad_a, None, None, None
 
 
@@ -205,7 +210,7 @@ class LoraUp(torch.autograd.Function):
         down, b = ctx.saved_tensors
         with _no_autocast(down):
             grads = _up_grads(grad_out.to(down.dtype), b, down, ctx.scaling, ctx.needs_input_grad[1])
-        grad_down, grad_b = (None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
+        grad_down, grad_b = _in_dtypes(grads, ctx.dtypes)
         return grad_down, grad_b, None
 
 
