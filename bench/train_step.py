@@ -13,7 +13,8 @@ precision, and on a GPU: bench/precision.py.
    the float32 matrix-product rate measured in the same run (`common.gemm_rates`, SmolLM2's MLP shape).
    Step time: the four set-ups live in one process and take turns, one step each per round (alternation,
    so drift in the machine's load hits all alike); the
-   median over rounds is reported. Peak memory: one fresh process per set-up and length with
+   median over rounds is reported. That process keeps freed host memory for reuse, as `lorakit train` does
+   (`lorakit.host_memory`), for all four alike. Peak memory: one fresh process per set-up and length with
    MALLOC_MMAP_THRESHOLD_=131072 (freed blocks go back to the system, so the RSS follows live tensors);
    the peak is the kernel's high-water mark during 3 steps minus the RSS just before them (model loaded,
    method applied) — the memory training adds above the loaded model.
@@ -21,7 +22,8 @@ precision, and on a GPU: bench/precision.py.
    8 examples, data preparation included, for `lorakit.train` (its loop with every default: fused paths,
    length-grouped batches, loss on target tokens) and for PEFT + transformers `Trainer` with the seeds'
    recipe (each example tokenized alone with `padding=True`, `DataCollatorForLanguageModeling(mlm=False)`:
-   loss on every token); each in its own process. Both adapters are then scored with the same held-out
+   loss on every token); each in its own process (lorakit's keeps freed host memory for reuse, as its loop
+   does; PEFT's runs on glibc's defaults). Both adapters are then scored with the same held-out
    loss (target tokens of 64 validation examples) to check that the speed did not cost quality.
 3. Inference at 4 × 128 (no_grad): forward latency of the base model, lorakit LoRA unmerged and merged, and
    PEFT unmerged, alternating; greedy generation tokens/s (4 prompts, 32 new tokens).
@@ -43,6 +45,8 @@ from pathlib import Path
 
 import torch
 from setups import LIBRARIES, MODEL, TARGETS, build, step_flops
+
+from lorakit.host_memory import keep_freed_host_memory
 
 from common import (
     MMAP_THRESHOLD_ENV,
@@ -84,6 +88,7 @@ def _in_child(part: str, *args: str) -> dict:
 
 
 def bench_steps(rounds: dict[int, int]) -> dict:
+    keep_freed_host_memory()
     built = {setup: build(setup) for setup in SETUPS}
     gemm = gemm_rates(torch.device("cpu"))["fp32"]
     out = {"trainable": {s: built[s][2] for s in SETUPS}, "gemm_fp32_gflops": gemm, "lengths": {}}

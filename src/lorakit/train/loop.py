@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..device import model_device
+from ..host_memory import keep_freed_host_memory
 from .batches import by_step, micro_batches
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, Checkpointer, TrainingState, cuda_rng_state, latest_checkpoint
 from .checkpointing import (
@@ -237,6 +238,8 @@ def train_adapter(
     checkpointer = Checkpointer(output, adapter_name, adapter_meta or {}, settings.keep_checkpoints, parallel)
     trained, state = _start(model, settings, total, checkpointer, resume, precision)
     device = model_device(model)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # the steps reuse freed activations instead of faulting in fresh pages
     run = _Run(
         model=model,
         settings=settings,
