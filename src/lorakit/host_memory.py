@@ -8,8 +8,9 @@ free there. Every step then touches new pages, and the kernel zero-fills each on
 faults per step at SmolLM2-135M 4 × 128, 270,000 at 4 × 512 and 2 million at 8 × 1024 (LoRA r=8 on q,k,v,o, fp32).
 `keep_freed_host_memory` raises both limits, so freed blocks stay in the heap and the next step reuses them: a
 sixth of the faults at 4 × 128, none at 4 × 512, 12,000 at 8 × 1024, and steps 3 %, 4 % and 9 % faster on an AVX2
-CPU, with peak resident memory within 2 % (the peak is the step's working set either way; what changes is that
-it is not given back between steps). `python bench/host_memory.py` compares the two.
+CPU, with peak resident memory within 2 % at a fixed shape (`python bench/host_memory.py` compares the two). Over
+a whole run with variable-length batches the kept heap fragments: `make train` trained 9 % faster and peaked
+11 % higher (3.34 against 3.00 GB).
 
 It changes nothing where the C library is not glibc, or where the user chose for themselves through glibc's
 environment variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`, `MALLOC_MMAP_MAX_`).
