@@ -13,12 +13,15 @@ import csv
 import hashlib
 import random
 import sys
+from collections import Counter
 from pathlib import Path
+
+from sacrebleu.metrics import BLEU
 
 SEED = 20240501
 TRAIN_SIZE = 2000
-E2E_TRAIN_SIZE = 2600  # one epoch at batch 8 = 325 steps of short plain-format rows: ~14 minutes on 2 cores
-E2E_FIRST_DRAW = 1000  # the sample's size before it grew: those rows stay, and the eval samples with them
+E2E_TRAIN_MRS = 2600  # one row each; one epoch at batch 8 = 325 steps: ~14 minutes on 2 cores
+E2E_FIRST_DRAW = 1000  # the first sample's random training rows, drawn before the evaluation MRs
 E2E_EVAL_MRS = 100
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,23 +83,73 @@ def e2e_by_mr(rows: list[list[str]], rng: random.Random, k: int) -> list[list[st
     return [row for row in rows if row[0] in keep]
 
 
+def attributes(mr: str) -> int:
+    """How many attributes an E2E meaning representation gives ("name[Aromi], food[Italian]": 2)."""
+    return mr.count("[")
+
+
+def central_reference(references: list[str]) -> str:
+    """The reference with the highest sentence BLEU (lower-cased, smoothed) against the input's other ones: the
+    most typical wording among the crowd-sourced references (a lone reference is its own choice)."""
+    if len(references) == 1:
+        return references[0]
+    metric = BLEU(smooth_method="exp", lowercase=True, effective_order=True)
+    scores = [
+        metric.sentence_score(ref, references[:i] + references[i + 1 :]).score for i, ref in enumerate(references)
+    ]
+    return references[max(range(len(references)), key=scores.__getitem__)]
+
+
+def e2e_central_rows(
+    rows: list[list[str]], rng: random.Random, mrs: int, like: list[list[str]] | None = None
+) -> list[list[str]]:
+    """`mrs` distinct meaning representations of `rows` ([mr, ref]), each once with its central reference, in
+    source order. With `like`, as many of each attribute count as its share among the MRs of `like` asks for
+    (at most as many as `rows` has, so the sample may come out smaller); else drawn uniformly."""
+    grouped: dict[str, list[str]] = {}
+    for mr, ref in rows:
+        grouped.setdefault(mr, []).append(ref)
+    if like is None:
+        drawn = set(rng.sample(sorted(grouped), mrs))
+    else:
+        wanted = Counter(attributes(mr) for mr in dict.fromkeys(mr for mr, _ in like))
+        drawn = set()
+        for count, share in sorted(wanted.items()):
+            pool = sorted(mr for mr in grouped if attributes(mr) == count)
+            drawn |= set(rng.sample(pool, min(len(pool), round(mrs * share / wanted.total()))))
+    return [[mr, central_reference(refs)] for mr, refs in grouped.items() if mr in drawn]
+
+
 def sample_rng(name: str) -> random.Random:
     """The generator sample `name` is drawn with: one per data set, so regenerating one never shifts the others."""
     return random.Random(f"{SEED}-{name}")
 
 
-def make_e2e(src: Path, dst: Path, rng: random.Random, train_size: int = E2E_TRAIN_SIZE) -> None:
-    """The E2E sample; a larger `train_size` keeps every row of a smaller one (`random.sample` draws its
-    indices one by one, so a longer draw starts with the shorter one)."""
-    header, train = read_csv(src / "trainset.csv")
+def e2e_random_rows(train: list[list[str]], rng: random.Random, size: int) -> list[list[str]]:
+    """`size` random training rows, as the sample was drawn before the central one: E2E_FIRST_DRAW rows from
+    `rng` (the sample's first version), the rest from their own generator; a larger `size` keeps every row of
+    a smaller one (`random.sample` draws its indices one by one, so a longer draw starts with the shorter one)."""
     first = sorted(rng.sample(range(len(train)), E2E_FIRST_DRAW))  # as `draw`, so rng moves on as it always did
     rest = sorted(set(range(len(train))) - set(first))
-    more = sample_rng("e2e-more").sample(rest, train_size - E2E_FIRST_DRAW)
-    write_csv(dst / "trainset.csv", header, [train[i] for i in sorted(first + more)])
+    more = sample_rng("e2e-more").sample(rest, size - E2E_FIRST_DRAW)
+    return [train[i] for i in sorted(first + more)]
+
+
+def make_e2e(src: Path, dst: Path, rng: random.Random) -> None:
+    """The E2E sample: E2E_TRAIN_MRS random training MRs, each once with its central reference
+    (`e2e_central_rows`), and E2E_EVAL_MRS development and test MRs with all of their references."""
+    header, train = read_csv(src / "trainset.csv")
+    write_csv(dst / "trainset.csv", header, e2e_central_rows(train, central_rng(E2E_TRAIN_MRS), E2E_TRAIN_MRS))
     header, dev = read_csv(src / "devset.csv")
+    e2e_random_rows(train, rng, E2E_FIRST_DRAW)  # the first sample's draw: the evaluation MRs come after it
     write_csv(dst / "devset.csv", header, e2e_by_mr(dev, rng, E2E_EVAL_MRS))
     header, test = read_csv(src / "testset_w_refs.csv")
     write_csv(dst / "testset_w_refs.csv", header, e2e_by_mr(test, rng, E2E_EVAL_MRS))
+
+
+def central_rng(mrs: int) -> random.Random:
+    """The generator a central sample of `mrs` MRs is drawn with (the validation runs drew theirs so too)."""
+    return random.Random(f"central-{mrs}")
 
 
 def make_sst2(src: Path, dst: Path, rng: random.Random) -> None:

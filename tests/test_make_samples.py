@@ -1,10 +1,13 @@
-"""scripts/make_samples.py draws the shipped E2E sample again byte for byte from the complete data, and a larger
-draw keeps every row of the shipped one (so a run over it sees the default run's rows and more)."""
+"""scripts/make_samples.py draws the shipped E2E sample again byte for byte from the complete data: distinct training
+MRs, each with the reference that agrees most with its other references. The draws the validation experiments
+compare it with: random rows (a larger draw keeps a smaller one's rows) and MRs in the development set's shares of
+attribute counts."""
 
 from __future__ import annotations
 
 import csv
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,10 +41,37 @@ def test_the_shipped_e2e_sample_is_drawn_again_byte_for_byte(make_samples, tmp_p
         assert (tmp_path / name).read_bytes() == (SHIPPED / name).read_bytes(), name
 
 
-def test_a_larger_draw_contains_the_shipped_sample_and_the_same_evaluation_files(make_samples, tmp_path):
-    size = make_samples.E2E_TRAIN_SIZE + 800
-    make_samples.make_e2e(FULL_E2E, tmp_path, make_samples.sample_rng("e2e"), train_size=size)
-    larger, shipped = rows(tmp_path / "trainset.csv"), rows(SHIPPED / "trainset.csv")
-    assert len(larger) == size and len(shipped) == make_samples.E2E_TRAIN_SIZE
-    assert not set(shipped) - set(larger)
-    assert (tmp_path / "devset.csv").read_bytes() == (SHIPPED / "devset.csv").read_bytes()
+def test_a_larger_random_draw_keeps_the_rows_of_a_smaller_one(make_samples):
+    _, train = make_samples.read_csv(FULL_E2E / "trainset.csv")
+    smaller = make_samples.e2e_random_rows(train, make_samples.sample_rng("e2e"), 1800)
+    larger = make_samples.e2e_random_rows(train, make_samples.sample_rng("e2e"), 2600)
+    assert len(smaller) == 1800 and len(larger) == 2600
+    assert not {tuple(r) for r in smaller} - {tuple(r) for r in larger}
+
+
+def test_the_shipped_training_sample_has_distinct_mrs_with_one_of_their_references(make_samples):
+    full = rows(FULL_E2E / "trainset.csv")
+    shipped = rows(SHIPPED / "trainset.csv")
+    assert len({mr for mr, _ in shipped}) == len(shipped)
+    assert not set(shipped) - set(full)
+
+
+def test_a_sample_like_the_development_set_takes_its_attribute_counts_while_the_training_set_has_them(make_samples):
+    def counts(mrs):
+        return Counter(mr.count("[") for mr in set(mrs))
+
+    _, train = make_samples.read_csv(FULL_E2E / "trainset.csv")
+    _, dev = make_samples.read_csv(FULL_E2E / "devset.csv")
+    sample = make_samples.e2e_central_rows(train, make_samples.central_rng(2600), 2600, like=dev)
+    wanted, available = counts(mr for mr, _ in dev), counts(mr for mr, _ in train)
+    expected = {k: min(available[k], round(2600 * n / sum(wanted.values()))) for k, n in wanted.items()}
+    assert counts(mr for mr, _ in sample) == expected
+    assert expected[8] == available[8] < round(2600 * wanted[8] / sum(wanted.values()))  # all the 8-attribute MRs
+
+
+def test_the_central_reference_is_the_one_its_siblings_agree_with(make_samples):
+    outlier = "Near the river you will find a family place."
+    twins = ["Aromi is a cheap pub in the city centre.", "Aromi is a cheap pub in the city centre!"]
+    assert make_samples.central_reference([outlier, *twins]) in twins
+    assert make_samples.central_reference([*twins, outlier]) in twins
+    assert make_samples.central_reference([outlier]) == outlier

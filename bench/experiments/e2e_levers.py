@@ -17,9 +17,10 @@ issue 16 (`--baseline`; it trained on the 1,000-row sample, in 125 steps), score
 (DECODINGS) score the adapter of the default run (`--default-run`) greedily, with beam search of width 4 and
 10, and with the ban on repeated 4-grams in the output; DEFAULT_VARIANTS are `lorakit train` as it is by
 default (the shipped sample: 1,800 rows until SAMPLE_SIZES chose 2,600) with one option changed;
-VARIANT_DECODINGS score some of the trained variants with beam search. Each process uses one torch thread, so
-two can share the two cores; wall times are comparable only between runs that ran side by side, which the
-JSON's `note` records.
+VARIANT_DECODINGS score some of the trained variants with beam search. CENTRAL_SAMPLES train on distinct MRs, each
+with its central reference (`make_samples.e2e_central_rows`; default-run-central2600's sample is the one shipped
+since). Each process uses one torch thread unless OMP_NUM_THREADS says otherwise, so two can share the two cores;
+wall times are comparable only between runs that ran alone or side by side, which the JSON's `note` records.
 
     .venv/bin/python bench/experiments/e2e_levers.py --baseline runs/e2e-smollm2-135m   # hours on 2 cores
     .venv/bin/python bench/experiments/e2e_levers.py --collect --note "..."             # only the table
@@ -43,7 +44,7 @@ from typing import Any
 from methods_runs import update_docs_section, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # make_samples.py
-from make_samples import make_e2e, sample_rng  # noqa: E402
+from make_samples import central_rng, e2e_central_rows, e2e_random_rows, read_csv, sample_rng, write_csv  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import machine  # noqa: E402
@@ -80,6 +81,20 @@ def beam10(length_penalty: str = "0.9") -> list[str]:
 # name -> (what, rows): the default run over a larger sample drawn as the shipped one is (which it contains)
 SAMPLE_SIZES: dict[str, tuple[str, int]] = {
     "default-run-2600rows": ("the default run over a 2,600-row sample (the shipped 1,800 rows and 800 more)", 2600),
+}
+# name -> (what, MRs, attribute counts as in devset.csv): the default run over distinct training MRs, each with
+# its most central reference (`make_samples.e2e_central_rows`)
+CENTRAL_SAMPLES: dict[str, tuple[str, int, bool]] = {
+    "default-run-central2600": (
+        "the default run over 2,600 distinct training MRs, each with the reference closest to its other references",
+        2600,
+        False,
+    ),
+    "default-run-central-devlike": (
+        "as default-run-central2600, but as many MRs of each attribute count as devset.csv's shares ask (2,300 MRs)",
+        2600,
+        True,
+    ),
 }
 BEAM = beam10()  # the LoRA paper's decoding
 BEAM4 = ["--num-beams", "4", "--length-penalty", "0.9"]
@@ -133,6 +148,16 @@ VARIANT_DECODINGS: dict[str, tuple[str, str, list[str]]] = {
         "default-run-2600rows",
         BEAM,
     ),
+    "default-run-central2600+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-central2600",
+        BEAM,
+    ),
+    "default-run-central-devlike+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-central-devlike",
+        BEAM,
+    ),
     "default-run-all-linear-ls0.1+beam10": (
         "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
         "default-run-all-linear-ls0.1",
@@ -164,14 +189,14 @@ def build_data(source: Path, workdir: Path, dev_mrs: int) -> Path:
     return folder.parent
 
 
-def build_sample(source: Path, workdir: Path, rows: int, validation_root: Path) -> Path:
-    """The folder a run over a `rows`-row sample reads as $LORAKIT_DATA (`--data e2e-full`): the sample's
-    training rows, the validation subset of `validation_root` as its validation and test files."""
-    folder = workdir / f"data-{rows}rows" / "e2e"
+def build_sample(workdir: Path, name: str, rows: list[list[str]], validation_root: Path) -> Path:
+    """The folder a run over a sample of the training set reads as $LORAKIT_DATA (`--data e2e-full`): `rows`
+    ([mr, ref]) for training, the validation subset of `validation_root` as its validation and test files."""
+    folder = workdir / f"data-{name}" / "e2e"
     folder.mkdir(parents=True, exist_ok=True)
-    make_e2e(source, folder, sample_rng("e2e"), rows)
-    for name in ("devset.csv", "testset_w_refs.csv"):
-        (folder / name).write_bytes((validation_root / "e2e" / name).read_bytes())
+    write_csv(folder / "trainset.csv", ["mr", "ref"], rows)
+    for split in ("devset.csv", "testset_w_refs.csv"):
+        (folder / split).write_bytes((validation_root / "e2e" / split).read_bytes())
     return folder.parent
 
 
@@ -181,8 +206,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def lorakit(args: list[str], data_root: Path, log: Path) -> None:
-    """One lorakit command on one thread, its output in `log`."""
-    env = {**os.environ, "LORAKIT_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    """One lorakit command on one torch thread unless OMP_NUM_THREADS says otherwise, its output in `log`."""
+    env = {**os.environ, "LORAKIT_DATA": str(data_root), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with log.open("w") as out:
         subprocess.run([LORAKIT, *args], env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
 
@@ -229,7 +254,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['dev_mrs']} validation MRs spread over E2E's devset.csv (all references), greedy unless the row says "
         f"beam; each plain-* run: one pass over the first {meta['train_rows']} rows of the shuffled complete "
         "training set, the default-run* runs over the shipped sample of 1,800 rows (2,600 in default-run-2600rows, "
-        "the sample shipped since); batch 8, r=8, α=16, dropout 0.05. "
+        "the sample shipped next; default-run-central*: distinct MRs with their central references, "
+        "default-run-central2600's sample shipped since); batch 8, r=8, α=16, dropout 0.05. "
         "val. loss: the plain cross-entropy of validation targets, also for the label-smoothed runs (*-ls0.1). "
         "Command: `python bench/experiments/e2e_levers.py`.",
         "",
@@ -277,7 +303,15 @@ def run_all(args: argparse.Namespace, data_root: Path) -> None:
             evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
     for name, (_, rows) in SAMPLE_SIZES.items():
         if wanted(name):
-            sample_root = build_sample(args.source, args.workdir, rows, data_root)
+            sample = e2e_random_rows(read_csv(args.source / "trainset.csv")[1], sample_rng("e2e"), rows)
+            sample_root = build_sample(args.workdir, f"{rows}rows", sample, data_root)
+            train_default(name, ["--data", "e2e-full"], args.workdir, sample_root)
+            evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
+    for name, (_, mrs, like_dev) in CENTRAL_SAMPLES.items():
+        if wanted(name):
+            like = read_csv(args.source / "devset.csv")[1] if like_dev else None
+            sample = e2e_central_rows(read_csv(args.source / "trainset.csv")[1], central_rng(mrs), mrs, like)
+            sample_root = build_sample(args.workdir, name, sample, data_root)
             train_default(name, ["--data", "e2e-full"], args.workdir, sample_root)
             evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
     for name, (_, run, options) in VARIANT_DECODINGS.items():
@@ -294,6 +328,7 @@ def collect(args: argparse.Namespace) -> None:
     scored += [(n, w, args.default_run if n == "default-run" else None) for n, (w, _) in DECODINGS.items()]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in DEFAULT_VARIANTS.items()]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in SAMPLE_SIZES.items()]
+    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _, _) in CENTRAL_SAMPLES.items()]
     scored += [(name, what, None) for name, (what, _, _) in VARIANT_DECODINGS.items()]
     earlier = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.is_file() else {}
     rows = []
