@@ -1,7 +1,8 @@
 """Freed host memory is kept for reuse: after `keep_freed_host_memory` (and after `lorakit.train` has trained on the
-CPU), allocating and freeing a 64 MiB tensor over and over faults no new pages in, where glibc's own policy maps
-and zero-fills it afresh every time (counted by the kernel, `getrusage`); a `MALLOC_*` setting of the user's is
-left alone. Each case runs in a fresh interpreter: the setting lasts for the life of a process."""
+CPU), allocating and freeing a 64 MiB tensor over and over faults no new pages in (in the median cycle), where
+glibc's own policy maps and zero-fills it afresh every time (counted by the kernel, `getrusage`); a `MALLOC_*`
+setting of the user's is left alone. Each case runs in a fresh interpreter: the setting lasts for the life of a
+process."""
 
 from __future__ import annotations
 
@@ -21,14 +22,17 @@ PAGES_PER_BLOCK = 64 * 2**20 // 4096  # above glibc's largest automatic mmap thr
 CYCLES = 5
 
 COUNT_FAULTS = f"""
-import resource, torch
+import resource, statistics, torch
 def faults_per_cycle():
     for _ in range(2):  # the first uses fault their pages in either way
         torch.empty(16 * 2**20).fill_(1.0)
-    begin = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    counts = []
     for _ in range({CYCLES}):
+        begin = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB, freed at once
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - begin) / {CYCLES}
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - begin)
+    # the median: a heap left fragmented (by a training run) may have to grow once before its free block fits
+    return statistics.median(counts)
 """
 
 
