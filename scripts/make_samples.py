@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from sacrebleu.metrics import BLEU
+from lorakit.train.references import central_reference
 
 SEED = 20240501
 TRAIN_SIZE = 2000
@@ -86,18 +86,6 @@ def e2e_by_mr(rows: list[list[str]], rng: random.Random, k: int) -> list[list[st
 def attributes(mr: str) -> int:
     """How many attributes an E2E meaning representation gives ("name[Aromi], food[Italian]": 2)."""
     return mr.count("[")
-
-
-def central_reference(references: list[str]) -> str:
-    """The reference with the highest sentence BLEU (lower-cased, smoothed) against the input's other ones: the
-    most typical wording among the crowd-sourced references (a lone reference is its own choice)."""
-    if len(references) == 1:
-        return references[0]
-    metric = BLEU(smooth_method="exp", lowercase=True, effective_order=True)
-    scores = [
-        metric.sentence_score(ref, references[:i] + references[i + 1 :]).score for i, ref in enumerate(references)
-    ]
-    return references[max(range(len(references)), key=scores.__getitem__)]
 
 
 def e2e_central_rows(

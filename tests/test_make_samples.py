@@ -67,11 +67,3 @@ def test_a_sample_like_the_development_set_takes_its_attribute_counts_while_the_
     expected = {k: min(available[k], round(2600 * n / sum(wanted.values()))) for k, n in wanted.items()}
     assert counts(mr for mr, _ in sample) == expected
     assert expected[8] == available[8] < round(2600 * wanted[8] / sum(wanted.values()))  # all the 8-attribute MRs
-
-
-def test_the_central_reference_is_the_one_its_siblings_agree_with(make_samples):
-    outlier = "Near the river you will find a family place."
-    twins = ["Aromi is a cheap pub in the city centre.", "Aromi is a cheap pub in the city centre!"]
-    assert make_samples.central_reference([outlier, *twins]) in twins
-    assert make_samples.central_reference([*twins, outlier]) in twins
-    assert make_samples.central_reference([outlier]) == outlier

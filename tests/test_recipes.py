@@ -14,7 +14,11 @@ FULL_E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
 
 def test_there_are_recipes():
-    assert [p.name for p in RECIPES] == ["e2e-paper.yaml"]
+    assert [p.name for p in RECIPES] == ["e2e-central.yaml", "e2e-paper.yaml"]
+
+
+def recipe(name):
+    return RunConfig.from_sources(next(p for p in RECIPES if p.name == name)).resolved()
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -24,7 +28,7 @@ def test_recipe_resolves(recipe):
 
 
 def test_e2e_paper_recipe_is_one_epoch_of_the_whole_set_scored_on_the_whole_test_set_with_the_papers_beam():
-    config = RunConfig.from_sources(RECIPES[0]).resolved()
+    config = recipe("e2e-paper.yaml")
     assert (config.data, config.epochs, config.max_steps, config.max_train_examples) == ("e2e-full", 1, None, None)
     assert config.eval_examples is None  # every test MR
     assert (config.num_beams, config.length_penalty, config.no_repeat_ngram_size) == (10, 0.9, 4)
@@ -34,3 +38,26 @@ def test_e2e_paper_recipe_is_one_epoch_of_the_whole_set_scored_on_the_whole_test
     if FULL_E2E.is_dir():  # "5,258 steps of 8" in the recipe's comment
         rows = len(load_data("e2e", "train", data_dir=FULL_E2E))
         assert math.ceil(rows / config.batch_size) == 5258
+
+
+def test_e2e_central_recipe_is_three_epochs_of_central_references_with_a_checkpoint_per_epoch():
+    config = recipe("e2e-central.yaml")
+    assert (config.data, config.references, config.epochs, config.max_train_examples) == (
+        "e2e-full",
+        "central",
+        3,
+        None,
+    )
+    assert (config.num_beams, config.length_penalty, config.no_repeat_ngram_size, config.eval_examples) == (
+        10,
+        0.9,
+        4,
+        None,
+    )
+    defaults = RunConfig().resolved()
+    for name in ("prompt_format", "template", "lr", "target_modules", "r", "alpha", "batch_size", "model"):
+        assert getattr(config, name) == getattr(defaults, name), name
+    if FULL_E2E.is_dir():  # "4,862 MRs ..., 608 steps of 8 an epoch" in the recipe's comment
+        mrs = {example.prompt for example in load_data("e2e", "train", data_dir=FULL_E2E).examples}
+        assert len(mrs) == 4862 and math.ceil(len(mrs) / config.batch_size) == config.save_every == 608
+        assert config.keep_checkpoints >= config.epochs

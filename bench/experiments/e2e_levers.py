@@ -19,8 +19,9 @@ issue 16 (`--baseline`; it trained on the 1,000-row sample, in 125 steps), score
 default (the shipped sample: 1,800 rows until SAMPLE_SIZES chose 2,600) with one option changed;
 VARIANT_DECODINGS score some of the trained variants with beam search. CENTRAL_SAMPLES train on distinct MRs, each
 with its central reference (`make_samples.e2e_central_rows`; default-run-central2600's sample is the one shipped
-since). Each process uses one torch thread unless OMP_NUM_THREADS says otherwise, so two can share the two cores;
-wall times are comparable only between runs that ran alone or side by side, which the JSON's `note` records.
+since; default-run-central-all takes every MR, the rows `lorakit train --references central` trains on). Each
+process uses one torch thread unless OMP_NUM_THREADS says otherwise, so two can share the two cores; wall times
+are comparable only between runs that ran alone or side by side, which the JSON's `note` records.
 
     .venv/bin/python bench/experiments/e2e_levers.py --baseline runs/e2e-smollm2-135m   # hours on 2 cores
     .venv/bin/python bench/experiments/e2e_levers.py --collect --note "..."             # only the table
@@ -95,6 +96,12 @@ CENTRAL_SAMPLES: dict[str, tuple[str, int, bool]] = {
         2600,
         True,
     ),
+    "default-run-central-all": (
+        "the default run over all 4,862 training MRs, each with its central reference (as `--references central`; "
+        "608 steps, twice the time)",
+        4862,
+        False,
+    ),
 }
 BEAM = beam10()  # the LoRA paper's decoding
 BEAM4 = ["--num-beams", "4", "--length-penalty", "0.9"]
@@ -156,6 +163,11 @@ VARIANT_DECODINGS: dict[str, tuple[str, str, list[str]]] = {
     "default-run-central-devlike+beam10": (
         "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
         "default-run-central-devlike",
+        BEAM,
+    ),
+    "default-run-central-all+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-central-all",
         BEAM,
     ),
     "default-run-all-linear-ls0.1+beam10": (

@@ -24,6 +24,7 @@ from ..models import BUILTIN_MODELS
 from .data import CLASSIFICATION, GENERATION, PROMPT_FORMATS, REGRESSION, TASKS, prompt_defaults
 from .long_rows import LONG_ROW_POLICIES
 from .loop import LoopSettings
+from .references import REFERENCE_CHOICES
 from .sections import (
     DataSection,
     HardwareSection,
@@ -202,6 +203,10 @@ class RunConfig:
             raise RunError(f"unknown task {task!r}; expected {', '.join(TASKS)}")
         if self.long_rows not in LONG_ROW_POLICIES:
             raise RunError(f"unknown --long-rows {self.long_rows!r}; expected {' or '.join(LONG_ROW_POLICIES)}")
+        if self.references not in REFERENCE_CHOICES:
+            raise RunError(f"unknown --references {self.references!r}; expected {' or '.join(REFERENCE_CHOICES)}")
+        if self.references != "all" and task != GENERATION:
+            raise RunError(f"--references {self.references} applies to {GENERATION} data, not {task}")
         prompts = prompt_defaults(self.data)
         prompt_format = self.prompt_format or prompts["prompt_format"]
         if prompt_format not in PROMPT_FORMATS:

@@ -61,6 +61,11 @@ class DataSection:
         None, "maximum tokens per example", default_text="auto: the longest row, at most the model's context and 1024"
     )
     long_rows: str = option("truncate", "rows over --max-length: truncate (keep the prompt's end) or drop")
+    references: str = option(
+        "all",
+        "training rows of an input with several references: all (a row per reference) or central (one row per "
+        "input, the reference closest to its others in sentence BLEU: one consistent target)",
+    )
     max_train_examples: int | None = option(None, "use only the first N training examples")
     eval_examples: int | None = option(
         50, "examples scored before and after training, spread evenly over the split (none: the whole split)"

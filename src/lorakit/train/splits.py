@@ -13,6 +13,7 @@ import torch
 
 from .config import RunConfig, RunError
 from .data import BUILTIN_DATASETS, DataSplit, load_data
+from .references import choose_references
 
 
 def spread(rows: list, count: int) -> list:
@@ -50,6 +51,7 @@ def load_splits(cfg: RunConfig) -> tuple[DataSplit, DataSplit, DataSplit]:
             raise RunError(f"{cfg.data}: {len(train)} example(s) is too few to train and evaluate on")
         validation = scored = replace(train, examples=[train.examples[i] for i in order[:held]])
         train = replace(train, examples=[train.examples[i] for i in order[held:]])
+    train = choose_references(train, cfg.references)
     if cfg.max_train_examples is not None:
         train = replace(train, examples=train.examples[: cfg.max_train_examples])
     if cfg.eval_examples is not None:
