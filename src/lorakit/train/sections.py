@@ -62,9 +62,7 @@ class DataSection:
     )
     long_rows: str = option("truncate", "rows over --max-length: truncate (keep the prompt's end) or drop")
     references: str = option(
-        "all",
-        "training rows of an input with several references: all (a row per reference) or central (one row per "
-        "input, the reference closest to its others in sentence BLEU: one consistent target)",
+        "all", "training rows per input: all its references, or central (the one closest to the others in BLEU)"
     )
     max_train_examples: int | None = option(None, "use only the first N training examples")
     eval_examples: int | None = option(
