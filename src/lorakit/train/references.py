@@ -8,8 +8,10 @@ challenge computes it), the most typical wording is worth most. `central` keeps 
 
     central(R) = argmax_{r ∈ R} BLEU_sentence(r, R \\ {r})     (sacrebleu, lower-cased, exponential smoothing),
 
-ties to the first. It is chosen on the training data alone, so no evaluation data is involved; on E2E it raised
-the validation BLEU of the default run by about 1 (docs/results.md, "e2e-levers").
+ties to the first. It is chosen on the training data alone, so no evaluation data is involved. On E2E it raised the
+default run's BLEU by about 1 (validation, and the whole test set with beam 10: 63.8 to 64.8); over the whole
+training set it trains on 4,862 rows instead of 42,061, and scored 64.6 on the test set against 65.5 for one
+epoch of every row (docs/results.md).
 """
 
 from __future__ import annotations
