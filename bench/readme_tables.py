@@ -17,6 +17,7 @@ this script computes it and rewrites what is between them (nothing else in the f
 * memory-blocks: the same script's batch 8 × 1024 with none, some and the auto choice of blocks checkpointed
   (bench/results/memory_blocks.json);
 * train-step: the training-step rows bench/train_step.py saved (bench/results/train_step.json), as it prints them;
+* train-e2e: the same file's end-to-end E2E rows (floor, lorakit, PEFT + Trainer), as it prints them;
 * e2e-quality: the E2E scores of the default run, the whole-test evaluations and the paper, row by row as
   bench/results/e2e_quality.json lists them (each row's scores read from the results file it names).
 
@@ -152,6 +153,12 @@ def train_step_table() -> str:
     return train_step.table({"steps": saved["steps"]})
 
 
+def train_e2e_table() -> str:
+    """bench/train_step.py's saved end-to-end rows on the E2E sample."""
+    saved = json.loads(train_step.RESULTS.read_text())
+    return train_step.table({"e2e": saved["e2e"]}).strip()
+
+
 def e2e_quality_row(row: dict[str, Any], results: Path) -> str:
     """One row of the E2E table: its scores from the file it names (a run's results.json: `part`'s scores;
     a `lorakit eval --output` file: its metrics), or as the row states them (text such as "—" as written)."""
@@ -180,6 +187,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "memory-length": memory_length_table,
     "memory-blocks": memory_blocks_table,
     "train-step": train_step_table,
+    "train-e2e": train_e2e_table,
     "e2e-quality": e2e_quality_table,
 }
 

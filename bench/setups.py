@@ -69,7 +69,7 @@ def _prepare(model: nn.Module, library: str) -> tuple[nn.Module, Callable[[Any, 
     if library == "floor":
         model.requires_grad_(False)
         enable_training_fast_paths(model)  # the lean gated MLPs (no LoRA layer to group)
-        return model, _floor_loss
+        return model, floor_loss
     if library == "lorakit":
         lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
         enable_training_fast_paths(model)  # as lorakit's training loop does
@@ -84,7 +84,7 @@ def _prepare(model: nn.Module, library: str) -> tuple[nn.Module, Callable[[Any, 
     return model, lambda m, batch: m(**batch).loss
 
 
-def _floor_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def floor_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """lorakit's loss on the frozen model, from input embeddings that want a gradient."""
     from lorakit.train.loss import causal_lm_loss
 
