@@ -80,8 +80,9 @@ def results_file(batch_size: int, max_length: int, precision: str = "fp32") -> P
 
 
 def load_prepared(model_name: str, method: str, dtype: torch.dtype) -> PreTrainedModel:
-    """The built-in model in `dtype`, in anonymous memory, prepared for `method` as `lorakit train` prepares it
-    (LoRA r=8, alpha 16, dropout 0.05 on the model's target modules; the trainable weights in float32)."""
+    """The built-in model in `dtype`, in anonymous memory, prepared for `method` as `lorakit train` prepared it
+    (LoRA r=8, alpha 16 — its defaults until 2026-12-02 —, dropout 0.05 on the model's target modules; the
+    trainable weights in float32)."""
     entry = BUILTIN_MODELS[model_name]
     if entry.task == "causal-lm":
         source = model_cache_dir(model_name) if entry.is_gguf else entry.locate()
@@ -150,7 +151,10 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int, prec
 
 
 def estimated(model_name: str, method: str, batch_size: int, max_length: int, precision: str = "fp32") -> dict:
-    est = estimate(model_name, method=method, batch_size=batch_size, max_length=max_length, dtype=precision)
+    # The rank and alpha measured (lorakit train's defaults before rank 16), not today's defaults.
+    est = estimate(
+        model_name, method=method, batch_size=batch_size, max_length=max_length, dtype=precision, r=8, alpha=16
+    )
     return est.to_dict()
 
 

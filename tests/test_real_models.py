@@ -41,7 +41,7 @@ def test_smollm2_e2e_short_finetune_learns_and_merges(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert (out / "adapter_model.safetensors").stat().st_size < 5_000_000
+    assert (out / "adapter_model.safetensors").stat().st_size < 8_000_000  # r 16 on q,k,v,o: 1.84 M float32
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "smollm2-135m" and config["task_type"] == "CAUSAL_LM"
 

@@ -33,8 +33,9 @@ def test_e2e_paper_recipe_is_one_epoch_of_the_whole_set_scored_on_the_whole_test
     assert config.eval_examples is None  # every test MR
     assert (config.num_beams, config.length_penalty, config.no_repeat_ngram_size) == (10, 0.9, 4)
     defaults = RunConfig().resolved()  # the rest as the default run, chosen on validation
-    for name in ("prompt_format", "template", "lr", "target_modules", "r", "alpha", "batch_size", "model"):
+    for name in ("prompt_format", "template", "lr", "target_modules", "batch_size", "model"):
         assert getattr(config, name) == getattr(defaults, name), name
+    assert (config.r, config.alpha) == (8, 16.0)  # the rank it was measured with (the default before rank 16)
     if FULL_E2E.is_dir():  # "5,258 steps of 8" in the recipe's comment
         rows = len(load_data("e2e", "train", data_dir=FULL_E2E))
         assert math.ceil(rows / config.batch_size) == 5258
@@ -55,8 +56,9 @@ def test_e2e_central_recipe_is_one_epoch_of_central_references_scored_as_the_pap
         None,
     )
     defaults = RunConfig().resolved()  # the rest as the default run (docs/results.md: the measured run had them)
-    for name in ("prompt_format", "template", "lr", "target_modules", "r", "alpha", "batch_size", "model", "seed"):
+    for name in ("prompt_format", "template", "lr", "target_modules", "batch_size", "model", "seed"):
         assert getattr(config, name) == getattr(defaults, name), name
+    assert (config.r, config.alpha) == (8, 16.0)  # the rank it was measured with (the default before rank 16)
     assert (config.val_examples, config.eval_every, config.dropout) == (
         defaults.val_examples,
         defaults.eval_every,

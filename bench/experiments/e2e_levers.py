@@ -19,7 +19,8 @@ issue 16 (`--baseline`; it trained on the 1,000-row sample, in 125 steps), score
 default (the shipped sample: 1,800 rows until SAMPLE_SIZES chose 2,600) with one option changed;
 VARIANT_DECODINGS score some of the trained variants with beam search. CENTRAL_SAMPLES train on distinct MRs, each
 with its central reference (`make_samples.e2e_central_rows`; default-run-central2600's sample is the one shipped
-since; default-run-central-all takes every MR, the rows `lorakit train --references central` trains on). Each
+since; default-run-central-all takes every MR, the rows `lorakit train --references central` trains on;
+default-run-central2600-r16 changes the rank, to 16 with α 32, which `lorakit train` takes since). Each
 process uses one torch thread unless OMP_NUM_THREADS says otherwise, so two can share the two cores; wall times
 are comparable only between runs that ran alone or side by side, which the JSON's `note` records.
 
@@ -83,24 +84,33 @@ def beam10(length_penalty: str = "0.9") -> list[str]:
 SAMPLE_SIZES: dict[str, tuple[str, int]] = {
     "default-run-2600rows": ("the default run over a 2,600-row sample (the shipped 1,800 rows and 800 more)", 2600),
 }
-# name -> (what, MRs, attribute counts as in devset.csv): the default run over distinct training MRs, each with
-# its most central reference (`make_samples.e2e_central_rows`)
-CENTRAL_SAMPLES: dict[str, tuple[str, int, bool]] = {
+# name -> (what, MRs, attribute counts as in devset.csv, `lorakit train` options): the default run over distinct
+# training MRs, each with its most central reference (`make_samples.e2e_central_rows`), with options changed
+CENTRAL_SAMPLES: dict[str, tuple[str, int, bool, list[str]]] = {
     "default-run-central2600": (
         "the default run over 2,600 distinct training MRs, each with the reference closest to its other references",
         2600,
         False,
+        [],
     ),
     "default-run-central-devlike": (
         "as default-run-central2600, but as many MRs of each attribute count as devset.csv's shares ask (2,300 MRs)",
         2600,
         True,
+        [],
     ),
     "default-run-central-all": (
         "the default run over all 4,862 training MRs, each with its central reference (as `--references central`; "
         "608 steps, twice the time)",
         4862,
         False,
+        [],
+    ),
+    "default-run-central2600-r16": (
+        "as default-run-central2600 with rank 16, α 32",
+        2600,
+        False,
+        ["--r", "16", "--alpha", "32"],
     ),
 }
 BEAM = beam10()  # the LoRA paper's decoding
@@ -168,6 +178,11 @@ VARIANT_DECODINGS: dict[str, tuple[str, str, list[str]]] = {
     "default-run-central-all+beam10": (
         "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
         "default-run-central-all",
+        BEAM,
+    ),
+    "default-run-central2600-r16+beam10": (
+        "its adapter; the paper's beam 10, lp 0.9, no repeated 4-gram",
+        "default-run-central2600-r16",
         BEAM,
     ),
     "default-run-all-linear-ls0.1+beam10": (
@@ -319,12 +334,12 @@ def run_all(args: argparse.Namespace, data_root: Path) -> None:
             sample_root = build_sample(args.workdir, f"{rows}rows", sample, data_root)
             train_default(name, ["--data", "e2e-full"], args.workdir, sample_root)
             evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
-    for name, (_, mrs, like_dev) in CENTRAL_SAMPLES.items():
+    for name, (_, mrs, like_dev, options) in CENTRAL_SAMPLES.items():
         if wanted(name):
             like = read_csv(args.source / "devset.csv")[1] if like_dev else None
             sample = e2e_central_rows(read_csv(args.source / "trainset.csv")[1], central_rng(mrs), mrs, like)
             sample_root = build_sample(args.workdir, name, sample, data_root)
-            train_default(name, ["--data", "e2e-full"], args.workdir, sample_root)
+            train_default(name, ["--data", "e2e-full", *options], args.workdir, sample_root)
             evaluate(name, args.workdir / "runs" / name, args.workdir, data_root, [])
     for name, (_, run, options) in VARIANT_DECODINGS.items():
         if wanted(name):
@@ -340,7 +355,7 @@ def collect(args: argparse.Namespace) -> None:
     scored += [(n, w, args.default_run if n == "default-run" else None) for n, (w, _) in DECODINGS.items()]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in DEFAULT_VARIANTS.items()]
     scored += [(name, what, args.workdir / "runs" / name) for name, (what, _) in SAMPLE_SIZES.items()]
-    scored += [(name, what, args.workdir / "runs" / name) for name, (what, _, _) in CENTRAL_SAMPLES.items()]
+    scored += [(name, what, args.workdir / "runs" / name) for name, (what, *_) in CENTRAL_SAMPLES.items()]
     scored += [(name, what, None) for name, (what, _, _) in VARIANT_DECODINGS.items()]
     earlier = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.is_file() else {}
     rows = []

@@ -42,7 +42,7 @@ def test_train_help_shows_every_field_with_its_default():
         assert flag in text, flag
         if isinstance(leaf.value, (int, float, str)) and not isinstance(leaf.value, bool):
             assert default_shown(text, flag) == str(leaf.value), flag
-    assert default_shown(text, "--lora-rank") == "8" and default_shown(text, "--lr") == "0.002"
+    assert default_shown(text, "--lora-rank") == "16" and default_shown(text, "--lr") == "0.002"
     assert default_shown(text, "--model").startswith("smollm2-135m for causal-lm")
 
 

@@ -17,6 +17,7 @@ from lorakit.device import PRECISIONS, autocast, trainable_to_float32
 from lorakit.estimation import compare, estimate
 from lorakit.estimation.simulate import ACTIVATIONS, GRADIENTS, OPTIMIZER, LiveBytes
 from lorakit.methods import MethodOptions
+from lorakit.train.config import RunConfig
 from lorakit.train.fast_paths import enable_training_fast_paths
 from lorakit.train.loss import causal_lm_loss
 
@@ -44,7 +45,7 @@ TINY = {
     ),
 }
 TASKS = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "seq-cls"}
-FAST = dict(batch_size=2, max_length=8)
+FAST = dict(batch_size=2, max_length=8)  # LoRA on the tiny configs passes r=4: their k, v are 8 wide
 
 
 def _config(kind: str):
@@ -153,24 +154,27 @@ def test_adapter_norms_add_every_layer_norm_of_the_blocks(kind):
     assert with_norms.trainable_parameters == plain + norms
 
 
-def test_defaults_are_those_of_lora_config_and_method_options():
+def test_defaults_are_those_of_lorakit_train_and_method_options():
     config = _config("llama")
     text = config.get_text_config()
     kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
-    options, lora = MethodOptions(), lorakit.LoraConfig(target_modules="all-linear")
+    options = MethodOptions()
     prefix = estimate(config, "prefix", simulate=False, **FAST)
     assert prefix.trainable_parameters == text.num_hidden_layers * 2 * options.prefix_length * kv_width
     prompt = estimate(config, "prompt", simulate=False, **FAST)
     assert prompt.trainable_parameters == options.prompt_length * text.hidden_size
-    targets = ["q_proj", "v_proj"]  # q: 16 → 16, v: 16 → 8; r = 8 × (in + out) each
-    default = estimate(config, "lora", target_modules=targets, simulate=False, **FAST)
-    assert default.trainable_parameters == text.num_hidden_layers * lora.r * (16 + 16 + 16 + 8)
+    # q: 16 → 16; r × (in + out) at lorakit train's rank 16 (the 8-wide k and v take no rank above 8)
+    default = estimate(config, "lora", target_modules=["q_proj"], simulate=False, **FAST)
+    assert default.trainable_parameters == text.num_hidden_layers * 16 * (16 + 16)
+    assert RunConfig().r == 16
 
 
 def test_a_quantized_base_is_loras_only_as_in_training():
     with pytest.raises(ValueError, match="adapter method does not train on a quantized base"):
         estimate(_config("llama"), "adapter", quantize="nf4", simulate=False, **FAST)
-    results = compare(_config("llama"), ["full", "lora", "qlora", "adapter"], quantize="int8", simulate=False, **FAST)
+    results = compare(
+        _config("llama"), ["full", "lora", "qlora", "adapter"], quantize="int8", r=4, simulate=False, **FAST
+    )
     assert [(e.method, e.quantize) for e in results] == [
         ("full", None),
         ("lora", "int8"),
@@ -270,7 +274,7 @@ def test_meta_simulation_matches_a_real_cpu_step_tensor_for_tensor(kind, method,
 
 def test_flops_follow_the_rule_of_thumb():
     full = estimate(_config("llama"), "full", batch_size=2, max_length=32)
-    lora = estimate(_config("llama"), "lora", batch_size=2, max_length=32)
+    lora = estimate(_config("llama"), "lora", r=4, batch_size=2, max_length=32)
     # The fused loss computes the LM head's gradient products in the forward pass: 2 · (2·31 targets) · d · V
     # FLOPs each, for the hidden states, and for the head's weight when it trains (full fine-tuning).
     head = 2 * (2 * 31) * 16 * 64
@@ -283,13 +287,13 @@ def test_flops_follow_the_rule_of_thumb():
 
 
 def test_quantization_shrinks_frozen_weights_and_options_are_checked():
-    lora = estimate(_config("llama"), "lora", simulate=False, **FAST)
-    nf4 = estimate(_config("llama"), "lora", quantize="nf4", simulate=False, **FAST)
-    int8 = estimate(_config("llama"), "lora", quantize="int8", simulate=False, **FAST)
+    lora = estimate(_config("llama"), "lora", r=4, simulate=False, **FAST)
+    nf4 = estimate(_config("llama"), "lora", r=4, quantize="nf4", simulate=False, **FAST)
+    int8 = estimate(_config("llama"), "lora", r=4, quantize="int8", simulate=False, **FAST)
     assert nf4.frozen_weight_bytes < int8.frozen_weight_bytes < lora.frozen_weight_bytes
     bf16 = estimate(_config("llama"), "full", dtype="bfloat16", simulate=False, **FAST)
     assert bf16.trainable_weight_bytes == 4 * bf16.total_parameters  # float32 master weights, as lorakit train
-    bf16_lora = estimate(_config("llama"), "lora", dtype="bf16", simulate=False, **FAST)
+    bf16_lora = estimate(_config("llama"), "lora", r=4, dtype="bf16", simulate=False, **FAST)
     assert bf16_lora.frozen_weight_bytes < lora.frozen_weight_bytes / 1.9  # the frozen base in bf16
     assert bf16_lora.trainable_weight_bytes == lora.trainable_weight_bytes
     sgd = estimate(_config("llama"), "full", optimizer="sgd", simulate=False, **FAST)
@@ -303,14 +307,14 @@ def test_quantization_shrinks_frozen_weights_and_options_are_checked():
         dict(batch_size=0),
     ):
         with pytest.raises(ValueError):
-            estimate(_config("llama"), **{"method": "lora", **bad}, simulate=False)
+            estimate(_config("llama"), **{"method": "lora", "r": 4, **bad}, simulate=False)
 
 
 def test_gradient_checkpointing_lowers_activations():
     config = _config("llama")
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = 4, 64, 128
-    plain = estimate(config, "lora", batch_size=2, max_length=64)
-    checkpointed = estimate(config, "lora", batch_size=2, max_length=64, grad_checkpointing=True)
+    plain = estimate(config, "lora", r=4, batch_size=2, max_length=64)
+    checkpointed = estimate(config, "lora", r=4, batch_size=2, max_length=64, grad_checkpointing=True)
     assert checkpointed.activation_bytes < plain.activation_bytes
     assert checkpointed.flops_per_step > plain.flops_per_step  # the forward pass runs twice
 
@@ -318,7 +322,7 @@ def test_gradient_checkpointing_lowers_activations():
 def test_checkpointing_the_first_blocks_lands_between_none_and_all():
     config = _config("llama")
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = 4, 64, 128
-    shape = dict(batch_size=2, max_length=64)
+    shape = dict(batch_size=2, max_length=64, r=4)
     plain, every = (estimate(config, "lora", **shape, grad_checkpointing=on) for on in (False, True))
     first_two = estimate(config, "lora", **shape, grad_checkpointing=True, checkpoint_blocks=2)
     assert every.activation_bytes < first_two.activation_bytes < plain.activation_bytes

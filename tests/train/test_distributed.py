@@ -50,6 +50,8 @@ def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "q_proj,v_proj,o_proj",
         "--lora-rank",
         "2",
+        "--alpha",  # the scale (8) the bf16 tolerances below were set at
+        "16",
         "--dropout",
         "0",
         "--batch-size",

@@ -23,7 +23,9 @@ def test_every_option_has_help_and_a_unique_name():
 
 def test_defaults_come_from_the_library_dataclasses():
     cfg = RunConfig()
-    assert (cfg.r, cfg.alpha, cfg.init) == (LoraConfig.r, LoraConfig.alpha, LoraConfig.init)
+    assert cfg.init == LoraConfig.init
+    # lorakit train's own rank, alpha and dropout (config.TRAIN_LORA_DEFAULTS), where a LoraConfig follows PEFT
+    assert (cfg.r, cfg.alpha, cfg.dropout) == (16, 32.0, 0.05) != (LoraConfig.r, LoraConfig.alpha, LoraConfig.dropout)
     assert (cfg.adapter_size, cfg.prefix_length, cfg.prompt_length) == (
         MethodOptions.adapter_size,
         MethodOptions.prefix_length,
@@ -105,7 +107,7 @@ def test_flat_keywords_attributes_and_replace():
     cfg = RunConfig(r=4, data="sst2", lr=0.01)
     assert (cfg.r, cfg.data, cfg.lr, cfg.method) == (4, "sst2", 0.01, "lora")
     assert dataclasses.replace(cfg, r=2).r == 2 and cfg.r == 4  # sections are replaced, never shared and changed
-    assert cfg.updated({"alpha": 2.0}).alpha == 2.0 and cfg.alpha == 16.0
+    assert cfg.updated({"alpha": 2.0}).alpha == 2.0 and cfg.alpha == 32.0
     assert not hasattr(cfg, "rank")
 
 

@@ -52,7 +52,7 @@ def train(
     **options: Any,
 ) -> None:
     """Fine-tune a model with LoRA (or another method: --method). With no options: SmolLM2-135M-Instruct on E2E NLG
-    (about 8 minutes on 2 CPU cores)."""
+    (about 14 minutes on 2 CPU cores)."""
     values = given(RunConfig(), options)
     if quiet:
         values["progress"] = False

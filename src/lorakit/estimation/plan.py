@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import TRAIN_LORA_DEFAULTS
 from ..device import trainable_to_float32
 from ..methods import METHOD_OPTION_NAMES, MethodOptions
 from ..train.checkpointing import enable_checkpointing
@@ -36,13 +36,13 @@ def _default(owner: type, name: str) -> Any:
 
 @dataclass
 class Request:
-    """Every option of `estimate` besides the model and the method. LoRA's rank and alpha and the methods'
-    sizes default to those of `LoraConfig` and `MethodOptions`, as in `lorakit train`."""
+    """Every option of `estimate` besides the model and the method. LoRA's rank, alpha and dropout default to
+    `lorakit train`'s (`TRAIN_LORA_DEFAULTS`), the methods' sizes to `MethodOptions`', as in `lorakit train`."""
 
     task: str | None = None
-    r: int = _default(LoraConfig, "r")
-    alpha: float = _default(LoraConfig, "alpha")
-    dropout: float = 0.05  # lorakit train's LoRA dropout; a LoraConfig built in code has PEFT's 0
+    r: int = TRAIN_LORA_DEFAULTS["r"]
+    alpha: float = TRAIN_LORA_DEFAULTS["alpha"]
+    dropout: float = TRAIN_LORA_DEFAULTS["dropout"]
     target_modules: list[str] | str | None = None
     quantize: str | None = None
     dtype: str = "float32"

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import LoraConfig
+from ..config import TRAIN_LORA_DEFAULTS, LoraConfig
 from ..device import DEVICE_HELP, PRECISION_HELP
 from ..generate import Decoding
 from ..methods import METHOD_OPTION_NAMES, METHODS, MethodOptions
@@ -95,13 +95,12 @@ class LoraSection:
     quantize: str | None = option(
         None, "QLoRA: quantize the frozen base's linear layers: nf4 (4-bit, double-quantized), int8 or int8-asym"
     )
-    r: int = borrowed(LoraConfig, "r")
-    alpha: float = borrowed(LoraConfig, "alpha")
-    # LoraConfig's own default is PEFT's 0; training on small data sets is better regularised.
+    r: int = borrowed(LoraConfig, "r", default=TRAIN_LORA_DEFAULTS["r"])  # LoraConfig's: 8
+    alpha: float = borrowed(LoraConfig, "alpha", default=TRAIN_LORA_DEFAULTS["alpha"])  # LoraConfig's: 16
     dropout: float = borrowed(
         LoraConfig,
         "dropout",
-        default=0.05,
+        default=TRAIN_LORA_DEFAULTS["dropout"],
         help="dropout on the LoRA input (a LoraConfig built in code defaults to 0, as PEFT's)",
     )
     init: str = borrowed(LoraConfig, "init")
