@@ -36,12 +36,25 @@ def e2e_data(steps: int):
     return train, val
 
 
+def encoded(tokenizer, examples) -> list[dict]:
+    """The examples as lorakit's loop and held-out loss take them (at most 256 tokens)."""
+    from lorakit.train.data import encode_causal
+
+    return [encode_causal(tokenizer, ex, 256) for ex in examples]
+
+
+def loop_settings(steps: int):
+    """lorakit's loop settings for `steps` steps of 8: the floor takes the same batch plan from them."""
+    from lorakit.train.loop import LoopSettings
+
+    return LoopSettings(lr=1e-3, batch_size=8, max_steps=steps, save_every=None, progress=False)
+
+
 def _heldout_loss(model, tokenizer, val) -> float:
-    from lorakit.train.data import Collator, encode_causal
+    from lorakit.train.data import Collator
     from lorakit.train.evaluate import mean_loss
 
-    features = [encode_causal(tokenizer, ex, 256) for ex in val]
-    return mean_loss(model, features, Collator(tokenizer.pad_token_id))
+    return mean_loss(model, encoded(tokenizer, val), Collator(tokenizer.pad_token_id))
 
 
 def _counting(collate, tokens: list[int]):
@@ -58,33 +71,30 @@ def _counting(collate, tokens: list[int]):
 def _e2e_lorakit(model, tokenizer, train, steps: int, tokens: list[int]) -> float:
     """lorakit's training loop with every default; its final training loss."""
     import lorakit
-    from lorakit.train.data import Collator, encode_causal
-    from lorakit.train.loop import LoopSettings, train_adapter
+    from lorakit.train.data import Collator
+    from lorakit.train.loop import train_adapter
 
-    features = [encode_causal(tokenizer, ex, 256) for ex in train]
+    features = encoded(tokenizer, train)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
-    settings = LoopSettings(lr=1e-3, batch_size=8, max_steps=steps, save_every=None, progress=False)
+    collate = _counting(Collator(tokenizer.pad_token_id), tokens)
     with tempfile.TemporaryDirectory() as out:
-        result = train_adapter(model, features, _counting(Collator(tokenizer.pad_token_id), tokens), settings, out)
+        result = train_adapter(model, features, collate, loop_settings(steps), out)
     return result.final_loss
 
 
 def _e2e_floor(model, tokenizer, train, steps: int, tokens: list[int]) -> float:
     """The floor on lorakit's own batches (same encoding, same length-grouped plan): the frozen model's forward
     with lorakit's loss and the input-gradient half of its backward; its last loss."""
-    from lorakit.train.batches import by_step, micro_batches
-    from lorakit.train.data import Collator, encode_causal
-    from lorakit.train.loop import LoopSettings
+    from lorakit.train.batches import by_step, feature_batches
+    from lorakit.train.data import Collator
 
     keep_freed_host_memory()  # as lorakit's loop does
-    features = [encode_causal(tokenizer, ex, 256) for ex in train]
+    features = encoded(tokenizer, train)
     model.requires_grad_(False)
     enable_training_fast_paths(model)
     collate = _counting(Collator(tokenizer.pad_token_id), tokens)
-    settings = LoopSettings(lr=1e-3, batch_size=8, max_steps=steps, save_every=None, progress=False)
-    plan = micro_batches(len(features), settings, 0, [len(f["input_ids"]) for f in features])
     loss = torch.tensor(float("nan"))
-    for _, batches in by_step(plan):
+    for _, batches in by_step(feature_batches(features, loop_settings(steps), 0)):
         for indices in batches:
             loss = floor_loss(model, collate([features[i] for i in indices]))
             loss.backward()

@@ -70,6 +70,8 @@ CONFIGS = [
 ]
 MEASURED_PRECISIONS = ("fp32", "bf16")  # fp16 autocast on a CPU is slower still than emulated bf16
 STEPS = 3
+# The LoRA measured: lorakit train's rank and alpha until 2026-12-02, kept so the saved peaks stay comparable.
+LORA_RANK = {"r": 8, "alpha": 16.0}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -81,7 +83,7 @@ def results_file(batch_size: int, max_length: int, precision: str = "fp32") -> P
 
 def load_prepared(model_name: str, method: str, dtype: torch.dtype) -> PreTrainedModel:
     """The built-in model in `dtype`, in anonymous memory, prepared for `method` as `lorakit train` prepared it
-    (LoRA r=8, alpha 16 — its defaults until 2026-12-02 —, dropout 0.05 on the model's target modules; the
+    (LoRA of LORA_RANK — its defaults until 2026-12-02 —, dropout 0.05 on the model's target modules; the
     trainable weights in float32)."""
     entry = BUILTIN_MODELS[model_name]
     if entry.task == "causal-lm":
@@ -96,7 +98,7 @@ def load_prepared(model_name: str, method: str, dtype: torch.dtype) -> PreTraine
     if method in ("lora", "qlora"):
         heads = head_names(model) if entry.task == "seq-cls" else None
         config = lorakit.LoraConfig(
-            r=8, alpha=16, dropout=0.05, target_modules=list(entry.target_modules), modules_to_save=heads
+            **LORA_RANK, dropout=0.05, target_modules=list(entry.target_modules), modules_to_save=heads
         )
         lorakit.add_adapter(model, config)
     trainable_to_float32(model)
@@ -151,9 +153,8 @@ def measure(model_name: str, method: str, batch_size: int, max_length: int, prec
 
 
 def estimated(model_name: str, method: str, batch_size: int, max_length: int, precision: str = "fp32") -> dict:
-    # The rank and alpha measured (lorakit train's defaults before rank 16), not today's defaults.
     est = estimate(
-        model_name, method=method, batch_size=batch_size, max_length=max_length, dtype=precision, r=8, alpha=16
+        model_name, method=method, batch_size=batch_size, max_length=max_length, dtype=precision, **LORA_RANK
     )
     return est.to_dict()
 

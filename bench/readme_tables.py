@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import e2e_speed
 import memory_length
 import train_step
 from estimate_vs_measured import comparison, estimated, results_file
@@ -155,8 +156,7 @@ def train_step_table() -> str:
 
 def train_e2e_table() -> str:
     """bench/train_step.py's saved end-to-end rows on the E2E sample."""
-    saved = json.loads(train_step.RESULTS.read_text())
-    return train_step.table({"e2e": saved["e2e"]}).strip()
+    return "\n".join(e2e_speed.e2e_table(json.loads(train_step.RESULTS.read_text())["e2e"]))
 
 
 def e2e_quality_row(row: dict[str, Any], results: Path) -> str:

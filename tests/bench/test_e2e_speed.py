@@ -20,18 +20,16 @@ def e2e_speed():
 
 def test_the_floor_trains_nothing_on_lorakits_first_batch(e2e_speed):
     from lorakit.models import load_model
-    from lorakit.train.batches import micro_batches
-    from lorakit.train.data import Collator, encode_causal
-    from lorakit.train.loop import LoopSettings
+    from lorakit.train.batches import feature_batches
+    from lorakit.train.data import Collator
 
     floor = e2e_speed.e2e_child("floor", 1)
     lorakit = e2e_speed.e2e_child("lorakit", 1)
 
     model, tokenizer = load_model(e2e_speed.MODEL, "causal-lm")
     train, _ = e2e_speed.e2e_data(1)
-    features = [encode_causal(tokenizer, ex, 256) for ex in train]
-    settings = LoopSettings(lr=1e-3, batch_size=8, max_steps=1, save_every=None, progress=False)
-    [(_, first)] = micro_batches(len(features), settings, 0, [len(f["input_ids"]) for f in features])
+    features = e2e_speed.encoded(tokenizer, train)
+    [(_, first)] = feature_batches(features, e2e_speed.loop_settings(1), 0)
     batch = Collator(tokenizer.pad_token_id)([features[i] for i in first])
     with torch.no_grad():
         expected = float(model(**batch).loss)

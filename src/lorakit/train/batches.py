@@ -56,6 +56,13 @@ def micro_batches(
     return out
 
 
+def feature_batches(features: Sequence[dict], settings: LoopSettings, start_step: int) -> list[tuple[int, list[int]]]:
+    """`micro_batches` over encoded `features` as the training loop takes them: grouped by the length of their
+    input_ids when `settings.group_by_length`."""
+    lengths = [len(f["input_ids"]) for f in features] if settings.group_by_length else None
+    return micro_batches(len(features), settings, start_step, lengths)
+
+
 def by_step(plan: Sequence[tuple[int, list[int]]]) -> Iterator[tuple[int, list[list[int]]]]:
     """The plan's micro-batches grouped by optimizer step: (step, [indices of each micro-batch])."""
     for step, batches in itertools.groupby(plan, key=lambda pair: pair[0]):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..device import model_device
 from ..host_memory import keep_freed_host_memory
-from .batches import by_step, micro_batches
+from .batches import by_step, feature_batches, micro_batches
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, Checkpointer, TrainingState, cuda_rng_state, latest_checkpoint
 from .checkpointing import (
     StepPlan,
@@ -135,9 +135,7 @@ def _after_step(run: _Run) -> None:
 
 def _train_steps(run: _Run) -> None:
     """Every remaining optimizer step. On Ctrl-C, checkpoint the last finished step before stopping."""
-    features = run.stepper.features
-    lengths = [len(f["input_ids"]) for f in features] if run.settings.group_by_length else None
-    plan = micro_batches(len(features), run.settings, run.state.step, lengths)
+    plan = feature_batches(run.stepper.features, run.settings, run.state.step)
     try:
         for step, batches in by_step(plan):
             run.checkpointer.parallel.seed_step(run.settings.seed, step)
