@@ -10,8 +10,10 @@ from lorakit.layers.lora_function import (
     LoraDropoutProduct,
     keep_mask,
     keep_threshold,
+    kept_elements,
     lora_dropout_product,
     low_rank_product,
+    mark_dropped,
     narrow_product,
 )
 from support.models import adapt_layer, fill_, max_relative_error
@@ -24,7 +26,9 @@ def dropout_mask(seed: int, shape: torch.Size, p: float) -> torch.Tensor:
 
 def _inputs(requires_grad: bool = True):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64, requires_grad=requires_grad)
+    x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
+    x[0, :, :2] = torch.tensor([-0.0, 0.0], dtype=torch.float64)  # signed zeros: kept ones still pass gradients
+    x.requires_grad_(requires_grad)
     a = torch.randn(4, 12, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     return x, a, b
@@ -52,10 +56,25 @@ def test_threshold_quantises_the_keep_rate_finely():
         assert abs(keep - (1 - p)) <= 1 / 65536 and scale == pytest.approx(1 / keep)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_the_marked_dropped_input_holds_the_values_and_the_mask(dtype):
+    """mark_dropped's tensor equals where(keep, x, 0) as numbers, and kept_elements gives `keep` back, also where
+    x is −0.0, +0.0, infinite or NaN."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 48, generator=g).to(dtype)
+    x[0, :6] = torch.tensor([-0.0, 0.0, -0.0, 0.0, float("inf"), float("nan")]).to(dtype)
+    keep = keep_mask(4, x.shape, 0.3, x.device)
+    keep[0, :4] = torch.tensor([True, True, False, False])
+    marked = mark_dropped(x, keep)
+    assert marked.dtype == dtype and torch.equal(kept_elements(marked), keep)
+    torch.testing.assert_close(marked, torch.where(keep, x, 0.0), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("owns_input", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_gradients_equal_plain_autograd_with_the_same_mask(p):
+def test_gradients_equal_plain_autograd_with_the_same_mask(p, owns_input):
     x, a, b = _inputs()
-    out = LoraDropoutProduct.apply(x, a, b, 1.5, p, 123)
+    out = LoraDropoutProduct.apply(x, a, b, 1.5, p, 123, None, owns_input)
     grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     fused = torch.autograd.grad(out, (x, a, b), grad_out)
 
@@ -68,9 +87,11 @@ def test_gradients_equal_plain_autograd_with_the_same_mask(p):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_gradcheck_against_finite_differences():
+@pytest.mark.parametrize("owns_input", [False, True])
+def test_gradcheck_against_finite_differences(owns_input):
     x, a, b = _inputs()
-    assert torch.autograd.gradcheck(lambda x, a, b: LoraDropoutProduct.apply(x, a, b, 0.7, 0.3, 5), (x, a, b))
+    product = lambda x, a, b: LoraDropoutProduct.apply(x, a, b, 0.7, 0.3, 5, None, owns_input)  # noqa: E731
+    assert torch.autograd.gradcheck(product, (x, a, b))
 
 
 def test_layer_training_step_uses_a_seeded_mask_and_matches_the_formula():
@@ -119,6 +140,27 @@ def test_layers_sharing_an_input_save_it_once_and_no_dropped_copy():
     # x once (the plain path keeps a dropped copy and a mask per layer: 3 · (4 + 1) bytes per element),
     # plus each layer's r-wide product A·x and the weights the backward pass multiplies by.
     assert saved <= x.nbytes + 3 * 8 * 32 * 4 * 4 + weights
+
+
+def test_a_layer_owning_its_input_saves_the_dropped_out_input_instead_of_x():
+    torch.manual_seed(0)
+    x = torch.randn(8, 32, 64, requires_grad=True)
+    a = torch.randn(4, 64, requires_grad=True)
+    b = torch.randn(16, 4, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = lora_dropout_product(x, a, b, 0.5, 0.1, owns_input=True)
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert x.untyped_storage().data_ptr() not in storages
+    input_sized = [t for t in saved if t.shape == x.shape]
+    assert len(input_sized) == 1 and torch.equal(kept_elements(input_sized[0]), input_sized[0] != 0)
+    assert sum(t.numel() for t in saved) == x.numel() + a.numel() + b.numel() + 8 * 32 * 4
+    assert out.shape == (8, 32, 16)
 
 
 def test_under_autocast_saves_the_input_uncopied_and_everything_in_the_compute_dtype():

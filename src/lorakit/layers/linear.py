@@ -72,7 +72,8 @@ class LoraLinear(LoraLayer):
             x = x.to(a.dtype)
         if torch.is_grad_enabled():
             p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-            return lora_dropout_product(x, a, b, scaling, p)
+            owns_input = self.__dict__.get("owns_input", False)  # set by layers.shared_input while training
+            return lora_dropout_product(x, a, b, scaling, p, owns_input)
         return low_rank_product(dropout(x), a, b, scaling)  # inference
 
     # -- merging --------------------------------------------------------------------------------

@@ -6,15 +6,20 @@ Bernoulli sampler, which on CPU costs about as much as a 576×576 matrix product
 
 * the mask comes from 64-bit random words cut into 16-bit lanes (keep a lane when it is below a
   threshold), about 3× cheaper to draw (1.4 against 3.9 ms at 512 × 576 on a 2-core AMD EPYC,
-  `bench/dropout_mask.py`), and is regenerated in the backward pass from a seed taken from the global
-  generator (so runs stay reproducible and resumable) instead of being stored;
-* the saved tensors are the input itself (q, k and v receive the same tensor, so it is saved once for all
-  three) and the r-wide product A·dropout(x); no dropped-out copy is kept.
+  `bench/dropout_mask.py`), from a seed taken from the global generator (so runs stay reproducible and
+  resumable);
+* the saved tensors are one input-sized tensor and the r-wide product A·dropout(x); no mask is kept. Which
+  input-sized tensor depends on who else keeps x. Where nothing else does (a group of q, k and v computing
+  their down-projection together, a gated MLP's down_proj: `layers/shared_input.py`), the layer saves the
+  dropped-out input, its dropped elements stored as −0.0 and kept zeros as +0.0 (`mark_dropped`), and reads
+  the mask back from those values in the backward pass (`kept_elements`: one comparison). Otherwise (q, k and
+  v computing alone share x; o_proj's x is saved by the attention kernel) it saves x itself, at no cost, and
+  draws the mask again from its seed in the backward pass.
 
 Under `torch.autocast` the function runs too, as autocast would run the two matmuls: x, A and B are cast to
-the autocast dtype (x, usually already in it, is then saved without a copy), the products and the saved
-r-wide product are in that dtype, and the gradients go back in each input's own dtype (float32 for float32
-master factors). The mask is drawn on x's device by a generator on that device.
+the autocast dtype, the products and the saved tensors are in that dtype, and the gradients go back in each
+input's own dtype (float32 for float32 master factors). The mask is drawn on x's device by a generator on
+that device.
 
 The backward pass's products whose result is r wide (grad·B, and gradᵀ·down: B's gradient) are computed
 transposed, r rows long instead of r columns wide (`narrow_product`): as autograd's matmul writes them they
@@ -75,13 +80,36 @@ def keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> t
     return words.view(torch.int16)[:count].view(shape) < threshold
 
 
+# The signed integer type of each float type's width: −0.0 is the integer minimum in its bits (only the sign set).
+_SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+def mark_dropped(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x where `keep`, −0.0 elsewhere, with kept −0.0 values made +0.0 (the same numbers): the one tensor from
+    which both the dropped-out input and the mask (`kept_elements`) are read."""
+    marked = x + 0.0  # a copy in which −0.0 became +0.0, every other value as it was
+    negative_zero = torch.full((), -0.0, dtype=x.dtype, device=x.device)
+    return torch.where(keep, marked, negative_zero, out=marked)  # in place: no second input-sized tensor
+
+
+def kept_elements(marked: torch.Tensor) -> torch.Tensor:
+    """The keep mask of a `mark_dropped` tensor: every element that is not −0.0."""
+    int_type = _SAME_WIDTH_INT[marked.dtype]
+    return marked.view(int_type) != torch.iinfo(int_type).min
+
+
 class LoraDropoutProduct(torch.autograd.Function):
-    """scaling · (dropout(x) @ Aᵀ) @ Bᵀ with the mask regenerated from `seed` (p = 0: no mask), computed in
+    """scaling · (dropout(x) @ Aᵀ) @ Bᵀ with the mask drawn from `seed` (p = 0: no mask), computed in
     `dtype` (x's dtype when None; the autocast dtype under autocast), gradients in each input's dtype.
 
     Scalars are folded into the small tensors (A, B: r × in, out × r; the r-wide product), so the only
-    passes over input-sized tensors are the mask and `where` — one of each in the forward pass, two `where`s
-    in the backward pass — and none over the output.
+    passes over input-sized tensors are the mask's draw and `mark_dropped` in the forward pass, one comparison
+    and one `where` in the backward pass, and none over the output.
     """
 
     @staticmethod
@@ -94,26 +122,27 @@ class LoraDropoutProduct(torch.autograd.Function):
         p: float,
         seed: int,
         dtype: torch.dtype | None = None,
+        owns_input: bool = False,
     ) -> torch.Tensor:
         ctx.dtypes = (x.dtype, a.dtype, b.dtype)
         dtype = dtype or x.dtype
         x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
-        keep_scale = keep_threshold(p)[1] if p > 0 else 1.0
+        _set_dropout(ctx, p, seed, owns_input)
         with _no_autocast(x):
-            down = _dropout_down(x, a, p, seed, keep_scale)
+            saved_input, down = _dropout_down(ctx, x, a)
             out = down @ (b.t() * scaling)
-        ctx.save_for_backward(x, a, b, down)
-        ctx.scaling, ctx.p, ctx.seed, ctx.keep_scale = scaling, p, seed, keep_scale
+        ctx.save_for_backward(saved_input, a, b, down)
+        ctx.scaling = scaling
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, a, b, down = ctx.saved_tensors
+        saved_input, a, b, down = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
-        with _no_autocast(x):
-            grads = _product_grads(ctx, x, a, b, down, grad_out.to(x.dtype))
+        with _no_autocast(saved_input):
+            grads = _product_grads(ctx, saved_input, a, b, down, grad_out.to(saved_input.dtype))
         grad_x, grad_a, grad_b = _in_dtypes(grads, (x_dtype, a_dtype, b_dtype))
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def _in_dtypes(grads, dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor | None, ...]:
@@ -130,16 +159,29 @@ def _no_autocast(x: torch.Tensor):
     )
 
 
-def _dropout_down(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, keep_scale: float) -> torch.Tensor:
-    """keep_scale · (dropout(x) @ Aᵀ), the mask drawn from `seed` (p = 0: x itself)."""
-    dropped = torch.where(keep_mask(seed, x.shape, p, x.device), x, 0.0) if p > 0 else x
-    return (dropped @ a.t()) * keep_scale
+def _set_dropout(ctx, p: float, seed: int, owns_input: bool) -> None:
+    """Record the dropout of a forward pass in `ctx`: p, the mask's seed, the scale of kept values, and whether
+    the saved input is the marked dropped-out input (`owns_input`, p > 0) or x itself."""
+    ctx.p, ctx.seed, ctx.marked = p, seed, owns_input and p > 0
+    ctx.keep_scale = keep_threshold(p)[1] if p > 0 else 1.0
 
 
-def _product_grads(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, grad_out: torch.Tensor):
+def _dropout_down(ctx, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the input tensor to save, keep_scale · (dropout(x) @ Aᵀ)) for the dropout recorded in `ctx`: the saved
+    tensor is `mark_dropped`'s dropped-out input when `ctx.marked`, else x."""
+    if ctx.p == 0:
+        return x, x @ a.t()
+    keep = keep_mask(ctx.seed, x.shape, ctx.p, x.device)
+    dropped = mark_dropped(x, keep) if ctx.marked else torch.where(keep, x, 0.0)
+    return (dropped if ctx.marked else x), (dropped @ a.t()) * ctx.keep_scale
+
+
+def _product_grads(
+    ctx, saved_input: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, grad_out: torch.Tensor
+):
     """(grad x, grad A, grad B) of `LoraDropoutProduct` in the compute dtype (None where not needed)."""
     grad_down, grad_b = _up_grads(grad_out, b, down, ctx.scaling, ctx.needs_input_grad[2])
-    grad_x, grad_a = _down_grads(ctx, x, a, grad_down)
+    grad_x, grad_a = _down_grads(ctx, saved_input, a, grad_down)
     return grad_x, grad_a, grad_b
 
 
@@ -153,42 +195,51 @@ def _up_grads(grad_out: torch.Tensor, b: torch.Tensor, down: torch.Tensor, scali
     return grad_down, grad_b
 
 
-def _down_grads(ctx, x: torch.Tensor, a: torch.Tensor, grad_down: torch.Tensor):
-    """(grad x, grad A) of down = keep_scale · (dropout(x) @ Aᵀ) given grad_down, the mask regenerated from the
-    seed in `ctx` (None where not needed)."""
-    keep = keep_mask(ctx.seed, x.shape, ctx.p, x.device) if ctx.p > 0 else None
+def _down_grads(ctx, saved_input: torch.Tensor, a: torch.Tensor, grad_down: torch.Tensor):
+    """(grad x, grad A) of down = keep_scale · (dropout(x) @ Aᵀ) given grad_down and the saved input, the mask
+    read from it (`ctx.marked`) or drawn again from the seed in `ctx` (None where not needed)."""
+    keep, dropped = None, saved_input
+    if ctx.p > 0:
+        keep = (
+            kept_elements(saved_input)
+            if ctx.marked
+            else keep_mask(ctx.seed, saved_input.shape, ctx.p, saved_input.device)
+        )
     grad_x = grad_a = None
     if ctx.needs_input_grad[0]:
         grad_x = grad_down @ (a * ctx.keep_scale)
         if keep is not None:
             grad_x = torch.where(keep, grad_x, 0.0)
     if ctx.needs_input_grad[1]:
-        dropped = torch.where(keep, x, 0.0) if keep is not None else x
-        grad_a = (grad_down.reshape(-1, grad_down.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])) * ctx.keep_scale
+        if keep is not None and not ctx.marked:
+            dropped = torch.where(keep, saved_input, 0.0)
+        rows = dropped.reshape(-1, dropped.shape[-1])
+        grad_a = (grad_down.reshape(-1, grad_down.shape[-1]).t() @ rows) * ctx.keep_scale
     return grad_x, grad_a
 
 
 class LoraDropoutDown(torch.autograd.Function):
     """The down-projection alone: dropout(x) @ Aᵀ (A: k × in, for k = the rank, or the summed ranks of several
-    adapters that read x, `layers/shared_input.py`), the mask regenerated from `seed`, computed in `dtype`
-    (x's dtype when None), gradients in each input's dtype. Saves x and A only."""
+    adapters that read x, `layers/shared_input.py`), the mask drawn from `seed`, computed in `dtype` (x's dtype
+    when None), gradients in each input's dtype. The group is the one reader of x that saves it, so this
+    saves the dropped-out input (`mark_dropped`) and A only."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None):
         ctx.dtypes = (x.dtype, a.dtype)
         dtype = dtype or x.dtype
         x, a = x.to(dtype), a.to(dtype)
-        ctx.p, ctx.seed, ctx.keep_scale = p, seed, keep_threshold(p)[1] if p > 0 else 1.0
+        _set_dropout(ctx, p, seed, owns_input=True)
         with _no_autocast(x):
-            down = _dropout_down(x, a, p, seed, ctx.keep_scale)
-        ctx.save_for_backward(x, a)
+            saved_input, down = _dropout_down(ctx, x, a)
+        ctx.save_for_backward(saved_input, a)
         return down
 
     @staticmethod
     def backward(ctx, grad_down: torch.Tensor):
-        x, a = ctx.saved_tensors
-        with _no_autocast(x):
-            grads = _down_grads(ctx, x, a, grad_down.to(x.dtype))
+        saved_input, a = ctx.saved_tensors
+        with _no_autocast(saved_input):
+            grads = _down_grads(ctx, saved_input, a, grad_down.to(saved_input.dtype))
         grad_x, grad_a = _in_dtypes(grads, ctx.dtypes)
         return grad_x, grad_a, None, None, None
 
@@ -232,10 +283,12 @@ def dropout_seed(p: float) -> int:
     return int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
 
 
-def lora_dropout_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+def lora_dropout_product(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float, owns_input: bool = False
+) -> torch.Tensor:
     """The fast path of a training step, in autocast's dtype under autocast (else in x's dtype, which the caller
-    matches to the factors')."""
-    return LoraDropoutProduct.apply(x, a, b, scaling, p, dropout_seed(p), autocast_dtype(x))
+    matches to the factors'). `owns_input`: nothing else keeps x for the backward pass (see the module docstring)."""
+    return LoraDropoutProduct.apply(x, a, b, scaling, p, dropout_seed(p), autocast_dtype(x), owns_input)
 
 
 def lora_dropout_down(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:

@@ -23,6 +23,10 @@ dropout than the group's first) computes alone. Only gradient-recording calls us
 `group_shared_inputs(model)` sets up the groups (a plain attribute on each member: weights, state dicts,
 saving and merging are untouched) and `ungroup_shared_inputs` removes them; the training loop does both
 around training, as it does for its lean MLPs.
+
+The opposite case is known too: layers that own their input (`INPUT_OWNERS`: no other module reads it and no
+other operation keeps it for the backward pass). `mark_input_owners` tells them so, and their fused product
+then saves its dropped-out input in place of x and reads the mask back from it (`lora_function.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ SHARED_INPUT_SIBLINGS: tuple[frozenset[str], ...] = (
     frozenset({"gate_proj", "up_proj"}),  # their gated MLPs
     frozenset({"query", "key", "value"}),  # BERT, RoBERTa
 )
+# Modules whose input is theirs alone: a gated MLP's output projection, whose input is the product
+# act(gate)·up that neither factor's backward keeps. Not o_proj: its input is a view of the attention kernel's
+# output, which that kernel saves (a dropped-out copy would add a hidden-state-sized tensor per layer).
+INPUT_OWNERS = frozenset({"down_proj"})
 
 
 @dataclass
@@ -126,3 +134,21 @@ def ungroup_shared_inputs(groups: list[InputGroup]) -> None:
         for member in group.members:
             vars(member).pop("input_group", None)
         group._pending = None
+
+
+def mark_input_owners(model: nn.Module) -> list[LoraLinear]:
+    """Mark the LoRA layers of `model` named in `INPUT_OWNERS` as owning their input; returns them."""
+    owners = [
+        module
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in INPUT_OWNERS and isinstance(module, LoraLinear)
+    ]
+    for owner in owners:
+        vars(owner)["owns_input"] = True  # a plain attribute, read by LoraLinear.low_rank_output
+    return owners
+
+
+def unmark_input_owners(owners: list[LoraLinear]) -> None:
+    """Undo `mark_input_owners`."""
+    for owner in owners:
+        vars(owner).pop("owns_input", None)
