@@ -152,8 +152,8 @@ def test_a_llama_step_is_unchanged_by_grouping_without_dropout(chat_llama_dir, m
     assert len(groups) == 2 * models[0].config.num_hidden_layers
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     calls = []
-    grouped_down = shared_input.lora_dropout_down
-    monkeypatch.setattr(shared_input, "lora_dropout_down", lambda *args: calls.append(1) or grouped_down(*args))
+    grouped_product = shared_input.lora_shared_product
+    monkeypatch.setattr(shared_input, "lora_shared_product", lambda *args: calls.append(1) or grouped_product(*args))
     losses = [m(input_ids=ids, labels=ids).loss for m in models]
     assert len(calls) == len(groups) and not any(g.dissolved for g in groups)  # each group computed once
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)

@@ -180,8 +180,9 @@ def _product_grads(
     ctx, saved_input: torch.Tensor, a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, grad_out: torch.Tensor
 ):
     """(grad x, grad A, grad B) of `LoraDropoutProduct` in the compute dtype (None where not needed)."""
-    grad_down, grad_b = _up_grads(grad_out, b, down, ctx.scaling, ctx.needs_input_grad[2])
-    grad_x, grad_a = _down_grads(ctx, saved_input, a, grad_down)
+    needs = ctx.needs_input_grad
+    grad_down, grad_b = _up_grads(grad_out, b, down, ctx.scaling, needs[2])
+    grad_x, grad_a = _down_grads(ctx, saved_input, a, grad_down, needs[0], needs[1])
     return grad_x, grad_a, grad_b
 
 
@@ -195,7 +196,7 @@ def _up_grads(grad_out: torch.Tensor, b: torch.Tensor, down: torch.Tensor, scali
     return grad_down, grad_b
 
 
-def _down_grads(ctx, saved_input: torch.Tensor, a: torch.Tensor, grad_down: torch.Tensor):
+def _down_grads(ctx, saved_input: torch.Tensor, a: torch.Tensor, grad_down: torch.Tensor, need_x: bool, need_a: bool):
     """(grad x, grad A) of down = keep_scale · (dropout(x) @ Aᵀ) given grad_down and the saved input, the mask
     read from it (`ctx.marked`) or drawn again from the seed in `ctx` (None where not needed)."""
     keep, dropped = None, saved_input
@@ -206,11 +207,11 @@ def _down_grads(ctx, saved_input: torch.Tensor, a: torch.Tensor, grad_down: torc
             else keep_mask(ctx.seed, saved_input.shape, ctx.p, saved_input.device)
         )
     grad_x = grad_a = None
-    if ctx.needs_input_grad[0]:
+    if need_x:
         grad_x = grad_down @ (a * ctx.keep_scale)
         if keep is not None:
             grad_x = torch.where(keep, grad_x, 0.0)
-    if ctx.needs_input_grad[1]:
+    if need_a:
         if keep is not None and not ctx.marked:
             dropped = torch.where(keep, saved_input, 0.0)
         rows = dropped.reshape(-1, dropped.shape[-1])
@@ -218,54 +219,46 @@ def _down_grads(ctx, saved_input: torch.Tensor, a: torch.Tensor, grad_down: torc
     return grad_x, grad_a
 
 
-class LoraDropoutDown(torch.autograd.Function):
-    """The down-projection alone: dropout(x) @ Aᵀ (A: k × in, for k = the rank, or the summed ranks of several
-    adapters that read x, `layers/shared_input.py`), the mask drawn from `seed`, computed in `dtype` (x's dtype
-    when None), gradients in each input's dtype. The group is the one reader of x that saves it, so this
-    saves the dropped-out input (`mark_dropped`) and A only."""
+class LoraSharedProduct(torch.autograd.Function):
+    """The low-rank outputs of several adapters that read one input x (`layers/shared_input.py`), with one
+    dropout mask: out_i = s_i · (dropout(x) @ A_iᵀ) @ B_iᵀ, computed through one down-projection
+    dropout(x) @ [A_1; …; A_n]ᵀ. Arguments after `scalings`: A_1 … A_n, then B_1 … B_n; returns the n
+    outputs. Computed in `dtype` (x's dtype when None), gradients in each input's dtype. The group is the one
+    reader of x that saves it, so this saves the dropped-out input (`mark_dropped`), the stacked A, the r-wide
+    product and the B's. One autograd node for the group, where a down-projection node and one up-projection
+    node per member would each add their Python overhead to every step."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None):
-        ctx.dtypes = (x.dtype, a.dtype)
+    def forward(ctx, x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None, scalings, *factors):
+        count = len(scalings)
+        ctx.dtypes = (x.dtype, *(f.dtype for f in factors))
         dtype = dtype or x.dtype
-        x, a = x.to(dtype), a.to(dtype)
+        a = torch.cat([f.to(dtype) for f in factors[:count]])
+        bs = [f.to(dtype) for f in factors[count:]]
+        ctx.ranks, ctx.scalings = [f.shape[0] for f in factors[:count]], scalings
         _set_dropout(ctx, p, seed, owns_input=True)
         with _no_autocast(x):
-            saved_input, down = _dropout_down(ctx, x, a)
-        ctx.save_for_backward(saved_input, a)
-        return down
+            saved_input, down = _dropout_down(ctx, x.to(dtype), a)
+            outs = tuple(d @ (b.t() * s) for d, b, s in zip(down.split(ctx.ranks, -1), bs, scalings))
+        ctx.save_for_backward(saved_input, a, down, *bs)
+        return outs
 
     @staticmethod
-    def backward(ctx, grad_down: torch.Tensor):
-        saved_input, a = ctx.saved_tensors
+    def backward(ctx, *grad_outs: torch.Tensor):
+        saved_input, a, down, *bs = ctx.saved_tensors
+        count, needs = len(bs), ctx.needs_input_grad
         with _no_autocast(saved_input):
-            grads = _down_grads(ctx, saved_input, a, grad_down.to(saved_input.dtype))
-        grad_x, grad_a = _in_dtypes(grads, ctx.dtypes)
-        return grad_x, grad_a, None, None, None
-
-
-class LoraUp(torch.autograd.Function):
-    """The up-projection alone: scaling · down @ Bᵀ (down: the r-wide product, B: out × r), computed in down's
-    dtype, B's gradient in B's dtype. What a member of a group that shares its down-projection
-    (`layers/shared_input.py`) adds; written out so that its backward pass takes the r-wide products'
-    faster layout (`narrow_product`), which autograd's matmul does not. Saves down and B."""
-
-    @staticmethod
-    def forward(ctx, down: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-        ctx.dtypes, ctx.scaling = (down.dtype, b.dtype), scaling
-        b = b.to(down.dtype)
-        with _no_autocast(down):
-            out = down @ (b.t() * scaling)
-        ctx.save_for_backward(down, b)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        down, b = ctx.saved_tensors
-        with _no_autocast(down):
-            grads = _up_grads(grad_out.to(down.dtype), b, down, ctx.scaling, ctx.needs_input_grad[1])
-        grad_down, grad_b = _in_dtypes(grads, ctx.dtypes)
-        return grad_down, grad_b, None
+            ups = [
+                _up_grads(g.to(down.dtype), b, d, s, need_b)
+                for g, b, d, s, need_b in zip(
+                    grad_outs, bs, down.split(ctx.ranks, -1), ctx.scalings, needs[5 + count :]
+                )
+            ]
+            grad_down = torch.cat([grad_d for grad_d, _ in ups], -1)
+            grad_x, grad_a = _down_grads(ctx, saved_input, a, grad_down, needs[0], any(needs[5 : 5 + count]))
+        grad_as = grad_a.split(ctx.ranks) if grad_a is not None else [None] * count
+        grads = _in_dtypes((grad_x, *grad_as, *(grad_b for _, grad_b in ups)), ctx.dtypes)
+        return grads[0], None, None, None, None, *grads[1:]
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -291,11 +284,8 @@ def lora_dropout_product(
     return LoraDropoutProduct.apply(x, a, b, scaling, p, dropout_seed(p), autocast_dtype(x), owns_input)
 
 
-def lora_dropout_down(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
-    """keep_scale · (dropout(x) @ Aᵀ) with gradients, in autocast's dtype under autocast (else x's)."""
-    return LoraDropoutDown.apply(x, a, p, dropout_seed(p), autocast_dtype(x))
-
-
-def lora_up(down: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """scaling · down @ Bᵀ with gradients, in down's dtype."""
-    return LoraUp.apply(down, b, scaling)
+def lora_shared_product(
+    x: torch.Tensor, a_list: list[torch.Tensor], b_list: list[torch.Tensor], scalings: list[float], p: float
+) -> tuple[torch.Tensor, ...]:
+    """`LoraSharedProduct`'s outputs with gradients, in autocast's dtype under autocast (else x's)."""
+    return LoraSharedProduct.apply(x, p, dropout_seed(p), autocast_dtype(x), tuple(scalings), *a_list, *b_list)

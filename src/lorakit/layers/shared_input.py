@@ -8,14 +8,15 @@ to a CPU training step. A group computes, at the first member's call,
 
     down = dropout(x) @ [A_q; A_k; A_v]ᵀ          (…, r_q + r_k + r_v)
 
-with one mask and one product, and each member adds down[…, its columns] @ (s·Bᵀ) to its base output. The
+with one mask and one product, and each member adds down[…, its columns] @ (s·Bᵀ) to its base output, all
+of it one autograd function (`lora_function.LoraSharedProduct`) whose outputs the members take. The
 three adapters share the mask, as they do when a model has one fused qkv projection (GPT-2's c_attn, Phi-3's
 qkv_proj) that PEFT wraps: each adapter's input still sees dropout with probability p, but the three masks
 are one draw rather than three. Gradients equal those of the ungrouped composition with that shared mask
 (tested in float64).
 
-Semantics of the cache: the first member called with a tensor x computes every member's slice and keeps
-(x, slices) until each member has taken its own; a member called with another tensor (cross-attention, a
+Semantics of the cache: the first member called with a tensor x computes every member's output and keeps
+(x, outputs) until each member has taken its own; a member called with another tensor (cross-attention, a
 model that projects k and v from other states) dissolves the group, and every member computes alone from
 then on. A member with another set-up (several active adapters, DoRA / PiSSA, merged, another rank or
 dropout than the group's first) computes alone. Only gradient-recording calls use the group.
@@ -38,7 +39,7 @@ from torch import nn
 
 from .base import PLAIN, LoraLayer
 from .linear import LoraLinear
-from .lora_function import autocast_dtype, lora_dropout_down, lora_up
+from .lora_function import autocast_dtype, lora_shared_product
 
 # Sibling modules that receive the same input in the architectures lorakit trains.
 SHARED_INPUT_SIBLINGS: tuple[frozenset[str], ...] = (
@@ -54,10 +55,10 @@ INPUT_OWNERS = frozenset({"down_proj"})
 
 @dataclass
 class _Pending:
-    """Down-projections computed for `input`, waiting for the members that have not taken theirs."""
+    """Low-rank outputs computed for `input`, waiting for the members that have not taken theirs."""
 
     input: torch.Tensor
-    slices: dict[int, torch.Tensor] = field(default_factory=dict)  # id(member) -> its columns of `down`
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # id(member) -> its s·B·(columns of down)
 
 
 class InputGroup:
@@ -85,30 +86,32 @@ class InputGroup:
 
     def low_rank_output(self, layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """s·B·(the member's columns of the shared down-projection of x), or None where `layer` must compute alone
-        (see the module docstring). Computes the columns of every member when x is new (or this member already
-        took its columns of x); a member still waiting for its columns of another tensor dissolves the group:
+        (see the module docstring). Computes the outputs of every member when x is new (or this member already
+        took its output for x); a member still waiting for its output for another tensor dissolves the group:
         these layers are not fed one input."""
         if self.dissolved or not torch.is_grad_enabled():
             return None
         pending = self._pending
-        if pending is None or pending.input is not x or id(layer) not in pending.slices:
-            if pending is not None and id(layer) in pending.slices:
+        if pending is None or pending.input is not x or id(layer) not in pending.outputs:
+            if pending is not None and id(layer) in pending.outputs:
                 self.dissolved, self._pending = True, None
                 return None
             p = self._shared_dropout(name)
             if p is None:
                 return None
             pending = self._pending = self._compute(name, x, p)
-        down = pending.slices.pop(id(layer))
-        if not pending.slices:
-            self._pending = None  # every member has its columns: let x go
-        return lora_up(down, layer.lora_b_weight(name), layer.scaling[name])
+        output = pending.outputs.pop(id(layer))
+        if not pending.outputs:
+            self._pending = None  # every member has its output: let x go
+        return output
 
     def _compute(self, name: str, x: torch.Tensor, p: float) -> _Pending:
-        a = torch.cat([m.lora_a_weight(name) for m in self.members])
-        down = lora_dropout_down(x if autocast_dtype(x) is not None else x.to(a.dtype), a, p)
-        columns = torch.split(down, [m.rank[name] for m in self.members], dim=-1)
-        return _Pending(x, {id(m): c for m, c in zip(self.members, columns)})
+        a_list = [m.lora_a_weight(name) for m in self.members]
+        b_list = [m.lora_b_weight(name) for m in self.members]
+        if autocast_dtype(x) is None:  # under autocast the products choose the dtype (x is saved uncopied)
+            x = x.to(a_list[0].dtype)
+        outputs = lora_shared_product(x, a_list, b_list, [m.scaling[name] for m in self.members], p)
+        return _Pending(x, {id(m): out for m, out in zip(self.members, outputs)})
 
 
 def group_shared_inputs(model: nn.Module) -> list[InputGroup]:
