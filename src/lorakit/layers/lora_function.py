@@ -228,6 +228,8 @@ class LoraSharedProduct(torch.autograd.Function):
     product and the B's. One autograd node for the group, where a down-projection node and one up-projection
     node per member would each add their Python overhead to every step."""
 
+    FACTORS_FROM = 5  # the arguments before the factors: x, p, seed, dtype, scalings
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None, scalings, *factors):
         count = len(scalings)
@@ -246,19 +248,22 @@ class LoraSharedProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outs: torch.Tensor):
         saved_input, a, down, *bs = ctx.saved_tensors
-        count, needs = len(bs), ctx.needs_input_grad
+        count, first_a = len(bs), LoraSharedProduct.FACTORS_FROM
+        needs_x, needs_a, needs_b = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[first_a : first_a + count],
+            ctx.needs_input_grad[first_a + count :],
+        )
         with _no_autocast(saved_input):
             ups = [
                 _up_grads(g.to(down.dtype), b, d, s, need_b)
-                for g, b, d, s, need_b in zip(
-                    grad_outs, bs, down.split(ctx.ranks, -1), ctx.scalings, needs[5 + count :]
-                )
+                for g, b, d, s, need_b in zip(grad_outs, bs, down.split(ctx.ranks, -1), ctx.scalings, needs_b)
             ]
             grad_down = torch.cat([grad_d for grad_d, _ in ups], -1)
-            grad_x, grad_a = _down_grads(ctx, saved_input, a, grad_down, needs[0], any(needs[5 : 5 + count]))
+            grad_x, grad_a = _down_grads(ctx, saved_input, a, grad_down, needs_x, any(needs_a))
         grad_as = grad_a.split(ctx.ranks) if grad_a is not None else [None] * count
         grads = _in_dtypes((grad_x, *grad_as, *(grad_b for _, grad_b in ups)), ctx.dtypes)
-        return grads[0], None, None, None, None, *grads[1:]
+        return grads[0], *[None] * (first_a - 1), *grads[1:]
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
